@@ -1,0 +1,3 @@
+from keen_stream.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""``keen-stream`` command line: migrate, create-admin, serve, ledger verify."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import sys
+from collections.abc import Sequence
+
+from keen_stream.errors import KeenError
+from keen_stream.settings import Settings, get_settings
+
+
+def _dsn_or_embedded(settings: Settings) -> tuple[str, object | None]:
+    """The configured DSN, or the embedded server's (started now, with its handle)."""
+    if settings.database_url:
+        return settings.database_url, None
+    from keen_stream.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.embedded_dir, settings.embedded_database)
+    return embedded.start(), embedded
+
+
+def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
+    from keen_stream import migrate
+
+    dsn, embedded = _dsn_or_embedded(settings)
+    try:
+        migrate.upgrade(dsn, args.revision)
+    finally:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
+    print(f"database is at {args.revision}")
+    return 0
+
+
+def _admin_password(settings: Settings) -> str:
+    if settings.admin_password is not None:
+        return settings.admin_password.get_secret_value()
+    if not sys.stdin.isatty():
+        raise KeenError("set KEEN_ADMIN_PASSWORD (no terminal to prompt on)")
+    first = getpass.getpass("Admin password: ")
+    if first != getpass.getpass("Again: "):
+        raise KeenError("passwords do not match")
+    return first
+
+
+def cmd_create_admin(args: argparse.Namespace, settings: Settings) -> int:
+    from keen_stream.dal.database import KeenDatabase
+    from keen_stream.dal.users import upsert_super_admin
+
+    password = _admin_password(settings)
+    email = args.email or settings.admin_email
+
+    async def run() -> None:
+        db = await KeenDatabase.connect(settings=settings)
+        try:
+            user = await upsert_super_admin(db, email, password)
+        finally:
+            await db.close()
+        print(f"super_admin {user.email} ({user.id}) is ready, with unlimited credits")
+
+    asyncio.run(run())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="keen-stream", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("migrate", help="bring the schema to the newest revision (idempotent)")
+    p.add_argument("--revision", default="head")
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("create-admin", help="create or update the super-admin (idempotent)")
+    p.add_argument("--email", default=None, help="default: KEEN_ADMIN_EMAIL")
+    p.set_defaults(func=cmd_create_admin)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+def _register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    try:
+        from keen_stream.hub.cli import register
+    except ImportError:  # the hub is not built yet
+        return
+    register(sub)
+
+
+def _register_ledger(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    try:
+        from keen_stream.ledger_cli import register
+    except ImportError:  # the ledger is not built yet
+        return
+    register(sub)
+
+
+_EXTRA_COMMANDS = (_register_serve, _register_ledger)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.func(args, get_settings()))
+    except KeenError as exc:
+        print(f"keen-stream: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,235 @@
+"""KeenDatabase: the pool, the RLS transaction contexts, and the DAOs hanging off it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from decimal import Decimal
+from typing import Any
+
+import asyncpg
+
+from keen_stream.dal.pgerrors import translating
+from keen_stream.dal.validation import parse_uuid
+from keen_stream.embedded import EmbeddedPostgres
+from keen_stream.errors import DatabaseUnavailable, UnsafeRoleError
+from keen_stream.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+#: The role tenant work runs as. NOLOGIN, NOSUPERUSER, NOBYPASSRLS, owns nothing.
+TENANT_ROLE = "keen_app"
+#: The role maintenance work runs as (bypasses RLS; reached only via system_transaction()).
+SYSTEM_ROLE = "keen_system"
+#: Tables whose rows belong to a user; each must have RLS enabled and forced.
+TENANT_TABLES = (
+    "users",
+    "auth_tokens",
+    "credit_accounts",
+    "credit_transactions",
+    "agent_sessions",
+    "websocket_connections",
+    "audit_log",
+)
+
+# One statement sets both: the role and the user live until the transaction ends (is_local),
+# so nothing leaks to the next borrower of the pooled connection (notes: RLS pitfalls 2-6).
+_ENTER_TENANT = (
+    "SELECT set_config('role', 'keen_app', true), set_config('app.current_user_id', $1, true)"
+)
+_ENTER_SYSTEM = "SELECT set_config('role', 'keen_system', true)"
+
+_ROLE_SAFETY = """
+SELECT r.rolsuper, r.rolbypassrls,
+       (SELECT count(*) FROM pg_class c WHERE c.relowner = r.oid) AS owned,
+       (SELECT coalesce(array_agg(c.relname::text), '{}') FROM pg_class c
+         WHERE c.relname = ANY($2::text[]) AND c.relkind = 'r'
+           AND c.relnamespace = 'public'::regnamespace
+           AND NOT (c.relrowsecurity AND c.relforcerowsecurity)) AS unprotected
+  FROM pg_roles r WHERE r.rolname = $1
+"""
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, separators=(",", ":"))
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class KeenDatabase:
+    """Entry point of the data layer.
+
+    ``await KeenDatabase.connect()`` opens a pool (starting the embedded PostgreSQL when no DSN is
+    configured), checks that the tenant role cannot bypass RLS, and exposes the DAOs:
+    ``db.users``, ``db.tokens`` (and, as their issues land, ``db.credits``, ``db.sessions``...).
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        *,
+        dsn: str,
+        embedded: EmbeddedPostgres | None = None,
+    ) -> None:
+        from keen_stream.dal.tokens import TokenDAO
+        from keen_stream.dal.users import UserDAO
+
+        self.pool = pool
+        self.settings = settings
+        self.dsn = dsn
+        self._embedded = embedded
+        self.users = UserDAO(self)
+        self.tokens = TokenDAO(self)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    @classmethod
+    async def connect(
+        cls, dsn: str | None = None, *, settings: Settings | None = None, migrate: bool | None = None
+    ) -> KeenDatabase:
+        """Open the pool. ``dsn=None`` uses ``KEEN_DATABASE_URL`` or the embedded PostgreSQL.
+
+        Migrations run first when ``migrate`` is true; by default (``KEEN_AUTO_MIGRATE`` unset)
+        only the embedded database, which belongs to keen_stream alone, is migrated on connect.
+        """
+        settings = settings or get_settings()
+        embedded: EmbeddedPostgres | None = None
+        dsn = dsn or settings.database_url
+        if dsn is None:
+            embedded = EmbeddedPostgres(settings.embedded_dir, settings.embedded_database)
+            dsn = embedded.start()
+        if migrate is None:
+            migrate = settings.auto_migrate if settings.auto_migrate is not None else bool(embedded)
+        if migrate:
+            from keen_stream.migrate import upgrade_async
+
+            await upgrade_async(dsn)
+        try:
+            pool = await asyncpg.create_pool(
+                dsn,
+                min_size=settings.pool_min_size,
+                max_size=settings.pool_max_size,
+                max_inactive_connection_lifetime=settings.pool_max_inactive_lifetime,
+                timeout=settings.connect_timeout,
+                init=_init_connection,
+                server_settings={
+                    "statement_timeout": str(settings.statement_timeout_ms),
+                    "application_name": "keen_stream",
+                },
+            )
+        except (OSError, asyncpg.PostgresError) as exc:
+            if embedded is not None:
+                embedded.stop()
+            raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
+        db = cls(pool, settings, dsn=dsn, embedded=embedded)
+        try:
+            await db.check_role_safety()
+        except BaseException:
+            await db.close()
+            raise
+        return db
+
+    async def close(self) -> None:
+        await self.pool.close()
+        if self._embedded is not None:
+            self._embedded.stop()
+            self._embedded = None
+
+    async def __aenter__(self) -> KeenDatabase:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def check_role_safety(self) -> None:
+        """Refuse tenant work if ``keen_app`` could bypass RLS or a tenant table is unprotected."""
+        async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
+            row = await conn.fetchrow(_ROLE_SAFETY, TENANT_ROLE, list(TENANT_TABLES))
+        if row is None:
+            raise UnsafeRoleError(f"role {TENANT_ROLE} does not exist: run `keen-stream migrate`")
+        problems = []
+        if row["rolsuper"]:
+            problems.append("is a superuser")
+        if row["rolbypassrls"]:
+            problems.append("has BYPASSRLS")
+        if row["owned"]:
+            problems.append(f"owns {row['owned']} relations")
+        if row["unprotected"]:
+            problems.append(f"tables without forced RLS: {', '.join(row['unprotected'])}")
+        if problems:
+            raise UnsafeRoleError(f"{TENANT_ROLE} {'; '.join(problems)}; refusing tenant work")
+
+    async def health(self) -> dict[str, Any]:
+        """Round-trip the database; report latency and pool use. Never raises."""
+        started = time.perf_counter()
+        try:
+            async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
+                version = await conn.fetchval("SELECT current_setting('server_version')")
+        except Exception as exc:  # health reports; it does not throw
+            return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        return {
+            "ok": True,
+            "server_version": version,
+            "latency_ms": round((time.perf_counter() - started) * 1000, 3),
+            "pool_size": self.pool.get_size(),
+            "pool_idle": self.pool.get_idle_size(),
+            "embedded": self._embedded is not None,
+        }
+
+    # --- transaction contexts --------------------------------------------------------------
+    @asynccontextmanager
+    async def user_transaction(self, user_id: uuid.UUID | str) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction running as ``keen_app`` with ``app.current_user_id`` = ``user_id``.
+
+        Every statement inside is filtered by RLS for this user (admins see all, decided by the
+        database). Known PostgreSQL errors surface as domain errors.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        async with self._transaction(_ENTER_TENANT, str(uid)) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def anonymous_transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction as ``keen_app`` with no user: it sees no tenant row at all."""
+        async with self._transaction(_ENTER_TENANT, "") as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def system_transaction(self) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction as ``keen_system`` (bypasses RLS) for maintenance jobs and registration.
+
+        Use it only where no single tenant's context applies; every use is a reviewed code path.
+        """
+        async with self._transaction(_ENTER_SYSTEM) as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _transaction(self, enter: str, *args: Any) -> AsyncIterator[asyncpg.Connection]:
+        try:
+            async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
+                with translating():
+                    async with conn.transaction():
+                        await conn.execute(enter, *args)
+                        yield conn
+        except (
+            OSError,
+            TimeoutError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.ConnectionDoesNotExistError,
+        ) as exc:
+            raise DatabaseUnavailable(f"database connection failed: {exc}") from exc

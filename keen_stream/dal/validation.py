@@ -1,0 +1,83 @@
+"""Pure input checks shared by the DAOs: identifiers and money. No database here."""
+
+from __future__ import annotations
+
+import uuid
+from decimal import Decimal, InvalidOperation
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+from pydantic import ValidationError as PydanticValidationError
+
+from keen_stream.errors import InvalidAmount, InvalidIdentifier, InvalidInput
+
+M = TypeVar("M", bound=BaseModel)
+
+#: Money has six decimal places everywhere (NUMERIC(18,6)).
+MONEY_PLACES = 6
+MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_PLACES)
+#: The largest value NUMERIC(18,6) holds.
+MONEY_MAX = Decimal("999999999999.999999")
+
+
+def parse_uuid(value: Any, what: str = "id") -> uuid.UUID:
+    """A UUID from a UUID or its string form; anything else is :class:`InvalidIdentifier`."""
+    if isinstance(value, uuid.UUID):
+        return value
+    if isinstance(value, str) and len(value) <= 64:
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            pass
+    raise InvalidIdentifier(f"{what} is not a valid UUID", field=what)
+
+
+def parse_money(
+    value: Any, what: str = "amount", *, allow_zero: bool = False, allow_negative: bool = False
+) -> Decimal:
+    """A Decimal money amount, or :class:`InvalidAmount`.
+
+    Floats are refused outright: ``0.1`` is not one tenth, and a float anywhere in a money path is
+    a bug. Strings and ints are accepted and converted exactly. NaN, infinities, more than six
+    decimal places and values outside NUMERIC(18,6) are refused, never rounded.
+    """
+    if isinstance(value, bool) or isinstance(value, float):
+        raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__}", field=what)
+    if isinstance(value, int | str):
+        try:
+            value = Decimal(value)
+        except InvalidOperation:
+            raise InvalidAmount(f"{what} is not a number", field=what) from None
+    if not isinstance(value, Decimal):
+        raise InvalidAmount(f"{what} must be a Decimal", field=what)
+    if not value.is_finite():
+        raise InvalidAmount(f"{what} must be finite", field=what)
+    exponent = value.as_tuple().exponent
+    if isinstance(exponent, int) and exponent < -MONEY_PLACES and value != value.quantize(
+        MONEY_QUANTUM
+    ):
+        raise InvalidAmount(f"{what} has more than {MONEY_PLACES} decimal places", field=what)
+    if value < 0 and not allow_negative:
+        raise InvalidAmount(f"{what} must not be negative", field=what)
+    if value == 0 and not allow_zero:
+        raise InvalidAmount(f"{what} must not be zero", field=what)
+    if abs(value) > MONEY_MAX:
+        raise InvalidAmount(f"{what} is out of range", field=what)
+    return value.quantize(MONEY_QUANTUM)
+
+
+def build(model: type[M], data: M | None = None, **fields: Any) -> M:
+    """``data`` if given, else ``model(**fields)``; pydantic's errors become InvalidInput."""
+    if data is not None:
+        if not isinstance(data, model):
+            raise InvalidInput(f"expected {model.__name__}, got {type(data).__name__}")
+        return data
+    try:
+        return model(**fields)
+    except PydanticValidationError as exc:
+        problems = [
+            {"field": ".".join(str(p) for p in err["loc"]), "error": err["msg"]}
+            for err in exc.errors(include_url=False, include_input=False)
+        ]
+        summary = "; ".join(f"{p['field']}: {p['error']}" for p in problems)
+        raise InvalidInput(f"invalid {model.__name__}: {summary}", errors=problems) from None

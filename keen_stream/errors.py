@@ -1,0 +1,149 @@
+"""One exception hierarchy for keen_stream.
+
+Every error the DAL raises derives from :class:`KeenError`. Each class's docstring is its default
+message. Errors raised inside PostgreSQL (PL/pgSQL ``RAISE ... USING ERRCODE``) carry a custom
+SQLSTATE in the ``KS`` class; :func:`keen_stream.dal.pgerrors.translate` turns them back into
+these classes, so a caller never has to look at asyncpg exceptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class KeenError(Exception):
+    """keen_stream error."""
+
+    #: Custom SQLSTATE raised by server-side code for this error, if any.
+    sqlstate: ClassVar[str | None] = None
+    #: A short stable code for APIs and WebSocket error frames.
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        self.message = message or (self.__doc__ or self.__class__.__name__).strip()
+        self.details = details
+        super().__init__(self.message)
+
+
+# --- configuration and safety -------------------------------------------------------------
+class ConfigurationError(KeenError):
+    """keen_stream is misconfigured."""
+
+    code = "configuration_error"
+
+
+class UnsafeRoleError(ConfigurationError):
+    """The tenant role can bypass row-level security; refusing to run tenant work."""
+
+    code = "unsafe_role"
+
+
+class DatabaseUnavailable(KeenError):
+    """The database cannot be reached."""
+
+    code = "database_unavailable"
+
+
+# --- input ---------------------------------------------------------------------------------
+class InvalidInput(KeenError, ValueError):
+    """The input is not valid."""
+
+    code = "invalid_input"
+    sqlstate = "KS400"
+
+
+class InvalidIdentifier(InvalidInput):
+    """The identifier is malformed."""
+
+    code = "invalid_identifier"
+
+
+class InvalidAmount(InvalidInput):
+    """The amount is not a valid money value."""
+
+    code = "invalid_amount"
+    sqlstate = "KS422"
+
+
+# --- lookup and conflicts ------------------------------------------------------------------
+class NotFound(KeenError):
+    """No such record (or it belongs to someone else)."""
+
+    code = "not_found"
+    sqlstate = "KS404"
+
+
+class Conflict(KeenError):
+    """The change conflicts with existing data."""
+
+    code = "conflict"
+    sqlstate = "KS409"
+
+
+class DuplicateEmail(Conflict):
+    """A user with this email already exists."""
+
+    code = "duplicate_email"
+
+
+class DuplicateUsername(Conflict):
+    """A user with this username already exists."""
+
+    code = "duplicate_username"
+
+
+# --- authorization -------------------------------------------------------------------------
+class InsufficientPrivileges(KeenError):
+    """Insufficient privileges for this operation."""
+
+    code = "insufficient_privileges"
+    sqlstate = "KS403"
+
+
+class AuthenticationError(KeenError):
+    """Authentication failed."""
+
+    code = "authentication_failed"
+
+
+class InvalidCredentials(AuthenticationError):
+    """Invalid email or password."""
+
+    code = "invalid_credentials"
+
+
+class AccountInactive(AuthenticationError):
+    """The account is not active."""
+
+    code = "account_inactive"
+
+
+class InvalidToken(AuthenticationError):
+    """The token is not valid."""
+
+    code = "invalid_token"
+
+
+class TokenExpired(InvalidToken):
+    """The token has expired."""
+
+    code = "token_expired"
+
+
+class TokenRevoked(InvalidToken):
+    """The token has been revoked."""
+
+    code = "token_revoked"
+
+
+class TokenScopeError(InvalidToken):
+    """The token lacks a required scope."""
+
+    code = "token_scope"
+
+
+class ImmutableRecord(KeenError):
+    """This record is append-only and cannot be changed or deleted."""
+
+    code = "immutable_record"
+    sqlstate = "KS405"

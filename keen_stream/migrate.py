@@ -1,0 +1,49 @@
+"""Run Alembic migrations from code (``keen-stream migrate``, tests, embedded startup).
+
+The advisory lock that keeps two migrators apart lives in ``migrations/env.py`` so that the plain
+``alembic`` CLI takes it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+
+from keen_stream.errors import ConfigurationError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(dsn: str) -> Config:
+    if not (MIGRATIONS_DIR / "env.py").is_file():
+        raise ConfigurationError(
+            f"migrations not found at {MIGRATIONS_DIR}; install keen_stream from its source tree "
+            "(pip install -e .)"
+        )
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["dsn"] = dsn
+    return config
+
+
+def upgrade(dsn: str, revision: str = "head") -> None:
+    """Bring the database to ``revision``; a no-op when it is already there. Blocking."""
+    command.upgrade(alembic_config(dsn), revision)
+
+
+def downgrade(dsn: str, revision: str = "base") -> None:
+    """Undo migrations down to ``revision``. Blocking."""
+    command.downgrade(alembic_config(dsn), revision)
+
+
+def heads(dsn: str = "postgresql:///unused") -> list[str]:
+    return list(ScriptDirectory.from_config(alembic_config(dsn)).get_heads())
+
+
+async def upgrade_async(dsn: str, revision: str = "head") -> None:
+    # Alembic's env.py runs its own event loop, so it must not share ours.
+    await asyncio.to_thread(upgrade, dsn, revision)

@@ -1,0 +1,149 @@
+"""Real PostgreSQL for every test.
+
+The server is ``KEEN_TEST_DATABASE_URL`` (a DSN to any database on a server where we may create
+databases, e.g. ``postgresql:///postgres``) or, when unset, the embedded PostgreSQL in
+``.keen/test-pgdata``. The schema is migrated once into a template database; each test that asks
+for ``db`` gets a fresh ``CREATE DATABASE ... TEMPLATE`` copy (about 0.1 s) and drops it after.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from keen_stream.dal.database import KeenDatabase
+from keen_stream.dal.models import User
+from keen_stream.dal.users import upsert_super_admin
+from keen_stream.embedded import EmbeddedPostgres
+from keen_stream.migrate import upgrade_async
+from keen_stream.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+ADMIN_EMAIL = "ahiya.butman@gmail.com"
+PASSWORD = "correct horse battery staple"
+_counter = itertools.count()
+
+
+def with_database(dsn: str, name: str) -> str:
+    """``dsn`` pointing at database ``name`` (keeps host, socket, user and options)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+def make_settings(dsn: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "database_url": dsn,
+        "pool_min_size": 1,
+        "pool_max_size": 10,
+        # Cheap argon2 parameters: tests create many users; production keeps the defaults.
+        "argon2_time_cost": 1,
+        "argon2_memory_kib": 1024,
+        "argon2_parallelism": 1,
+    }
+    values.update(overrides)
+    return Settings(**values)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_admin_dsn() -> Iterator[str]:
+    configured = os.environ.get("KEEN_TEST_DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    embedded = EmbeddedPostgres(ROOT / ".keen" / "test-pgdata", "postgres")
+    try:
+        yield embedded.admin_dsn()
+    finally:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
+    name = f"keen_tpl_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+        dsn = with_database(pg_admin_dsn, name)
+        await upgrade_async(dsn)
+        yield dsn
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+@pytest.fixture
+async def fresh_dsn(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
+    """A new database copied from the migrated template, dropped after the test."""
+    template = urlsplit(template_dsn).path.lstrip("/")
+    name = f"keen_t_{os.getpid()}_{next(_counter)}"
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        yield with_database(pg_admin_dsn, name)
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+@pytest.fixture
+def settings(fresh_dsn: str) -> Settings:
+    return make_settings(fresh_dsn)
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[KeenDatabase]:
+    database = await KeenDatabase.connect(settings=settings, migrate=False)
+    try:
+        yield database
+    finally:
+        await database.close()
+
+
+@pytest.fixture
+async def owner_conn(fresh_dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection as the (superuser) owner: for arranging and inspecting rows."""
+    conn = await asyncpg.connect(fresh_dsn)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+UserFactory = Callable[..., Awaitable[User]]
+
+
+@pytest.fixture
+def make_user(db: KeenDatabase) -> UserFactory:
+    async def make(**fields: object) -> User:
+        n = next(_counter)
+        values: dict[str, object] = {
+            "email": f"user{n}@example.com",
+            "username": f"user_{n}",
+            "password": PASSWORD,
+        }
+        values.update(fields)
+        return await db.users.create(**values)
+
+    return make
+
+
+@pytest.fixture
+async def alice(make_user: UserFactory) -> User:
+    return await make_user(email="alice@example.com", username="alice")
+
+
+@pytest.fixture
+async def bob(make_user: UserFactory) -> User:
+    return await make_user(email="bob@example.com", username="bob")
+
+
+@pytest.fixture
+async def admin(db: KeenDatabase) -> User:
+    return await upsert_super_admin(db, ADMIN_EMAIL, PASSWORD)
