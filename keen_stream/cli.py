@@ -103,14 +103,14 @@ def _register_ledger(sub: argparse._SubParsersAction) -> None:  # type: ignore[t
 _EXTRA_COMMANDS = (_register_serve, _register_ledger)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, settings: Settings | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
-        return int(args.func(args, get_settings()))
+        return int(args.func(args, settings or get_settings()))
     except KeenError as exc:
         print(f"keen-stream: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ these classes, so a caller never has to look at asyncpg exceptions.
 
 from __future__ import annotations
 
+from contextlib import suppress
+from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
 
@@ -147,3 +149,78 @@ class ImmutableRecord(KeenError):
 
     code = "immutable_record"
     sqlstate = "KS405"
+
+
+# --- credit ledger -------------------------------------------------------------------------
+class _MoneyDetails(KeenError):
+    """Server-side raisers send money in DETAIL as JSON strings; they become Decimals here."""
+
+    money_fields: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        for key in self.money_fields:
+            value = details.get(key)
+            if isinstance(value, str):
+                with suppress(InvalidOperation):
+                    details[key] = Decimal(value)
+        super().__init__(message, **details)
+
+
+class InsufficientCredits(_MoneyDetails):
+    """Not enough available credits for this charge."""
+
+    code = "insufficient_credits"
+    sqlstate = "KS402"
+    money_fields = ("balance", "available", "held", "required", "shortfall")
+
+
+class SpendingLimitExceeded(_MoneyDetails):
+    """This charge would exceed the account's daily or monthly spending limit."""
+
+    code = "spending_limit_exceeded"
+    sqlstate = "KS461"
+    money_fields = ("limit", "spent", "held", "required")
+
+
+class SessionBudgetExceeded(_MoneyDetails):
+    """This charge would exceed the credit budget of the session tree."""
+
+    code = "session_budget_exceeded"
+    sqlstate = "KS462"
+    money_fields = ("budget", "used", "required")
+
+
+class IdempotencyConflict(Conflict):
+    """This idempotency key was already used with different parameters."""
+
+    code = "idempotency_conflict"
+    sqlstate = "KS412"
+
+
+class HoldNotActive(Conflict):
+    """The credit hold is no longer active (settled, released or expired)."""
+
+    code = "hold_not_active"
+    sqlstate = "KS410"
+
+
+# --- agent sessions ------------------------------------------------------------------------
+class SessionExists(Conflict):
+    """A session with this session_id already exists."""
+
+    code = "session_exists"
+    sqlstate = "KS441"
+
+
+class SessionAlreadyEnded(Conflict):
+    """The session has already ended with a different outcome."""
+
+    code = "session_already_ended"
+    sqlstate = "KS442"
+
+
+class SessionDepthExceeded(InvalidInput):
+    """The new session would be nested deeper than the configured maximum."""
+
+    code = "session_depth_exceeded"
+    sqlstate = "KS443"

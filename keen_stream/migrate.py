@@ -7,6 +7,7 @@ The advisory lock that keeps two migrators apart lives in ``migrations/env.py`` 
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 from alembic import command
@@ -14,6 +15,10 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 
 from keen_stream.errors import ConfigurationError
+
+# Alembic keeps its context in module globals: one command at a time per process. (Separate
+# processes are kept apart by the advisory lock in env.py.)
+_ALEMBIC = threading.Lock()
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -32,12 +37,14 @@ def alembic_config(dsn: str) -> Config:
 
 def upgrade(dsn: str, revision: str = "head") -> None:
     """Bring the database to ``revision``; a no-op when it is already there. Blocking."""
-    command.upgrade(alembic_config(dsn), revision)
+    with _ALEMBIC:
+        command.upgrade(alembic_config(dsn), revision)
 
 
 def downgrade(dsn: str, revision: str = "base") -> None:
     """Undo migrations down to ``revision``. Blocking."""
-    command.downgrade(alembic_config(dsn), revision)
+    with _ALEMBIC:
+        command.downgrade(alembic_config(dsn), revision)
 
 
 def heads(dsn: str = "postgresql:///unused") -> list[str]:

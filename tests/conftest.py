@@ -13,12 +13,12 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
 
-from keen_stream.dal.database import KeenDatabase
+from keen_stream.dal.database import KeenDatabase, init_connection
 from keen_stream.dal.models import User
 from keen_stream.dal.users import upsert_super_admin
 from keen_stream.embedded import EmbeddedPostgres
@@ -34,7 +34,9 @@ _counter = itertools.count()
 def with_database(dsn: str, name: str) -> str:
     """``dsn`` pointing at database ``name`` (keeps host, socket, user and options)."""
     parts = urlsplit(dsn)
-    return urlunsplit(parts._replace(path="/" + name))
+    # Built by hand: urlunsplit drops the "//" of an empty host (postgresql:///db).
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}/{name}{query}"
 
 
 def make_settings(dsn: str, **overrides: object) -> Settings:
@@ -110,6 +112,7 @@ async def db(settings: Settings) -> AsyncIterator[KeenDatabase]:
 async def owner_conn(fresh_dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A plain connection as the (superuser) owner: for arranging and inspecting rows."""
     conn = await asyncpg.connect(fresh_dsn)
+    await init_connection(conn)  # the DAL's json codecs
     try:
         yield conn
     finally:

@@ -49,7 +49,9 @@ SELECT r.rolsuper, r.rolbypassrls,
        (SELECT coalesce(array_agg(c.relname::text), '{}') FROM pg_class c
          WHERE c.relname = ANY($2::text[]) AND c.relkind = 'r'
            AND c.relnamespace = 'public'::regnamespace
-           AND NOT (c.relrowsecurity AND c.relforcerowsecurity)) AS unprotected
+           AND NOT (c.relrowsecurity AND c.relforcerowsecurity)) AS unprotected,
+       (SELECT coalesce(array_agg(t), '{}') FROM unnest($2::text[]) AS t
+         WHERE to_regclass('public.' || t) IS NULL) AS missing
   FROM pg_roles r WHERE r.rolname = $1
 """
 
@@ -66,7 +68,7 @@ def dumps(value: Any) -> str:
     return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, encoder=dumps, decoder=json.loads, schema="pg_catalog")
 
@@ -100,7 +102,11 @@ class KeenDatabase:
     # --- lifecycle -------------------------------------------------------------------------
     @classmethod
     async def connect(
-        cls, dsn: str | None = None, *, settings: Settings | None = None, migrate: bool | None = None
+        cls,
+        dsn: str | None = None,
+        *,
+        settings: Settings | None = None,
+        migrate: bool | None = None,
     ) -> KeenDatabase:
         """Open the pool. ``dsn=None`` uses ``KEEN_DATABASE_URL`` or the embedded PostgreSQL.
 
@@ -126,7 +132,7 @@ class KeenDatabase:
                 max_size=settings.pool_max_size,
                 max_inactive_connection_lifetime=settings.pool_max_inactive_lifetime,
                 timeout=settings.connect_timeout,
-                init=_init_connection,
+                init=init_connection,
                 server_settings={
                     "statement_timeout": str(settings.statement_timeout_ms),
                     "application_name": "keen_stream",
@@ -156,12 +162,12 @@ class KeenDatabase:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def check_role_safety(self) -> None:
-        """Refuse tenant work if ``keen_app`` could bypass RLS or a tenant table is unprotected."""
+    async def check_role_safety(self, role: str = TENANT_ROLE) -> None:
+        """Refuse tenant work if ``role`` could bypass RLS or a tenant table is unprotected."""
         async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
-            row = await conn.fetchrow(_ROLE_SAFETY, TENANT_ROLE, list(TENANT_TABLES))
+            row = await conn.fetchrow(_ROLE_SAFETY, role, list(TENANT_TABLES))
         if row is None:
-            raise UnsafeRoleError(f"role {TENANT_ROLE} does not exist: run `keen-stream migrate`")
+            raise UnsafeRoleError(f"role {role} does not exist: run `keen-stream migrate`")
         problems = []
         if row["rolsuper"]:
             problems.append("is a superuser")
@@ -169,10 +175,12 @@ class KeenDatabase:
             problems.append("has BYPASSRLS")
         if row["owned"]:
             problems.append(f"owns {row['owned']} relations")
+        if row["missing"]:
+            problems.append(f"finds no tables {', '.join(row['missing'])} (run migrations)")
         if row["unprotected"]:
             problems.append(f"tables without forced RLS: {', '.join(row['unprotected'])}")
         if problems:
-            raise UnsafeRoleError(f"{TENANT_ROLE} {'; '.join(problems)}; refusing tenant work")
+            raise UnsafeRoleError(f"{role} {'; '.join(problems)}; refusing tenant work")
 
     async def health(self) -> dict[str, Any]:
         """Round-trip the database; report latency and pool use. Never raises."""

@@ -16,6 +16,7 @@ import asyncpg
 from keen_stream import errors
 from keen_stream.errors import KeenError
 
+
 # The most specific class wins: subclasses that share a parent's SQLSTATE (e.g. DuplicateEmail
 # under Conflict) are reached through CONSTRAINT_ERRORS instead.
 def _sqlstate_map() -> dict[str, type[KeenError]]:
@@ -45,9 +46,15 @@ def translate(exc: asyncpg.PostgresError) -> KeenError | None:
     cls = _sqlstate_map().get(sqlstate)
     if cls is not None:
         return cls(message, **_details(exc))
-    if isinstance(exc, asyncpg.CheckViolationError | asyncpg.StringDataRightTruncationError |
-                  asyncpg.NotNullViolationError | asyncpg.InvalidTextRepresentationError |
-                  asyncpg.NumericValueOutOfRangeError | asyncpg.InvalidDatetimeFormatError):
+    if isinstance(
+        exc,
+        asyncpg.CheckViolationError
+        | asyncpg.StringDataRightTruncationError
+        | asyncpg.NotNullViolationError
+        | asyncpg.InvalidTextRepresentationError
+        | asyncpg.NumericValueOutOfRangeError
+        | asyncpg.InvalidDatetimeFormatError,
+    ):
         return errors.InvalidInput(message, constraint=constraint)
     if isinstance(exc, asyncpg.UniqueViolationError):
         return errors.Conflict(message, constraint=constraint)

@@ -32,7 +32,11 @@ from keen_stream.errors import (
 if TYPE_CHECKING:
     from keen_stream.dal.database import KeenDatabase
 
-PREFIXES: Final[dict[str, str]] = {"api_key": "ks_api_", "jwt_refresh": "ks_ref_", "session": "ks_ses_"}
+PREFIXES: Final[dict[str, str]] = {
+    "api_key": "ks_api_",
+    "jwt_refresh": "ks_ref_",
+    "session": "ks_ses_",
+}
 DEFAULT_TTL: Final[dict[str, timedelta | None]] = {
     "session": timedelta(hours=24),
     "jwt_refresh": timedelta(days=30),
@@ -42,7 +46,7 @@ _TOKEN_BYTES: Final = 32  # 256 bits
 _MAX_TOKEN_LENGTH: Final = 128
 _MAX_SCOPES: Final = 64
 
-TOKEN_COLUMNS: Final = (
+COLUMNS: Final = (
     "id, user_id, token_type, token_name, scopes, expires_at, last_used_at, usage_count, "
     "created_ip, last_used_ip, user_agent, is_active, revoked_at, rate_limit_per_hour, "
     "bypass_limits, created_at"
@@ -55,13 +59,13 @@ SQL: Final = {
                                  created_ip, user_agent, bypass_limits)
         VALUES ($1, $2, $3, $4, $5, now() + $6::interval, $7, $8,
                 coalesce((SELECT is_admin FROM users WHERE id = $1), false))
-        RETURNING {TOKEN_COLUMNS}""",
+        RETURNING {COLUMNS}""",
     "authenticate": "SELECT * FROM keen_token_authenticate($1, $2, $3)",
     "revoke": f"""
         UPDATE auth_tokens SET is_active = false, revoked_at = coalesce(revoked_at, now())
-        WHERE id = $1 AND user_id = $2 RETURNING {TOKEN_COLUMNS}""",
+        WHERE id = $1 AND user_id = $2 RETURNING {COLUMNS}""",
     "list": f"""
-        SELECT {TOKEN_COLUMNS} FROM auth_tokens
+        SELECT {COLUMNS} FROM auth_tokens
         WHERE user_id = $1 AND ($2 OR (is_active AND (expires_at IS NULL OR expires_at > now())))
         ORDER BY created_at DESC, id""",
 }
@@ -135,8 +139,15 @@ class TokenDAO:
         token = new_token(token_type)
         async with self._db.user_transaction(actor_id or uid) as conn:
             row = await conn.fetchrow(
-                SQL["insert"], uid, token_type, hash_token(token), name, scope_list, ttl,
-                parse_ip(ip), user_agent,
+                SQL["insert"],
+                uid,
+                token_type,
+                hash_token(token),
+                name,
+                scope_list,
+                ttl,
+                parse_ip(ip),
+                user_agent,
             )
         return IssuedToken(token=token, record=token_from_row(row))  # type: ignore[arg-type]
 

@@ -137,8 +137,11 @@ class UserDAO:
         # Registration happens before any user context exists: a system transaction.
         async with self._db.system_transaction() as tx:
             return await self._insert(
-                new, role=role, admin_privileges=admin_privileges,
-                email_verified=email_verified, conn=tx,
+                new,
+                role=role,
+                admin_privileges=admin_privileges,
+                email_verified=email_verified,
+                conn=tx,
             )
 
     async def authenticate(
@@ -203,7 +206,9 @@ class UserDAO:
         return user_from_row(row)
 
     # --- queries ----------------------------------------------------------------------------
-    async def get(self, user_id: uuid.UUID | str, *, actor_id: uuid.UUID | str | None = None) -> User:
+    async def get(
+        self, user_id: uuid.UUID | str, *, actor_id: uuid.UUID | str | None = None
+    ) -> User:
         """The user, as seen by ``actor_id`` (default: themselves). NotFound if not visible."""
         uid = parse_uuid(user_id, "user_id")
         async with self._db.user_transaction(actor_id or uid) as conn:

@@ -41,7 +41,7 @@ def parse_money(
     a bug. Strings and ints are accepted and converted exactly. NaN, infinities, more than six
     decimal places and values outside NUMERIC(18,6) are refused, never rounded.
     """
-    if isinstance(value, bool) or isinstance(value, float):
+    if isinstance(value, bool | float):
         raise InvalidAmount(f"{what} must be a Decimal, not {type(value).__name__}", field=what)
     if isinstance(value, int | str):
         try:
@@ -53,8 +53,10 @@ def parse_money(
     if not value.is_finite():
         raise InvalidAmount(f"{what} must be finite", field=what)
     exponent = value.as_tuple().exponent
-    if isinstance(exponent, int) and exponent < -MONEY_PLACES and value != value.quantize(
-        MONEY_QUANTUM
+    if (
+        isinstance(exponent, int)
+        and exponent < -MONEY_PLACES
+        and value != value.quantize(MONEY_QUANTUM)
     ):
         raise InvalidAmount(f"{what} has more than {MONEY_PLACES} decimal places", field=what)
     if value < 0 and not allow_negative:

@@ -608,8 +608,7 @@ DOWNGRADE = [
     "DROP MATERIALIZED VIEW IF EXISTS admin_dashboard_metrics",
     "DROP TABLE IF EXISTS audit_log, daily_analytics, websocket_connections, credit_transactions,"
     " agent_sessions, credit_accounts, auth_tokens, users CASCADE",
-    "DROP FUNCTION IF EXISTS keen_token_authenticate(text, inet, boolean),"
-    " keen_login_lookup(text)",
+    "DROP FUNCTION IF EXISTS keen_token_authenticate(text, inet, boolean), keen_login_lookup(text)",
     "DROP FUNCTION IF EXISTS keen_audit(), keen_users_check_timezone(), keen_users_guard(),"
     " keen_reject_change(), keen_touch_updated_at(), keen_is_admin(), keen_current_user_id()",
     "REVOKE ALL ON SCHEMA public FROM keen_app, keen_system",

@@ -1,0 +1,81 @@
+"""`keen-stream migrate` and `keen-stream create-admin`, run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+
+from keen_stream import cli
+from keen_stream.dal.database import KeenDatabase
+from tests.conftest import make_settings
+
+ADMIN_EMAIL = "ahiya.butman@gmail.com"
+
+
+async def _run(*argv: str, settings) -> int:
+    # cli.main runs its own event loop, so it gets a thread of its own.
+    return await asyncio.to_thread(cli.main, list(argv), settings=settings)
+
+
+async def test_create_admin_is_idempotent_and_takes_the_password_from_settings(
+    fresh_dsn: str, owner_conn: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = make_settings(fresh_dsn, admin_password="first-secret-password")
+    assert await _run("create-admin", settings=settings) == 0
+    first = await owner_conn.fetchrow("SELECT * FROM users WHERE email = $1", ADMIN_EMAIL)
+    assert (first["role"], first["is_admin"], first["email_verified"], first["account_status"]) == (
+        "super_admin",
+        True,
+        True,
+        "active",
+    )
+    assert first["username"] == "ahiya_admin"
+    assert first["admin_privileges"]["unlimited_credits"] is True
+    assert len(first["admin_privileges"]) == 8
+    account = await owner_conn.fetchrow(
+        "SELECT * FROM credit_accounts WHERE user_id = $1", first["id"]
+    )
+    assert account["unlimited_credits"] and account["bypass_billing"]
+    assert account["current_balance"] == 0  # no fake display balance
+
+    # again, with a new password: same row, one account, the new password works
+    settings2 = make_settings(fresh_dsn, admin_password="second-secret-password")
+    assert await _run("create-admin", settings=settings2) == 0
+    assert await owner_conn.fetchval("SELECT count(*) FROM users") == 1
+    assert await owner_conn.fetchval("SELECT count(*) FROM credit_accounts") == 1
+    second = await owner_conn.fetchrow("SELECT * FROM users WHERE email = $1", ADMIN_EMAIL)
+    assert second["id"] == first["id"]
+    db = await KeenDatabase.connect(settings=settings2, migrate=False)
+    try:
+        user = await db.users.authenticate(ADMIN_EMAIL, "second-secret-password")
+        assert user.is_admin
+    finally:
+        await db.close()
+    assert "super_admin" in capsys.readouterr().out
+
+
+async def test_create_admin_without_a_password_refuses(
+    fresh_dsn: str, owner_conn: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await _run("create-admin", settings=make_settings(fresh_dsn)) == 2
+    assert "KEEN_ADMIN_PASSWORD" in capsys.readouterr().err
+    assert await owner_conn.fetchval("SELECT count(*) FROM users") == 0
+
+
+async def test_create_admin_refuses_a_weak_password(
+    fresh_dsn: str, owner_conn: asyncpg.Connection
+) -> None:
+    assert (
+        await _run("create-admin", settings=make_settings(fresh_dsn, admin_password="short")) == 2
+    )
+    assert await owner_conn.fetchval("SELECT count(*) FROM users") == 0
+
+
+async def test_migrate_command_is_a_no_op_on_a_migrated_database(
+    fresh_dsn: str, owner_conn: asyncpg.Connection
+) -> None:
+    before = await owner_conn.fetchval("SELECT version_num FROM alembic_version")
+    assert await _run("migrate", settings=make_settings(fresh_dsn)) == 0
+    assert await owner_conn.fetchval("SELECT version_num FROM alembic_version") == before

@@ -1,0 +1,127 @@
+"""Alembic: one head, idempotent upgrade, full downgrade, concurrent migrators."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from keen_stream import migrate
+from keen_stream.dal.database import TENANT_TABLES
+from tests.conftest import with_database
+
+
+@pytest.fixture
+async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
+    name = f"keen_mig_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    conn = await asyncpg.connect(pg_admin_dsn)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(pg_admin_dsn, name)
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
+
+async def _schema(dsn: str) -> dict[str, object]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        tables = {
+            r["relname"]
+            for r in await conn.fetch(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace "
+                "AND relkind IN ('r', 'm', 'v')"
+            )
+        }
+        functions = {
+            r["proname"]
+            for r in await conn.fetch(
+                "SELECT proname FROM pg_proc WHERE pronamespace = 'public'::regnamespace"
+            )
+        }
+        version = None
+        if "alembic_version" in tables:
+            version = await conn.fetchval("SELECT version_num FROM alembic_version")
+        policies = await conn.fetchval("SELECT count(*) FROM pg_policies")
+        return {"tables": tables, "functions": functions, "version": version, "policies": policies}
+    finally:
+        await conn.close()
+
+
+def test_there_is_exactly_one_head() -> None:
+    assert len(migrate.heads()) == 1
+
+
+async def test_upgrade_downgrade_upgrade_round_trip(empty_dsn: str) -> None:
+    await migrate.upgrade_async(empty_dsn)
+    first = await _schema(empty_dsn)
+    assert first["version"] == migrate.heads()[0]
+    assert set(TENANT_TABLES) <= first["tables"]  # type: ignore[operator]
+    assert "admin_dashboard_metrics" in first["tables"]  # type: ignore[operator]
+
+    await asyncio.to_thread(migrate.downgrade, empty_dsn, "base")
+    empty = await _schema(empty_dsn)
+    assert empty["tables"] == {"alembic_version"}
+    assert empty["functions"] == set()
+    assert empty["policies"] == 0
+    assert empty["version"] is None
+
+    await migrate.upgrade_async(empty_dsn)
+    assert await _schema(empty_dsn) == first
+
+
+async def test_second_upgrade_is_a_no_op(empty_dsn: str) -> None:
+    await migrate.upgrade_async(empty_dsn)
+    before = await _schema(empty_dsn)
+    await migrate.upgrade_async(empty_dsn)
+    assert await _schema(empty_dsn) == before
+
+
+async def test_concurrent_migrators_do_not_collide(empty_dsn: str) -> None:
+    """Three `keen-stream migrate` processes at once: without the advisory lock two would race
+    on CREATE TABLE and fail."""
+    env = {**os.environ, "KEEN_DATABASE_URL": empty_dsn}
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "keen_stream",
+            "migrate",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        for _ in range(3)
+    ]
+    results = [await p.communicate() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], results
+    schema = await _schema(empty_dsn)
+    assert schema["version"] == migrate.heads()[0]
+
+
+async def test_roles_are_safe_after_migration(empty_dsn: str) -> None:
+    await migrate.upgrade_async(empty_dsn)
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        app = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'keen_app'")
+        assert not app["rolsuper"] and not app["rolbypassrls"] and not app["rolcanlogin"]
+        owned = await conn.fetchval(
+            "SELECT count(*) FROM pg_class WHERE relowner = 'keen_app'::regrole"
+        )
+        assert owned == 0
+        system = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'keen_system'")
+        assert system["rolbypassrls"] and not system["rolcanlogin"] and not system["rolsuper"]
+        # no SECURITY DEFINER function is left executable by PUBLIC
+        public_definers = await conn.fetch(
+            """SELECT p.proname FROM pg_proc p
+                WHERE p.pronamespace = 'public'::regnamespace AND p.prosecdef
+                  AND has_function_privilege('public', p.oid, 'EXECUTE')"""
+        )
+        assert public_definers == []
+    finally:
+        await conn.close()
