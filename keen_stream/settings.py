@@ -43,10 +43,42 @@ class Settings(BaseSettings):
     # --- money -----------------------------------------------------------------------------
     credit_markup: Decimal = Field(default=Decimal("5.00"), gt=0, max_digits=4, decimal_places=2)
 
+    # --- agent sessions --------------------------------------------------------------------
+    max_session_depth: int = Field(default=10, ge=0, le=1000)  # 0 = no sub-agents
+    # Seconds without progress after which the sweep marks a running session timed_out.
+    session_idle_timeout: float = Field(default=1800.0, gt=0)
+
     # --- passwords (argon2id; OWASP's minimum is 19 MiB, 2 passes) --------------------------
     argon2_time_cost: int = Field(default=3, ge=1)
     argon2_memory_kib: int = Field(default=65536, ge=1024)
     argon2_parallelism: int = Field(default=2, ge=1)
+
+    # --- event stream and hub (docs/architecture.md explains each) --------------------------
+    event_retention: float = Field(default=86_400.0, gt=0)  # seconds events stay resumable
+    event_prune_interval: float = Field(default=60.0, gt=0)
+    # The DAL's after-commit wake-up: at most one NOTIFY per this many seconds per process.
+    event_notify_interval: float = Field(default=0.002, ge=0)
+    listener_fallback_poll: float = Field(default=1.0, gt=0)  # covers writes made outside the DAL
+    listener_retry_poll: float = Field(default=0.002, gt=0)  # first re-read while rows wait
+    listener_probe_interval: float = Field(default=5.0, gt=0)
+    listener_probe_timeout: float = Field(default=3.0, gt=0)
+    listener_backoff_max: float = Field(default=10.0, gt=0)
+    hub_host: str = "127.0.0.1"
+    hub_port: int = Field(default=8765, ge=0, le=65535)
+    hub_required_scopes: tuple[str, ...] = ("stream",)
+    hub_auth_timeout: float = Field(default=10.0, gt=0)
+    hub_token_recheck_interval: float = Field(default=30.0, gt=0)
+    hub_flush_interval: float = Field(default=5.0, gt=0)  # connection rows, pings: one batch
+    hub_heartbeat_interval: float = Field(default=5.0, gt=0)
+    hub_node_stale_after: float = Field(default=30.0, gt=0)
+    hub_max_frame_bytes: int = Field(default=65_536, ge=1024)
+    hub_send_buffer_limit: int = Field(default=1_048_576, ge=1024)  # bytes queued per client
+    hub_pending_limit: int = Field(default=10_000, ge=10)  # live events held during a replay
+    hub_rate_limit: float = Field(default=20.0, gt=0)  # client frames per second
+    hub_rate_burst: int = Field(default=40, ge=1)
+    hub_flood_close_after: int = Field(default=100, ge=1)  # refused frames before closing
+    hub_max_session_filters: int = Field(default=1000, ge=1)
+    hub_ws_ping_interval: float = Field(default=20.0, gt=0)
 
     # --- admin -----------------------------------------------------------------------------
     admin_email: str = "ahiya.butman@gmail.com"

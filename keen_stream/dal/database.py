@@ -13,6 +13,7 @@ from typing import Any
 
 import asyncpg
 
+from keen_stream.dal.events import SIGNAL_SETTING, EventSignal
 from keen_stream.dal.pgerrors import translating
 from keen_stream.dal.validation import parse_uuid
 from keen_stream.embedded import EmbeddedPostgres
@@ -34,6 +35,9 @@ TENANT_TABLES = (
     "agent_sessions",
     "websocket_connections",
     "audit_log",
+    "stream_events",
+    "credit_holds",
+    "credit_auto_recharge_requests",
 )
 
 # One statement sets both: the role and the user live until the transaction ends (is_local),
@@ -89,6 +93,11 @@ class KeenDatabase:
         dsn: str,
         embedded: EmbeddedPostgres | None = None,
     ) -> None:
+        from keen_stream.dal.analytics import AnalyticsDAO
+        from keen_stream.dal.credits import CreditManager
+        from keen_stream.dal.sessions import SessionDAO
+        from keen_stream.dal.connections import ConnectionDAO
+        from keen_stream.dal.events import EventDAO
         from keen_stream.dal.tokens import TokenDAO
         from keen_stream.dal.users import UserDAO
 
@@ -98,6 +107,11 @@ class KeenDatabase:
         self._embedded = embedded
         self.users = UserDAO(self)
         self.tokens = TokenDAO(self)
+        self.events = EventDAO(self)
+        self.connections = ConnectionDAO(self)
+        self.credits = CreditManager(self)
+        self.sessions = SessionDAO(self)
+        self.analytics = AnalyticsDAO(self)
 
     # --- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -136,6 +150,7 @@ class KeenDatabase:
                 server_settings={
                     "statement_timeout": str(settings.statement_timeout_ms),
                     "application_name": "keen_stream",
+                    **SIGNAL_SETTING,
                 },
             )
         except (OSError, asyncpg.PostgresError) as exc:
@@ -151,6 +166,7 @@ class KeenDatabase:
         return db
 
     async def close(self) -> None:
+        await self.events.close()
         await self.pool.close()
         if self._embedded is not None:
             self._embedded.stop()
@@ -228,8 +244,12 @@ class KeenDatabase:
 
     @asynccontextmanager
     async def _transaction(self, enter: str, *args: Any) -> AsyncIterator[asyncpg.Connection]:
+        # Stream-event triggers raise a NOTICE on our connections; after the commit (never
+        # inside the transaction) the event readers get a coalesced wake-up (dal/events.py).
+        signal = EventSignal()
         try:
             async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
+                conn.add_log_listener(signal)
                 with translating():
                     async with conn.transaction():
                         await conn.execute(enter, *args)
@@ -241,3 +261,5 @@ class KeenDatabase:
             asyncpg.ConnectionDoesNotExistError,
         ) as exc:
             raise DatabaseUnavailable(f"database connection failed: {exc}") from exc
+        if signal.seen:
+            self.events.after_commit()

@@ -1,5 +1,32 @@
 """Pydantic models returned by (and accepted by) the DAL, one module per area."""
 
+from keen_stream.dal.models.analytics import (
+    AdminAnalytics,
+    DailyAnalytics,
+    DashboardHour,
+    TimeRange,
+)
+from keen_stream.dal.models.credits import (
+    AutoRechargeRequest,
+    CreditBalance,
+    CreditTransaction,
+    CreditValidation,
+    Hold,
+    HoldStatus,
+    LedgerProblem,
+    LedgerReport,
+    TransactionType,
+)
+from keen_stream.dal.models.sessions import (
+    AgentSession,
+    ExecutionStatus,
+    Phase,
+    SessionCompletion,
+    SessionCreate,
+    SessionNode,
+    SessionRollup,
+    SessionTree,
+)
 from keen_stream.dal.models.users import (
     AccountStatus,
     AuthToken,
@@ -13,6 +40,27 @@ from keen_stream.dal.models.users import (
 )
 
 __all__ = [
+    "AutoRechargeRequest",
+    "CreditBalance",
+    "CreditTransaction",
+    "CreditValidation",
+    "Hold",
+    "HoldStatus",
+    "LedgerProblem",
+    "LedgerReport",
+    "TransactionType",
+    "AdminAnalytics",
+    "DailyAnalytics",
+    "DashboardHour",
+    "TimeRange",
+    "AgentSession",
+    "ExecutionStatus",
+    "Phase",
+    "SessionCompletion",
+    "SessionCreate",
+    "SessionNode",
+    "SessionRollup",
+    "SessionTree",
     "AccountStatus",
     "AuthToken",
     "IssuedToken",

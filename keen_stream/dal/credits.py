@@ -1,0 +1,612 @@
+"""The credit ledger: ``db.credits``, a :class:`CreditManager`.
+
+Every balance change is one call to a SECURITY DEFINER function created by migration 0002
+(``keen_credit_deduct``, ``keen_credit_purchase``, ...). Each one validates, authorizes (the
+caller's own account, or any account for an admin), checks and updates the balance, and appends
+the ledger row, in a single round trip: Python never reads a balance and writes it back.
+
+Money is :class:`decimal.Decimal` end to end. The credit cost of a provider cost is defined once,
+by :func:`credits_for` here and ``keen_credits_for`` in SQL (the same rule; unit-tested).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable
+from datetime import timedelta
+from decimal import ROUND_CEILING, Decimal
+from typing import TYPE_CHECKING, Any, Final
+
+import asyncpg
+
+from keen_stream.dal.models.credits import (
+    AutoRechargeRequest,
+    CreditBalance,
+    CreditTransaction,
+    CreditValidation,
+    Hold,
+    LedgerProblem,
+    LedgerReport,
+    TransactionType,
+)
+from keen_stream.dal.pgerrors import translating
+from keen_stream.dal.validation import MONEY_MAX, MONEY_QUANTUM, parse_money, parse_uuid
+from keen_stream.errors import InvalidAmount, InvalidIdentifier, InvalidInput, NotFound
+
+if TYPE_CHECKING:
+    from keen_stream.dal.database import KeenDatabase
+
+#: The longest a hold may live, and the default.
+MAX_HOLD_TTL: Final = timedelta(days=1)
+DEFAULT_HOLD_TTL: Final = timedelta(minutes=10)
+MAX_HISTORY_PAGE: Final = 1000
+_SESSION_HANDLE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+_TYPES: Final = frozenset(TransactionType.__args__)  # type: ignore[attr-defined]
+_UNSET: Any = object()
+
+TX_COLUMNS: Final = (
+    "id, user_id, account_id, sequence_number, transaction_type, amount, balance_after, "
+    "claude_cost_usd, keen_markup_multiplier, session_id, stripe_payment_intent_id, "
+    "description, metadata, is_admin_bypass, idempotency_key, refunded_transaction_id, "
+    "hold_id, created_at"
+)
+HOLD_COLUMNS: Final = (
+    "id, user_id, account_id, session_id, budget_root_id, status, estimated_claude_cost_usd, "
+    "keen_markup_multiplier, estimated_credits, amount, is_admin_bypass, description, "
+    "expires_at, idempotency_key, settled_claude_cost_usd, settled_credits, "
+    "settled_transaction_id, created_at, resolved_at"
+)
+_BALANCE_SELECT: Final = """
+    SELECT a.user_id, a.id AS account_id, a.current_balance AS current, a.held_amount AS held,
+           a.current_balance - a.held_amount AS available, a.lifetime_purchased,
+           a.lifetime_spent, a.daily_limit, a.monthly_limit,
+           CASE WHEN a.spend_day = l.today THEN a.spent_day ELSE 0 END AS spent_today,
+           CASE WHEN a.spend_month = l.month THEN a.spent_month ELSE 0 END AS spent_this_month,
+           l.today, l.is_admin,
+           a.unlimited_credits OR a.bypass_billing OR l.is_admin AS unlimited,
+           a.auto_recharge_enabled, a.auto_recharge_threshold, a.auto_recharge_amount,
+           a.last_sequence
+      FROM credit_accounts a
+      JOIN users u ON u.id = a.user_id
+     CROSS JOIN LATERAL (
+        SELECT (now() AT TIME ZONE u.timezone)::date AS today,
+               date_trunc('month', now() AT TIME ZONE u.timezone)::date AS month,
+               u.is_admin AND u.account_status = 'active' AS is_admin) l
+     WHERE a.user_id = $1"""
+
+SQL: Final = {
+    # $1 user, $2 claude cost, $3 markup, $4 session row id, $5 session handle, $6 description,
+    # $7 idempotency key.
+    "deduct": f"SELECT {TX_COLUMNS} FROM keen_credit_deduct($1, $2, $3, $4, $5, $6, $7)",
+    # $1 user, $2 amount, $3 markup, $4 description, $5 stripe payment intent, $6 key.
+    "purchase": f"SELECT {TX_COLUMNS} FROM keen_credit_purchase($1, $2, $3, $4, $5, $6)",
+    # $1 user, $2 transaction, $3 amount (NULL: all that is left), $4 reason, $5 key.
+    "refund": f"SELECT {TX_COLUMNS} FROM keen_credit_refund($1, $2, $3, $4, $5)",
+    # $1 user, $2 signed amount, $3 markup, $4 reason, $5 key.
+    "adjust": f"SELECT {TX_COLUMNS} FROM keen_credit_adjust($1, $2, $3, $4, $5)",
+    # $1 user, $2 estimated cost, $3 markup, $4 session row, $5 handle, $6 ttl, $7 desc., $8 key.
+    "reserve": f"SELECT {HOLD_COLUMNS} FROM keen_credit_reserve($1, $2, $3, $4, $5, $6, $7, $8)",
+    "settle": f"SELECT {TX_COLUMNS} FROM keen_credit_settle($1, $2, $3)",
+    "release": f"SELECT {HOLD_COLUMNS} FROM keen_credit_release($1)",
+    "expire_holds": "SELECT keen_credit_expire_holds($1)",
+    "balance": _BALANCE_SELECT,
+    "validate": f"""
+        WITH b AS ({_BALANCE_SELECT}),
+        r AS (SELECT b.*, keen_credits_for($2, $3) AS required,
+                     b.daily_limit - b.spent_today - b.held AS daily_remaining,
+                     b.monthly_limit - b.spent_this_month - b.held AS monthly_remaining
+                FROM b)
+        SELECT r.*, CASE
+            WHEN r.unlimited THEN NULL
+            WHEN r.available < r.required THEN 'insufficient_credits'
+            WHEN r.daily_remaining < r.required OR r.monthly_remaining < r.required
+                THEN 'spending_limit_exceeded'
+        END AS reason
+        FROM r""",
+    "history": f"""
+        SELECT {TX_COLUMNS} FROM credit_transactions
+         WHERE account_id = (SELECT id FROM credit_accounts WHERE user_id = $1)
+           AND user_id = $1
+           AND sequence_number < coalesce($2, 9223372036854775807)
+           AND ($3::text[] IS NULL OR transaction_type = ANY($3::text[]))
+         ORDER BY sequence_number DESC
+         LIMIT $4""",
+    "transaction": f"SELECT {TX_COLUMNS} FROM credit_transactions WHERE id = $1 AND user_id = $2",
+    "hold": f"SELECT {HOLD_COLUMNS} FROM credit_holds WHERE id = $1",
+    "holds": f"""
+        SELECT {HOLD_COLUMNS} FROM credit_holds
+         WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+         ORDER BY created_at DESC, id LIMIT $3""",
+    # Plain UPDATEs under RLS: keen_app holds UPDATE on exactly these columns. $2/$4 say
+    # whether to change the limit (so None can mean "no limit").
+    "set_limits": """
+        UPDATE credit_accounts
+           SET daily_limit = CASE WHEN $2 THEN $3 ELSE daily_limit END,
+               monthly_limit = CASE WHEN $4 THEN $5 ELSE monthly_limit END
+         WHERE user_id = $1 RETURNING id""",
+    "set_auto_recharge": """
+        UPDATE credit_accounts
+           SET auto_recharge_enabled = coalesce($2, auto_recharge_enabled),
+               auto_recharge_threshold = coalesce($3, auto_recharge_threshold),
+               auto_recharge_amount = coalesce($4, auto_recharge_amount)
+         WHERE user_id = $1 RETURNING id""",
+    "recharge_requests": """
+        SELECT id, user_id, account_id, transaction_id, balance_after, threshold,
+               recharge_amount, status, created_at, resolved_at
+          FROM credit_auto_recharge_requests
+         WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
+         ORDER BY created_at DESC, id LIMIT $3""",
+    "verify": "SELECT account_id, user_id, problem, expected, actual FROM keen_ledger_verify()",
+    "verify_counts": """
+        SELECT (SELECT count(*) FROM credit_accounts) AS accounts,
+               (SELECT count(*) FROM credit_transactions) AS transactions,
+               (SELECT count(*) FROM credit_holds WHERE status = 'active') AS active_holds""",
+}
+
+
+def credits_for(claude_cost: Decimal, markup: Decimal) -> Decimal:
+    """THE rounding rule: credits = provider cost x markup, rounded up to the micro-credit.
+
+    Rounding up (never half-way, never to zero) means a charge is never below its exact price
+    and any non-zero cost costs at least 0.000001 credits. The SQL twin is
+    ``keen_credits_for``; the ledger uses only that one, this one mirrors it for tests and for
+    refusing out-of-range results before the database sees them.
+    """
+    return (claude_cost * markup).quantize(MONEY_QUANTUM, rounding=ROUND_CEILING)
+
+
+def _tx(row: asyncpg.Record) -> CreditTransaction:
+    return CreditTransaction.model_validate(dict(row))
+
+
+def _hold(row: asyncpg.Record) -> Hold:
+    return Hold.model_validate(dict(row))
+
+
+def _text(value: Any, what: str, *, max_length: int = 1000, required: bool = True) -> str | None:
+    if value is None and not required:
+        return None
+    if not isinstance(value, str) or len(value) > max_length or (required and not value.strip()):
+        raise InvalidInput(f"{what} must be a non-empty string of at most {max_length}"
+                           " characters", field=what)
+    return value
+
+
+def _key(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 255:
+        raise InvalidInput("idempotency_key must be a string of 1 to 255 characters",
+                           field="idempotency_key")
+    return value
+
+
+def _handle(value: Any) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _SESSION_HANDLE.fullmatch(value):
+        raise InvalidIdentifier("session_id is not a valid session handle", field="session_id")
+    return value
+
+
+class CreditManager:
+    """``db.credits``: purchases, deductions, refunds, holds, limits and the ledger's proof.
+
+    Methods run as the account's owner under RLS (``user_transaction(user_id)``) unless an
+    ``actor_id`` is given, in which case that user must be an admin (the database decides).
+    """
+
+    def __init__(self, db: KeenDatabase) -> None:
+        self._db = db
+
+    @property
+    def markup(self) -> Decimal:
+        return self._db.settings.credit_markup
+
+    def _charge(self, claude_cost: Any, what: str) -> Decimal:
+        cost = parse_money(claude_cost, what)
+        if credits_for(cost, self.markup) > MONEY_MAX:
+            raise InvalidAmount(f"{what} x markup is out of range", field=what)
+        return cost
+
+    # --- deductions --------------------------------------------------------------------------
+    async def deduct_in(
+        self,
+        conn: asyncpg.Connection,
+        user_id: uuid.UUID | str,
+        claude_cost_usd: Decimal,
+        *,
+        session_row_id: uuid.UUID | None,
+        description: str,
+        idempotency_key: str | None = None,
+    ) -> CreditTransaction:
+        """Charge ``claude_cost_usd`` x markup inside a transaction the caller already holds.
+
+        ``conn`` must be a ``user_transaction`` of ``user_id`` (or of an admin). Admin and
+        unlimited accounts get an ``admin_bypass`` row (amount 0, balance unchanged, cost kept).
+        Raises InsufficientCredits, SpendingLimitExceeded, SessionBudgetExceeded, NotFound
+        (unknown user or session, or someone else's), IdempotencyConflict or InvalidAmount.
+        A raised error leaves ``conn``'s transaction aborted (PostgreSQL's rule); wrap the call
+        in a savepoint (``async with conn.transaction():``) to carry on after a refusal.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        session = None if session_row_id is None else parse_uuid(session_row_id, "session_row_id")
+        return await self._deduct(conn, uid, claude_cost_usd, session, None, description,
+                                  idempotency_key)
+
+    async def deduct_credits(
+        self,
+        user_id: uuid.UUID | str,
+        claude_cost_usd: Decimal,
+        session_id: str | None,
+        description: str,
+        *,
+        idempotency_key: str | None = None,
+    ) -> CreditTransaction:
+        """Charge a model call: ``amount`` = -(cost x markup). See :meth:`deduct_in`.
+
+        ``session_id`` is the session's handle (``agent_sessions.session_id``), or None.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        handle = _handle(session_id)
+        async with self._db.user_transaction(uid) as conn:
+            return await self._deduct(conn, uid, claude_cost_usd, None, handle, description,
+                                      idempotency_key)
+
+    async def _deduct(
+        self,
+        conn: asyncpg.Connection,
+        uid: uuid.UUID,
+        claude_cost_usd: Any,
+        session_row: uuid.UUID | None,
+        handle: str | None,
+        description: Any,
+        idempotency_key: Any,
+    ) -> CreditTransaction:
+        cost = self._charge(claude_cost_usd, "claude_cost_usd")
+        text = _text(description, "description")
+        key = _key(idempotency_key)
+        with translating():
+            row = await conn.fetchrow(
+                SQL["deduct"], uid, cost, self.markup, session_row, handle, text, key
+            )
+        return _tx(row)
+
+    # --- purchases, refunds, adjustments -----------------------------------------------------
+    async def add_credits(
+        self,
+        user_id: uuid.UUID | str,
+        amount: Decimal,
+        *,
+        description: str,
+        stripe_payment_intent_id: str | None = None,
+        idempotency_key: str | None = None,
+        actor_id: uuid.UUID | str | None = None,
+    ) -> CreditTransaction:
+        """Record a purchase of ``amount`` credits (raises ``lifetime_purchased``).
+
+        A Stripe payment intent is credited at most once (a second use raises Conflict).
+        """
+        uid = parse_uuid(user_id, "user_id")
+        value = parse_money(amount, "amount")
+        text = _text(description, "description")
+        stripe = _text(stripe_payment_intent_id, "stripe_payment_intent_id", max_length=255,
+                       required=False)
+        key = _key(idempotency_key)
+        async with self._db.user_transaction(actor_id or uid) as conn:
+            row = await conn.fetchrow(SQL["purchase"], uid, value, self.markup, text, stripe, key)
+        return _tx(row)
+
+    async def refund(
+        self,
+        user_id: uuid.UUID | str,
+        transaction_id: uuid.UUID | str,
+        *,
+        amount: Decimal | None = None,
+        reason: str,
+        idempotency_key: str | None = None,
+        actor_id: uuid.UUID | str | None = None,
+    ) -> CreditTransaction:
+        """Give back (part of) a usage charge; never more than it charged, over all refunds.
+
+        ``amount=None`` refunds whatever is left. Refunds also give credits back to the session
+        budget the charge used; they do not restore spending-limit headroom.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        tid = parse_uuid(transaction_id, "transaction_id")
+        value = None if amount is None else parse_money(amount, "amount")
+        text = _text(reason, "reason")
+        key = _key(idempotency_key)
+        async with self._db.user_transaction(actor_id or uid) as conn:
+            row = await conn.fetchrow(SQL["refund"], uid, tid, value, text, key)
+        return _tx(row)
+
+    async def adjust(
+        self,
+        admin_user_id: uuid.UUID | str,
+        user_id: uuid.UUID | str,
+        amount: Decimal,
+        *,
+        reason: str,
+        idempotency_key: str | None = None,
+    ) -> CreditTransaction:
+        """Admins only: a signed correction of ``user_id``'s balance (cannot eat held credits)."""
+        uid = parse_uuid(user_id, "user_id")
+        value = parse_money(amount, "amount", allow_negative=True)
+        text = _text(reason, "reason")
+        key = _key(idempotency_key)
+        async with self._db.user_transaction(admin_user_id) as conn:
+            row = await conn.fetchrow(SQL["adjust"], uid, value, self.markup, text, key)
+        return _tx(row)
+
+    # --- holds -------------------------------------------------------------------------------
+    async def reserve(
+        self,
+        user_id: uuid.UUID | str,
+        estimated_claude_cost: Decimal,
+        *,
+        session_id: str | None = None,
+        ttl: timedelta = DEFAULT_HOLD_TTL,
+        description: str = "model call",
+        idempotency_key: str | None = None,
+    ) -> Hold:
+        """Reserve estimated cost x markup from the available balance until settled/released.
+
+        Checked like a deduction (balance, spending limits, session budget); active holds count
+        as spent for the limits. Expires after ``ttl`` (at most a day) unless settled first.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        cost = self._charge(estimated_claude_cost, "estimated_claude_cost")
+        handle = _handle(session_id)
+        if not isinstance(ttl, timedelta) or not timedelta(0) < ttl <= MAX_HOLD_TTL:
+            raise InvalidInput("ttl must be a timedelta between 0 and 1 day", field="ttl")
+        text = _text(description, "description")
+        key = _key(idempotency_key)
+        async with self._db.user_transaction(uid) as conn:
+            row = await conn.fetchrow(
+                SQL["reserve"], uid, cost, self.markup, None, handle, ttl, text, key
+            )
+        return _hold(row)
+
+    async def settle(
+        self,
+        hold: Hold | uuid.UUID | str,
+        actual_claude_cost: Decimal,
+        *,
+        description: str | None = None,
+        actor_id: uuid.UUID | str | None = None,
+    ) -> CreditTransaction:
+        """Charge the actual cost (at the hold's markup) and free the rest of the hold.
+
+        Idempotent: settling again with the same cost returns the same transaction (another
+        cost raises IdempotencyConflict). Up to the reserved credits it always succeeds. Above
+        them the excess must fit like a deduction (balance, limits, budget); if it does not, the
+        error leaves the hold active and nothing is charged. A hold past its expiry raises
+        HoldNotActive (the sweep frees it).
+        """
+        hold_id, actor = _hold_actor(hold, actor_id)
+        cost = parse_money(actual_claude_cost, "actual_claude_cost")
+        text = _text(description, "description", required=False)
+        async with self._db.user_transaction(actor) as conn:
+            row = await conn.fetchrow(SQL["settle"], hold_id, cost, text)
+        return _tx(row)
+
+    async def release(
+        self, hold: Hold | uuid.UUID | str, *, actor_id: uuid.UUID | str | None = None
+    ) -> Hold:
+        """Free an active hold. Idempotent; releasing a settled hold raises HoldNotActive."""
+        hold_id, actor = _hold_actor(hold, actor_id)
+        async with self._db.user_transaction(actor) as conn:
+            row = await conn.fetchrow(SQL["release"], hold_id)
+        return _hold(row)
+
+    async def expire_holds(self, *, limit: int = 1000) -> int:
+        """The sweep: expire up to ``limit`` holds past their ``expires_at``; returns how many.
+
+        A maintenance job (system transaction). Run it every few seconds to a minute; until it
+        runs, an expired hold still counts against the available balance.
+        """
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100_000:
+            raise InvalidInput("limit must be between 1 and 100000", field="limit")
+        async with self._db.system_transaction() as conn:
+            return int(await conn.fetchval(SQL["expire_holds"], limit))
+
+    async def get_hold(
+        self, hold_id: uuid.UUID | str, *, actor_id: uuid.UUID | str
+    ) -> Hold:
+        hid = parse_uuid(hold_id, "hold_id")
+        async with self._db.user_transaction(actor_id) as conn:
+            row = await conn.fetchrow(SQL["hold"], hid)
+        if row is None:
+            raise NotFound("no such hold")
+        return _hold(row)
+
+    async def list_holds(
+        self, user_id: uuid.UUID | str, *, status: str | None = None, limit: int = 100
+    ) -> list[Hold]:
+        uid = parse_uuid(user_id, "user_id")
+        if status is not None and status not in ("active", "settled", "released", "expired"):
+            raise InvalidInput(f"unknown hold status {status!r}", field="status")
+        async with self._db.user_transaction(uid) as conn:
+            rows = await conn.fetch(SQL["holds"], uid, status, _page(limit))
+        return [_hold(r) for r in rows]
+
+    # --- reading -----------------------------------------------------------------------------
+    async def get_balance(
+        self, user_id: uuid.UUID | str, *, actor_id: uuid.UUID | str | None = None
+    ) -> CreditBalance:
+        uid = parse_uuid(user_id, "user_id")
+        async with self._db.user_transaction(actor_id or uid) as conn:
+            return await self._balance(conn, uid)
+
+    async def _balance(self, conn: asyncpg.Connection, uid: uuid.UUID) -> CreditBalance:
+        row = await conn.fetchrow(SQL["balance"], uid)
+        if row is None:
+            raise NotFound("no credit account for this user")
+        return CreditBalance.model_validate(dict(row))
+
+    async def validate_sufficient_credits(
+        self, user_id: uuid.UUID | str, required_claude_cost: Decimal
+    ) -> CreditValidation:
+        """Would a call costing ``required_claude_cost`` be charged right now? (Read-only.)
+
+        Counts active holds and the spending limits. Only advice: the deduction itself checks
+        again, atomically.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        cost = self._charge(required_claude_cost, "required_claude_cost")
+        async with self._db.user_transaction(uid) as conn:
+            row = await conn.fetchrow(SQL["validate"], uid, cost, self.markup)
+        if row is None:
+            raise NotFound("no credit account for this user")
+        unlimited = row["unlimited"]
+        shortfall = Decimal(0) if unlimited else max(Decimal(0), row["required"] - row["available"])
+        return CreditValidation(
+            sufficient=row["reason"] is None,
+            current_balance=row["current"],
+            available_balance=row["available"],
+            required=row["required"],
+            shortfall=shortfall.quantize(MONEY_QUANTUM),
+            claude_cost=cost,
+            markup_multiplier=self.markup,
+            is_admin=row["is_admin"],
+            unlimited=unlimited,
+            daily_remaining=None if unlimited else _nonnegative(row["daily_remaining"]),
+            monthly_remaining=None if unlimited else _nonnegative(row["monthly_remaining"]),
+            reason=row["reason"],
+        )
+
+    async def get_transaction_history(
+        self,
+        user_id: uuid.UUID | str,
+        *,
+        limit: int = 50,
+        before: int | None = None,
+        types: Iterable[str] | None = None,
+        actor_id: uuid.UUID | str | None = None,
+    ) -> list[CreditTransaction]:
+        """Newest first. Keyset pagination: pass the last row's ``sequence_number`` as
+        ``before`` to get the next page."""
+        uid = parse_uuid(user_id, "user_id")
+        if before is not None and (
+            not isinstance(before, int) or isinstance(before, bool) or before < 1
+        ):
+            raise InvalidInput("before must be a positive sequence number", field="before")
+        wanted: list[str] | None = None
+        if types is not None:
+            wanted = list(types) if not isinstance(types, str) else [types]
+            unknown = [t for t in wanted if t not in _TYPES]
+            if unknown or not wanted:
+                raise InvalidInput(f"unknown transaction types {unknown}", field="types")
+        async with self._db.user_transaction(actor_id or uid) as conn:
+            rows = await conn.fetch(SQL["history"], uid, before, wanted, _page(limit))
+        return [_tx(r) for r in rows]
+
+    async def get_transaction(
+        self, user_id: uuid.UUID | str, transaction_id: uuid.UUID | str
+    ) -> CreditTransaction:
+        uid = parse_uuid(user_id, "user_id")
+        tid = parse_uuid(transaction_id, "transaction_id")
+        async with self._db.user_transaction(uid) as conn:
+            row = await conn.fetchrow(SQL["transaction"], tid, uid)
+        if row is None:
+            raise NotFound("no such transaction")
+        return _tx(row)
+
+    # --- spending controls -------------------------------------------------------------------
+    async def set_spending_limits(
+        self,
+        user_id: uuid.UUID | str,
+        *,
+        daily_limit: Decimal | None = _UNSET,
+        monthly_limit: Decimal | None = _UNSET,
+        actor_id: uuid.UUID | str | None = None,
+    ) -> CreditBalance:
+        """Set (a Decimal) or clear (None) the daily / monthly limit; omitted ones stay.
+
+        Days and months are those of the user's time zone; holds count as spent.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        change_daily = daily_limit is not _UNSET
+        change_monthly = monthly_limit is not _UNSET
+        daily = _limit(daily_limit, "daily_limit") if change_daily else None
+        monthly = _limit(monthly_limit, "monthly_limit") if change_monthly else None
+        async with self._db.user_transaction(actor_id or uid) as conn:
+            found = await conn.fetchval(
+                SQL["set_limits"], uid, change_daily, daily, change_monthly, monthly
+            )
+            if found is None:
+                raise NotFound("no credit account for this user")
+            return await self._balance(conn, uid)
+
+    async def set_auto_recharge(
+        self,
+        user_id: uuid.UUID | str,
+        *,
+        enabled: bool | None = None,
+        threshold: Decimal | None = None,
+        amount: Decimal | None = None,
+        actor_id: uuid.UUID | str | None = None,
+    ) -> CreditBalance:
+        """Change the auto-recharge settings (None leaves a setting as it is)."""
+        uid = parse_uuid(user_id, "user_id")
+        if enabled is not None and not isinstance(enabled, bool):
+            raise InvalidInput("enabled must be a bool", field="enabled")
+        limit = None if threshold is None else parse_money(threshold, "threshold", allow_zero=True)
+        value = None if amount is None else parse_money(amount, "amount")
+        async with self._db.user_transaction(actor_id or uid) as conn:
+            found = await conn.fetchval(SQL["set_auto_recharge"], uid, enabled, limit, value)
+            if found is None:
+                raise NotFound("no credit account for this user")
+            return await self._balance(conn, uid)
+
+    async def list_auto_recharge_requests(
+        self, user_id: uuid.UUID | str, *, status: str | None = None, limit: int = 100
+    ) -> list[AutoRechargeRequest]:
+        uid = parse_uuid(user_id, "user_id")
+        async with self._db.user_transaction(uid) as conn:
+            rows = await conn.fetch(SQL["recharge_requests"], uid, status, _page(limit))
+        return [AutoRechargeRequest.model_validate(dict(r)) for r in rows]
+
+    # --- proof -------------------------------------------------------------------------------
+    async def verify_ledger(self) -> LedgerReport:
+        """Check every account (``keen-stream ledger verify``): balance == sum of its ledger,
+        sequence contiguous, balance_after chains, lifetime totals and held amounts match,
+        refunds within their charges. A maintenance read (system transaction)."""
+        async with self._db.system_transaction() as conn:
+            counts = await conn.fetchrow(SQL["verify_counts"])
+            rows = await conn.fetch(SQL["verify"])
+        return LedgerReport(
+            accounts=counts["accounts"],
+            transactions=counts["transactions"],
+            active_holds=counts["active_holds"],
+            problems=[LedgerProblem.model_validate(dict(r)) for r in rows],
+        )
+
+
+def _hold_actor(
+    hold: Hold | uuid.UUID | str, actor_id: uuid.UUID | str | None
+) -> tuple[uuid.UUID, uuid.UUID]:
+    """The hold's id and who acts on it: the given actor, else the hold's owner."""
+    if isinstance(hold, Hold):
+        return hold.id, parse_uuid(actor_id, "actor_id") if actor_id else hold.user_id
+    hold_id = parse_uuid(hold, "hold_id")
+    if actor_id is None:
+        raise InvalidInput("pass the Hold itself, or actor_id with a hold id", field="actor_id")
+    return hold_id, parse_uuid(actor_id, "actor_id")
+
+
+def _page(limit: Any) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_HISTORY_PAGE:
+        raise InvalidInput(f"limit must be between 1 and {MAX_HISTORY_PAGE}", field="limit")
+    return limit
+
+
+def _limit(value: Any, what: str) -> Decimal | None:
+    """A spending limit: None clears it; zero or negative is not a limit."""
+    return None if value is None else parse_money(value, what)
+
+
+def _nonnegative(value: Decimal | None) -> Decimal | None:
+    return None if value is None else max(value, Decimal(0))

@@ -1,0 +1,307 @@
+"""The event outbox: tail it in stream order, replay a range for one user, prune it, wake readers.
+
+How events get here: triggers on agent_sessions and credit_transactions (migration 0004) append a
+``stream_events`` row in the writing transaction. How a reader knows which rows are final: each
+row carries its transaction id (xid8); every row with an xid below the *horizon*
+(``keen_stream_horizon()``, the oldest transaction of this database still running) belongs to a
+finished transaction, and no later transaction can get such an xid. Readers therefore deliver in
+cursor order, (xid, id), and only below the horizon: a transaction that holds an early id and
+commits late is waited for, never skipped.
+
+Wake-up: no NOTIFY inside business transactions (it serializes commits; see
+shared/notes/postgres.md). The triggers raise one NOTICE per transaction on DAL connections;
+after the commit, :class:`EventNotifier` sends a coalesced ``NOTIFY keen_stream_events`` from its
+own connection. The table stays the truth: a reader that misses a NOTIFY finds the rows on its
+next poll.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+import asyncpg
+
+from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent, TailBatch
+from keen_stream.dal.validation import parse_uuid
+from keen_stream.errors import InvalidInput
+
+if TYPE_CHECKING:
+    from keen_stream.dal.database import KeenDatabase
+
+logger = logging.getLogger(__name__)
+
+#: LISTEN/NOTIFY channel of the wake-up.
+CHANNEL: Final = "keen_stream_events"
+#: SQLSTATE of the NOTICE the capture triggers raise on DAL connections (once per transaction).
+SIGNAL_SQLSTATE: Final = "KSE01"
+#: Startup setting that asks the triggers for that NOTICE.
+SIGNAL_SETTING: Final = {"keen.stream_signal": "on"}
+
+Scope = Literal["mine", "sessions", "all"]
+
+_EVENT_COLUMNS: Final = (
+    "e.xid, e.id, e.user_id, e.session_id, e.root_session_id, e.event_type,"
+    " e.payload::text AS data, e.created_at"
+)
+
+SQL: Final = {
+    # One round trip: the horizon, whether committed rows wait beyond it, and the next batch of
+    # released rows. All three use the statement's one snapshot (keen_stream_horizon is STABLE).
+    "tail": f"""
+        WITH h AS MATERIALIZED (
+            SELECT hz.horizon,
+                   EXISTS (SELECT 1 FROM stream_events p WHERE p.xid >= hz.horizon) AS pending
+              FROM (SELECT keen_stream_horizon() AS horizon) hz)
+        SELECT h.horizon, h.pending, e.*
+          FROM h LEFT JOIN LATERAL (
+              SELECT {_EVENT_COLUMNS} FROM stream_events e
+               WHERE (e.xid, e.id) > ($1::xid8, $2::bigint) AND e.xid < h.horizon
+               ORDER BY e.xid, e.id LIMIT $3) e ON true
+         ORDER BY e.xid, e.id""",
+    # The newest released position (where a new reader starts).
+    "head": """
+        SELECT e.xid, e.id FROM stream_events e
+         WHERE e.xid < keen_stream_horizon()
+         ORDER BY e.xid DESC, e.id DESC LIMIT 1""",
+    # Runs as the user: RLS decides what they may see (their own rows; admins all). The explicit
+    # filters narrow it to the subscription; the range is (after, upto] in stream order.
+    "replay": f"""
+        SELECT {_EVENT_COLUMNS} FROM stream_events e
+         WHERE (e.xid, e.id) > ($1::xid8, $2::bigint) AND (e.xid, e.id) <= ($3::xid8, $4::bigint)
+           AND ($5::uuid IS NULL OR e.user_id = $5)
+           AND ($6::uuid[] IS NULL OR e.session_id = ANY($6) OR e.root_session_id = ANY($6))
+         ORDER BY e.xid, e.id LIMIT $7""",
+    "pruned_through": "SELECT pruned_xid, pruned_id FROM stream_retention",
+    "prune": "SELECT keen_stream_prune($1::interval, $2)",
+    "notify": "SELECT pg_notify($1, '')",
+    "enter_system": "SET ROLE keen_system",
+    "probe": "SELECT 1",
+    # Which of these sessions the user may see (RLS decides; admins see all).
+    "visible_sessions": "SELECT id FROM agent_sessions WHERE id = ANY($1::uuid[])",
+}
+
+
+def event_from_row(row: asyncpg.Record) -> StreamEvent:
+    return StreamEvent(
+        cursor=Cursor(row["xid"], row["id"]),
+        user_id=row["user_id"],
+        session_id=row["session_id"],
+        root_session_id=row["root_session_id"],
+        event_type=row["event_type"],
+        data=row["data"],
+        created_at=row["created_at"],
+    )
+
+
+async def read_released(
+    conn: asyncpg.Connection, after: Cursor, limit: int, *, timeout: float | None = None
+) -> TailBatch:
+    """The next ``limit`` released events after ``after`` (a reader's own connection)."""
+    rows = await conn.fetch(SQL["tail"], after.xid, after.id, limit, timeout=timeout)
+    events = [event_from_row(r) for r in rows if r["id"] is not None]
+    return TailBatch(events=events, horizon=rows[0]["horizon"], pending=rows[0]["pending"])
+
+
+class EventSignal:
+    """Log listener for one transaction: remembers whether a capture trigger fired in it."""
+
+    __slots__ = ("seen",)
+
+    def __init__(self) -> None:
+        self.seen = False
+
+    def __call__(self, _conn: object, message: Any) -> None:
+        if getattr(message, "sqlstate", None) == SIGNAL_SQLSTATE:
+            self.seen = True
+
+
+class EventNotifier:
+    """Coalescing after-commit wake-up: ``poke()`` is cheap and synchronous.
+
+    The first poke sends ``NOTIFY`` at once (leading edge); pokes that arrive while one is in
+    flight or within ``interval`` after it are folded into one more. The NOTIFY runs in its own
+    tiny transaction on a dedicated connection with ``synchronous_commit = off``: it holds the
+    notify commit lock only for itself, never inside a business transaction. Failures are
+    logged and dropped (readers poll anyway).
+    """
+
+    def __init__(self, dsn: str, *, interval: float, connect_timeout: float = 10.0) -> None:
+        self._dsn = dsn
+        self._interval = interval
+        self._connect_timeout = connect_timeout
+        self._pending = False
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+        self._conn: asyncpg.Connection | None = None
+        self.sent = 0
+        self.failures = 0
+
+    def poke(self) -> None:
+        if self._closed:
+            return
+        self._pending = True
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            while self._pending and not self._closed:
+                self._pending = False
+                await self._send()
+                if self._interval:
+                    await asyncio.sleep(self._interval)
+        finally:
+            self._task = None
+
+    async def _send(self) -> None:
+        try:
+            if self._conn is None or self._conn.is_closed():
+                self._conn = await asyncpg.connect(
+                    self._dsn,
+                    timeout=self._connect_timeout,
+                    server_settings={
+                        "application_name": "keen_stream_notifier",
+                        "synchronous_commit": "off",
+                    },
+                )
+            await self._conn.execute(SQL["notify"], CHANNEL)
+            self.sent += 1
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            self.failures += 1
+            logger.warning("event wake-up NOTIFY failed (readers will poll): %s", exc)
+            await self._drop_connection()
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def close(self) -> None:
+        self._closed = True
+        task = self._task
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+
+class EventDAO:
+    """``db.events``: the outbox as the hub and resuming clients see it."""
+
+    def __init__(self, db: KeenDatabase) -> None:
+        self._db = db
+        self.notifier = EventNotifier(
+            db.dsn,
+            interval=db.settings.event_notify_interval,
+            connect_timeout=db.settings.connect_timeout,
+        )
+
+    def after_commit(self) -> None:
+        """Called by KeenDatabase after a transaction that wrote events has committed."""
+        self.notifier.poke()
+
+    async def close(self) -> None:
+        await self.notifier.close()
+
+    async def connect_reader(self, application_name: str = "keen_stream_listener") -> asyncpg.Connection:
+        """A dedicated connection (never pooled: LISTEN must outlive transactions) as keen_system.
+
+        Session-level ``SET ROLE`` is safe here because the connection is never handed to
+        anyone else; the pool's connections use SET LOCAL only.
+        """
+        settings = self._db.settings
+        conn = await asyncpg.connect(
+            self._db.dsn,
+            timeout=settings.connect_timeout,
+            server_settings={
+                "application_name": application_name,
+                "statement_timeout": str(settings.statement_timeout_ms),
+            },
+        )
+        try:
+            await conn.execute(SQL["enter_system"])
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def head(self) -> Cursor:
+        """The newest released cursor: a reader starting now continues from here."""
+        async with self._db.system_transaction() as conn:
+            row = await conn.fetchrow(SQL["head"])
+            if row is None:
+                row = await conn.fetchrow(SQL["pruned_through"])
+                return Cursor(row["pruned_xid"], row["pruned_id"]) if row else ORIGIN
+        return Cursor(row["xid"], row["id"])
+
+    async def visible_sessions(
+        self, user_id: uuid.UUID | str, session_ids: Sequence[uuid.UUID]
+    ) -> set[uuid.UUID]:
+        """The subset of ``session_ids`` that ``user_id`` may see (its own; an admin: all)."""
+        uid = parse_uuid(user_id, "user_id")
+        if not session_ids:
+            return set()
+        async with self._db.user_transaction(uid) as conn:
+            rows = await conn.fetch(SQL["visible_sessions"], list(session_ids))
+        return {r["id"] for r in rows}
+
+    async def pruned_through(self) -> Cursor:
+        """Every event at or before this cursor has been pruned: a resume from before it fails."""
+        async with self._db.system_transaction() as conn:
+            row = await conn.fetchrow(SQL["pruned_through"])
+        return Cursor(row["pruned_xid"], row["pruned_id"]) if row else ORIGIN
+
+    async def replay(
+        self,
+        user_id: uuid.UUID | str,
+        after: Cursor,
+        upto: Cursor,
+        *,
+        scope: Scope = "mine",
+        session_ids: Sequence[uuid.UUID] | None = None,
+        limit: int = 1000,
+    ) -> list[StreamEvent]:
+        """Released events in (``after``, ``upto``], as ``user_id`` sees them (RLS), in order.
+
+        ``scope``: ``mine`` (the user's own events), ``sessions`` (events of ``session_ids`` or
+        of their sub-agents), ``all`` (everything RLS shows: all users for an admin).
+        Returns at most ``limit`` events; call again from the last cursor for more.
+        """
+        uid = parse_uuid(user_id, "user_id")
+        if scope not in ("mine", "sessions", "all"):
+            raise InvalidInput("unknown scope", field="scope")
+        if scope == "sessions" and not session_ids:
+            raise InvalidInput("a sessions scope needs session ids", field="sessions")
+        if not 1 <= limit <= 100_000:
+            raise InvalidInput("limit out of range", field="limit")
+        owner = uid if scope == "mine" else None
+        sessions = list(session_ids) if scope == "sessions" and session_ids else None
+        async with self._db.user_transaction(uid) as conn:
+            rows = await conn.fetch(
+                SQL["replay"], after.xid, after.id, upto.xid, upto.id, owner, sessions, limit
+            )
+        return [event_from_row(r) for r in rows]
+
+    async def prune(self, keep: timedelta | None = None, *, batch: int = 5000) -> int:
+        """Delete events older than ``keep`` (default: the configured retention), in batches of
+        ``batch`` rows, each in its own short transaction. Returns the number deleted."""
+        keep = keep if keep is not None else timedelta(seconds=self._db.settings.event_retention)
+        if keep < timedelta(0) or not 1 <= batch <= 1_000_000:
+            raise InvalidInput("invalid retention or batch size")
+        total = 0
+        while True:
+            async with self._db.system_transaction() as conn:
+                deleted = await conn.fetchval(SQL["prune"], keep, batch)
+            total += deleted
+            if deleted < batch:
+                return total

@@ -1,0 +1,441 @@
+"""One WebSocket connection: authenticate, then handle frames until it ends.
+
+The ASGI callable ``serve_websocket`` runs once per connection (uvicorn gives each its own task).
+Frames from one client are handled one at a time, in order; a subscription's replay runs inside
+that handling, so a client never sees a ``pong`` overtake its replayed events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl
+
+from keen_stream.dal.models.connections import (
+    ConnectionOpened,
+    ConnectionStatus,
+    SubscriptionChanged,
+)
+from keen_stream.dal.models.events import EVENT_TYPES, Cursor
+from keen_stream.dal.models.users import TokenInfo
+from keen_stream.dal.tokens import PREFIXES, hash_token
+from keen_stream.errors import AuthenticationError, DatabaseUnavailable, KeenError
+from keen_stream.hub.fanout import NO_SUBSCRIPTION, Client, Frame, Sender, Subscription, make_sender
+from keen_stream.hub.protocol import (
+    AuthFrame,
+    ClientFrame,
+    CloseCode,
+    PingFrame,
+    ProtocolError,
+    SubscribeFrame,
+    UnsubscribeFrame,
+    close_code_for,
+    error_frame,
+    event_frame,
+    event_type_filter,
+    parse_client_frame,
+    parse_session_ids,
+    parse_since,
+    pong_frame,
+    ready_frame,
+    subscribed_frame,
+    unsubscribed_frame,
+)
+from keen_stream.hub.service import HubService
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+_URL_TOKEN_KEYS = frozenset({"token", "access_token", "auth", "authorization", "api_key", "key"})
+_REPLAY_PAGE = 1000
+_DRAIN_TIMEOUT = 30.0
+_UNKNOWN_IP = "0.0.0.0"  # noqa: S104 - a Unix-socket client has no address; the column needs one
+
+
+class RateLimiter:
+    """Token bucket: ``rate`` frames per second, bursts of ``burst``."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = float(burst)
+        self.tokens = float(burst)
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= 1.0:
+            self.tokens -= 1.0
+            return True
+        return False
+
+
+async def serve_websocket(service: HubService, scope: Scope, receive: Receive, send: Send) -> None:
+    """The ASGI application for ``/ws``."""
+    message = await receive()
+    if message["type"] != "websocket.connect":
+        return
+    if service.stopping:
+        await send({"type": "websocket.close", "code": CloseCode.GOING_AWAY})
+        return
+    await send({"type": "websocket.accept"})
+    await Connection(service, scope, receive, send, make_sender(send)).run()
+
+
+class Connection:
+    def __init__(
+        self, service: HubService, scope: Scope, receive: Receive, send: Send, sender: Sender
+    ) -> None:
+        self.service = service
+        self.settings = service.settings
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.sender = sender
+        self.connection_id = f"ws-{uuid.uuid4().hex}"
+        self.headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
+        client = scope.get("client")
+        self.client_ip = client[0] if client else _UNKNOWN_IP
+        self.client: Client | None = None
+        self.limiter: RateLimiter | None = None
+        self.refused_in_row = 0
+        self.peer_code: int | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            authenticated = await self._authenticate()
+            if authenticated is None:
+                return
+            info, token, client_type, bypass = authenticated
+            await self._serve(info, token, client_type, bypass)
+        finally:
+            self._finish()
+
+    async def _close_unauthenticated(self, code: int, reason: str) -> None:
+        self.service.stats.auth_failures += 1
+        await self.sender.close(code, reason, 5.0)
+
+    async def _authenticate(self) -> tuple[TokenInfo, str, str, bool] | None:
+        settings = self.settings
+        if _token_in_query(self.scope.get("query_string", b"")):
+            await self._close_unauthenticated(
+                CloseCode.AUTH_REQUIRED,
+                "tokens in the URL are refused; use the Authorization header or an auth frame",
+            )
+            return None
+        token = _bearer(self.headers.get("authorization"))
+        client_type = self.headers.get("x-keen-client-type") or "websocket"
+        if token is None:
+            try:
+                message = await asyncio.wait_for(self.receive(), settings.hub_auth_timeout)
+            except TimeoutError:
+                await self._close_unauthenticated(CloseCode.AUTH_REQUIRED, "authentication timed out")
+                return None
+            if message["type"] != "websocket.receive":
+                return None
+            try:
+                frame = parse_client_frame(message.get("text") or message.get("bytes") or b"")
+            except ProtocolError:
+                frame = None
+            if not isinstance(frame, AuthFrame):
+                await self._close_unauthenticated(
+                    CloseCode.AUTH_REQUIRED, 'authenticate first: {"type":"auth","token":"..."}'
+                )
+                return None
+            token = frame.token
+            client_type = frame.client_type or client_type
+        db = self.service.db
+        try:
+            info = await db.tokens.validate(
+                token, scopes=settings.hub_required_scopes, ip=self.client_ip, touch=True
+            )
+            user = await db.users.get(info.user_id)
+        except AuthenticationError as exc:
+            await self._close_unauthenticated(close_code_for(exc), exc.code)
+            return None
+        except (DatabaseUnavailable, KeenError) as exc:
+            await self._close_unauthenticated(CloseCode.INTERNAL_ERROR, exc.code)
+            return None
+        bypass = info.is_admin and bool(
+            info.bypass_limits or user.admin_privileges.get("bypass_rate_limits")
+        )
+        return info, token, _clean_client_type(client_type), bypass
+
+    async def _serve(self, info: TokenInfo, token: str, client_type: str, bypass: bool) -> None:
+        service = self.service
+        settings = self.settings
+        client = Client(
+            self.connection_id, info.user_id, info.is_admin, self.sender, service.request_close,
+            token_hash=hash_token(token),
+        )
+        self.client = client
+        if not bypass:
+            self.limiter = RateLimiter(settings.hub_rate_limit, settings.hub_rate_burst)
+        service.fanout.add(client)
+        now = datetime.now(UTC)
+        service.recorder.opened(
+            ConnectionOpened(
+                connection_id=self.connection_id,
+                user_id=info.user_id,
+                token_id=info.token_id,
+                client_ip=self.client_ip,  # type: ignore[arg-type]
+                user_agent=(self.headers.get("user-agent") or "")[:1024] or None,
+                client_type=client_type,
+                admin_connection=info.is_admin,
+                can_view_all_sessions=info.is_admin,
+                hub_node_id=service.node_id,  # type: ignore[arg-type]
+                connected_at=now,
+            )
+        )
+        if info.expires_at is not None:
+            delay = max(0.0, (info.expires_at - now).total_seconds())
+            self._expiry = asyncio.get_running_loop().call_later(
+                delay, client.close, CloseCode.TOKEN_EXPIRED, "token expired"
+            )
+        self._send(ready_frame(self.connection_id, info.user_id, info.is_admin, service.fanout.cursor))
+        while True:
+            message = await self.receive()
+            if message["type"] == "websocket.disconnect":
+                self.peer_code = message.get("code")
+                return
+            if client.closing:
+                continue
+            service.recorder.ping(self.connection_id, datetime.now(UTC))
+            if self.limiter is not None and not self.limiter.allow():
+                self._refuse_flood()
+                continue
+            self.refused_in_row = 0
+            await self._handle(message.get("text") or message.get("bytes") or b"")
+
+    def _finish(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        client = self.client
+        if client is None:
+            return
+        self.service.fanout.remove(client)
+        status: ConnectionStatus = "disconnected"
+        if client.close_code is not None:
+            code, reason = client.close_code, client.close_reason
+        else:
+            code, reason = self.peer_code, None
+            if code in (1006, 1011):
+                status = "timed_out"
+        self.service.record_close(client, code, reason, status)
+
+    # --- frames ------------------------------------------------------------------------------
+    def _send(self, text: str, cursor: Cursor | None = None) -> bool:
+        if self.client is None:
+            return False
+        return self.client.send(Frame(text, cursor), self.settings.hub_send_buffer_limit)
+
+    def _refuse_flood(self) -> None:
+        stats = self.service.stats
+        stats.frames_refused += 1
+        self.refused_in_row += 1
+        if self.refused_in_row >= self.settings.hub_flood_close_after and self.client:
+            self.client.close(CloseCode.FLOOD, "rate limit exceeded")
+        elif self.refused_in_row == 1 or self.refused_in_row % 10 == 0:
+            self._send(error_frame("rate_limited", "too many frames; slow down"))
+
+    async def _handle(self, text: str | bytes) -> None:
+        try:
+            frame = parse_client_frame(text)
+            await self._dispatch(frame)
+        except ProtocolError as exc:
+            self.service.stats.frames_refused += 1
+            self._send(error_frame(exc.code, exc.message, exc.ref))
+        except DatabaseUnavailable:
+            self._send(error_frame("unavailable", "the database is unavailable; retry"))
+
+    async def _dispatch(self, frame: ClientFrame) -> None:
+        if isinstance(frame, PingFrame):
+            self._send(pong_frame(frame.id, self.service.fanout.cursor))
+        elif isinstance(frame, SubscribeFrame):
+            await self._subscribe(frame)
+        elif isinstance(frame, UnsubscribeFrame):
+            self._unsubscribe(frame)
+        else:
+            raise ProtocolError("already_authenticated", "this connection is authenticated")
+
+    async def _subscribe(self, frame: SubscribeFrame) -> None:
+        client = self.client
+        if client is None:
+            return
+        ref = frame.id
+        scope = frame.scope or ("sessions" if frame.sessions else "mine")
+        sessions = parse_session_ids(frame.sessions or [], self.settings.hub_max_session_filters, ref)
+        if scope == "sessions" and not sessions:
+            raise ProtocolError("invalid_frame", "scope 'sessions' needs a list of sessions", ref)
+        if scope != "sessions" and frame.sessions:
+            raise ProtocolError("invalid_frame", "sessions go with scope 'sessions'", ref)
+        if scope == "all" and not client.is_admin:
+            raise ProtocolError("forbidden", "only admins may subscribe to all events", ref)
+        types = event_type_filter(frame.events, ref)
+        since = parse_since(frame.since, ref)
+        if sessions:
+            visible = await self.service.db.events.visible_sessions(client.user_id, list(sessions))
+            missing = len(sessions - visible)
+            if missing:
+                raise ProtocolError(
+                    "session_not_found", f"{missing} session(s) do not exist or are not yours", ref
+                )
+        if client.closing:
+            return
+        subscription = Subscription(scope, sessions, types)
+        fanout = self.service.fanout
+        if since is None:
+            fanout.subscribe(client, subscription)
+            self._record_subscription(subscription)
+            self._send(self._subscribed(ref, subscription, fanout.cursor, recovered=True))
+            return
+        upto = fanout.begin_replay(client)
+        fanout.subscribe(client, subscription)
+        self._record_subscription(subscription)
+        try:
+            pruned = await self.service.db.events.pruned_through()
+            if since < pruned or since > upto:
+                client.last_cursor = upto
+                reason = "since_expired" if since < pruned else "since_unknown"
+                self._send(self._subscribed(ref, subscription, upto, recovered=False, reason=reason))
+                return
+            client.last_cursor = since
+            self._send(self._subscribed(ref, subscription, upto, recovered=True))
+            await self._replay(subscription, since, upto)
+        finally:
+            fanout.end_replay(client)
+
+    async def _replay(self, subscription: Subscription, since: Cursor, upto: Cursor) -> None:
+        client = self.client
+        if client is None:
+            return
+        events_dao = self.service.db.events
+        after = since
+        while not client.closing:
+            events = await events_dao.replay(
+                client.user_id,
+                after,
+                upto,
+                scope=subscription.scope,  # type: ignore[arg-type]
+                session_ids=list(subscription.sessions) or None,
+                limit=_REPLAY_PAGE,
+            )
+            for event in events:
+                if subscription.allows(event.event_type) and client.may_see(event):
+                    if not self._send(event_frame(event), event.cursor):
+                        return
+                    self.service.stats.replayed += 1
+            if len(events) < _REPLAY_PAGE:
+                return
+            after = events[-1].cursor
+            await self._drain()
+
+    async def _drain(self) -> None:
+        """Let a big replay go out at the client's pace, within the same buffer limit."""
+        client = self.client
+        if client is None:
+            return
+        limit = self.settings.hub_send_buffer_limit
+        deadline = time.monotonic() + _DRAIN_TIMEOUT
+        while client.sender.buffered() > limit // 2 and not client.closing:
+            if time.monotonic() > deadline:
+                client.close(CloseCode.TOO_SLOW, f"too slow; resume with since={client.last_cursor}")
+                return
+            await asyncio.sleep(0.005)
+
+    def _unsubscribe(self, frame: UnsubscribeFrame) -> None:
+        client = self.client
+        if client is None:
+            return
+        current = client.subscription
+        if frame.sessions:
+            if current.scope != "sessions":
+                raise ProtocolError("invalid_frame", "not subscribed to sessions", frame.id)
+            dropped = parse_session_ids(frame.sessions, self.settings.hub_max_session_filters, frame.id)
+            remaining = current.sessions - dropped
+            new = (
+                Subscription("sessions", remaining, current.event_types)
+                if remaining
+                else NO_SUBSCRIPTION
+            )
+        else:
+            new = NO_SUBSCRIPTION
+        self.service.fanout.subscribe(client, new)
+        self._record_subscription(new)
+        self._send(
+            unsubscribed_frame(
+                frame.id, new.scope, sorted(new.sessions) if new.scope == "sessions" else None
+            )
+        )
+
+    def _subscribed(
+        self,
+        ref: Any,
+        subscription: Subscription,
+        cursor: Cursor,
+        *,
+        recovered: bool,
+        reason: str | None = None,
+    ) -> str:
+        return subscribed_frame(
+            ref,
+            scope=subscription.scope,
+            sessions=sorted(subscription.sessions) if subscription.scope == "sessions" else None,
+            events=None if subscription.event_types is None else sorted(subscription.event_types),
+            cursor=cursor,
+            recovered=recovered,
+            reason=reason,
+        )
+
+    def _record_subscription(self, subscription: Subscription) -> None:
+        types = subscription.event_types
+        self.service.recorder.subscription(
+            SubscriptionChanged(
+                connection_id=self.connection_id,
+                subscription_scope=subscription.scope,  # type: ignore[arg-type]
+                subscribed_events=(
+                    () if subscription.scope == "none"
+                    else ("*",) if types is None or types == frozenset(EVENT_TYPES)
+                    else tuple(sorted(types))
+                ),
+                session_filters=(
+                    tuple(sorted(subscription.sessions)) if subscription.scope == "sessions" else None
+                ),
+            )
+        )
+
+
+def _bearer(header: str | None) -> str | None:
+    if not header:
+        return None
+    scheme, _, value = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()
+
+
+def _token_in_query(query: bytes) -> bool:
+    if not query:
+        return False
+    pairs = parse_qsl(query.decode("latin-1"), keep_blank_values=True)
+    return any(
+        key.lower() in _URL_TOKEN_KEYS or value.startswith(tuple(PREFIXES.values()))
+        for key, value in pairs
+    )
+
+
+def _clean_client_type(value: str) -> str:
+    cleaned = "".join(ch for ch in value if ch.isalnum() or ch in "-_.:/")[:50]
+    return cleaned or "websocket"

@@ -1,0 +1,370 @@
+"""Fan-out: who receives an event, and writing it to many sockets cheaply.
+
+Hot path (``FanOut.publish``): for each released event, find the candidate clients through three
+indexes (by user for ``mine``, by session for ``sessions``, the ``all`` set for admins), check
+the authorization rule again (the event's user is the client's user, or the client is an admin:
+the same rule as RLS), check the event-type filter, and hand the client the frame. The frame is
+encoded once per event, as the complete WebSocket frame bytes; on uvicorn's sans-I/O protocol
+those bytes go straight to each client's transport (``TransportSender``), skipping the ASGI
+message dict and per-client re-encoding (shared/notes/postgres.md: that is where per-client
+``send_text`` loses 57-68% against ``websockets.broadcast``).
+
+Backpressure: a client's queue is its transport write buffer, bounded by
+``hub_send_buffer_limit`` bytes. A client over it is closed (4008) with its last delivered cursor
+in the close reason, so it can resume with ``since``; nothing waits on it, so one slow client
+never delays the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent
+from keen_stream.hub.protocol import CloseCode, event_frame, ws_text_frame
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class HubStats:
+    """Plain counters (read by the Prometheus collector at scrape time, not on the hot path)."""
+
+    connections_total: int = 0
+    events_received: int = 0
+    events_delivered: int = 0
+    events_dropped: int = 0
+    slow_consumers_closed: int = 0
+    frames_refused: int = 0
+    replayed: int = 0
+    auth_failures: int = 0
+
+
+class Frame:
+    """One server frame, encoded once: ``wire`` is the whole WebSocket frame."""
+
+    __slots__ = ("cursor", "text", "wire")
+
+    def __init__(self, text: str, cursor: Cursor | None = None) -> None:
+        self.text = text
+        self.wire = ws_text_frame(text.encode())
+        self.cursor = cursor
+
+
+# --- senders: how bytes reach one client ---------------------------------------------------
+class TransportSender:
+    """Writes pre-encoded frames to uvicorn's websockets-sansio protocol's transport.
+
+    Safe beside uvicorn's own writes: both write whole frames from the event loop thread, and we
+    stop writing once uvicorn has sent (or received) a close frame.
+    """
+
+    fast = True
+    __slots__ = ("_proto", "_send")
+
+    def __init__(self, proto: Any, send: Callable[..., Any]) -> None:
+        self._proto = proto
+        self._send = send
+
+    @staticmethod
+    def usable(proto: Any) -> bool:
+        return all(hasattr(proto, a) for a in ("transport", "conn", "close_sent"))
+
+    def write(self, frame: Frame) -> bool:
+        proto = self._proto
+        transport = proto.transport
+        if proto.close_sent or transport is None or transport.is_closing():
+            return False
+        transport.write(frame.wire)
+        return True
+
+    def buffered(self) -> int:
+        transport = self._proto.transport
+        return transport.get_write_buffer_size() if transport is not None else 0
+
+    async def close(self, code: int, reason: str, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(
+                self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout
+            )
+        except Exception:  # a stuck or vanished peer: cut it
+            self.abort()
+
+    def abort(self) -> None:
+        transport = self._proto.transport
+        if transport is not None:
+            transport.abort()
+
+
+class AsgiSender:
+    """Portable path for ASGI servers other than uvicorn's sans-I/O one: a bounded queue and a
+    writer task per client, each frame a ``websocket.send`` message."""
+
+    fast = False
+    __slots__ = ("_buffered", "_queue", "_send", "_task", "_wake")
+
+    def __init__(self, send: Callable[..., Any]) -> None:
+        self._send = send
+        self._queue: collections.deque[tuple[str, int]] = collections.deque()
+        self._buffered = 0
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    def write(self, frame: Frame) -> bool:
+        self._queue.append((frame.text, len(frame.wire)))
+        self._buffered += len(frame.wire)
+        self._wake.set()
+        return True
+
+    def buffered(self) -> int:
+        return self._buffered
+
+    async def _writer(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                text, size = self._queue.popleft()
+                self._buffered -= size
+                await self._send({"type": "websocket.send", "text": text})
+
+    async def close(self, code: int, reason: str, timeout: float) -> None:
+        self._task.cancel()
+        try:
+            await asyncio.wait_for(
+                self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout
+            )
+        except Exception:  # the peer is gone or stuck; nothing more to do
+            logger.debug("close of a stuck ASGI client timed out")
+
+    def abort(self) -> None:
+        self._task.cancel()
+
+
+Sender = TransportSender | AsgiSender
+
+
+def make_sender(send: Callable[..., Any]) -> Sender:
+    proto = getattr(send, "__self__", None)
+    if proto is not None and TransportSender.usable(proto):
+        return TransportSender(proto, send)
+    return AsgiSender(send)
+
+
+# --- clients and subscriptions -------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Subscription:
+    scope: str  # 'none', 'mine', 'sessions', 'all'
+    sessions: frozenset[uuid.UUID] = frozenset()
+    event_types: frozenset[str] | None = None  # None: every type
+
+    def allows(self, event_type: str) -> bool:
+        return self.event_types is None or event_type in self.event_types
+
+
+NO_SUBSCRIPTION = Subscription("none")
+
+
+class Client:
+    """One authenticated connection as the fan-out sees it."""
+
+    __slots__ = (
+        "close_code",
+        "close_reason",
+        "closing",
+        "connection_id",
+        "is_admin",
+        "last_cursor",
+        "on_close",
+        "pending",
+        "sender",
+        "subscription",
+        "token_hash",
+        "user_id",
+    )
+
+    def __init__(
+        self,
+        connection_id: str,
+        user_id: uuid.UUID,
+        is_admin: bool,
+        sender: Sender,
+        on_close: Callable[[Client, int, str], None],
+        token_hash: str | None = None,
+    ) -> None:
+        self.connection_id = connection_id
+        self.token_hash = token_hash
+        self.user_id = user_id
+        self.is_admin = is_admin
+        self.sender = sender
+        self.on_close = on_close
+        self.subscription = NO_SUBSCRIPTION
+        self.last_cursor: Cursor = ORIGIN
+        # While a replay runs, live frames wait here (in order) instead of going out.
+        self.pending: list[Frame] | None = None
+        self.closing = False
+        #: Set when the hub ends the connection (None: the peer closed it).
+        self.close_code: int | None = None
+        self.close_reason: str | None = None
+
+    def may_see(self, event: StreamEvent) -> bool:
+        """Authorization, re-checked at fan-out: the same rule as the RLS policies."""
+        return self.is_admin or event.user_id == self.user_id
+
+    def send(self, frame: Frame, limit: int) -> bool:
+        """Queue ``frame``; a client over ``limit`` buffered bytes is closed as too slow."""
+        if self.closing:
+            return False
+        if self.sender.buffered() > limit:
+            self.close(
+                CloseCode.TOO_SLOW, f"too slow; resume with since={self.last_cursor}"
+            )
+            return False
+        if not self.sender.write(frame):
+            return False
+        if frame.cursor is not None:
+            self.last_cursor = frame.cursor
+        return True
+
+    def close(self, code: int, reason: str) -> None:
+        """Ask for this connection to end (idempotent); the connection task does the I/O."""
+        if self.closing:
+            return
+        self.closing = True
+        self.close_code = code
+        self.close_reason = _truncate_utf8(reason, 123)
+        self.on_close(self, code, self.close_reason)
+
+
+class FanOut:
+    """The subscription indexes and the publish loop."""
+
+    def __init__(self, stats: HubStats, *, send_buffer_limit: int, pending_limit: int) -> None:
+        self.stats = stats
+        self.limit = send_buffer_limit
+        self.pending_limit = pending_limit
+        self.clients: dict[str, Client] = {}
+        self._by_user: dict[uuid.UUID, set[Client]] = {}
+        self._by_session: dict[uuid.UUID, set[Client]] = {}
+        self._all: set[Client] = set()
+        #: The last published cursor: replays for new subscriptions end here.
+        self.cursor: Cursor = ORIGIN
+
+    # --- registry ---------------------------------------------------------------------------
+    def add(self, client: Client) -> None:
+        self.clients[client.connection_id] = client
+        self.stats.connections_total += 1
+
+    def remove(self, client: Client) -> None:
+        self._unindex(client)
+        self.clients.pop(client.connection_id, None)
+
+    def subscribe(self, client: Client, subscription: Subscription) -> None:
+        """Replace ``client``'s subscription. Authorization (admins only for ``all``, own or
+        visible sessions) is the caller's job before this; fan-out re-checks per event."""
+        self._unindex(client)
+        client.subscription = subscription
+        if subscription.scope == "mine":
+            self._by_user.setdefault(client.user_id, set()).add(client)
+        elif subscription.scope == "all":
+            self._all.add(client)
+        elif subscription.scope == "sessions":
+            for sid in subscription.sessions:
+                self._by_session.setdefault(sid, set()).add(client)
+
+    def _unindex(self, client: Client) -> None:
+        sub = client.subscription
+        if sub.scope == "mine":
+            _discard(self._by_user, client.user_id, client)
+        elif sub.scope == "all":
+            self._all.discard(client)
+        elif sub.scope == "sessions":
+            for sid in sub.sessions:
+                _discard(self._by_session, sid, client)
+        client.subscription = NO_SUBSCRIPTION
+
+    @property
+    def subscription_count(self) -> int:
+        return sum(1 for c in self.clients.values() if c.subscription.scope != "none")
+
+    # --- publishing -------------------------------------------------------------------------
+    def publish(self, events: Iterable[StreamEvent]) -> None:
+        """Deliver released events, in order, to every matching client."""
+        stats = self.stats
+        limit = self.limit
+        for event in events:
+            stats.events_received += 1
+            targets = self._targets(event)
+            frame: Frame | None = None
+            for client in targets:
+                if not client.subscription.allows(event.event_type) or not client.may_see(event):
+                    continue
+                if frame is None:
+                    frame = Frame(event_frame(event), event.cursor)
+                if client.pending is not None:
+                    self._hold(client, frame)
+                elif client.send(frame, limit):
+                    stats.events_delivered += 1
+                else:
+                    stats.events_dropped += 1
+            self.cursor = event.cursor
+
+    def _targets(self, event: StreamEvent) -> Iterable[Client]:
+        mine = self._by_user.get(event.user_id)
+        sessions: set[Client] | None = None
+        if event.session_id is not None:
+            sessions = self._by_session.get(event.session_id)
+            if event.root_session_id is not None and event.root_session_id != event.session_id:
+                roots = self._by_session.get(event.root_session_id)
+                if roots:
+                    sessions = sessions | roots if sessions else roots
+        # A client sits in exactly one index (its scope), so the groups never overlap. No copy:
+        # nothing changes the indexes while this synchronous loop runs (closing only flags).
+        groups = [g for g in (mine, sessions, self._all) if g]
+        if len(groups) == 1:
+            return groups[0]
+        return itertools.chain.from_iterable(groups)
+
+    def _hold(self, client: Client, frame: Frame) -> None:
+        pending = client.pending
+        if pending is None:
+            return
+        if len(pending) >= self.pending_limit:
+            self.stats.events_dropped += 1
+            client.close(CloseCode.TOO_SLOW, f"too slow; resume with since={client.last_cursor}")
+            return
+        pending.append(frame)
+
+    def begin_replay(self, client: Client) -> Cursor:
+        """Hold ``client``'s live frames from now on; returns the cursor the replay ends at."""
+        client.pending = []
+        return self.cursor
+
+    def end_replay(self, client: Client) -> None:
+        """Send the frames held during the replay (all newer than it), then go live."""
+        held, client.pending = client.pending or [], None
+        for frame in held:
+            if frame.cursor is not None and frame.cursor <= client.last_cursor:
+                continue
+            if client.send(frame, self.limit):
+                self.stats.events_delivered += 1
+
+
+def _discard(index: dict[uuid.UUID, set[Client]], key: uuid.UUID, client: Client) -> None:
+    group = index.get(key)
+    if group is not None:
+        group.discard(client)
+        if not group:
+            del index[key]
+
+
+def _truncate_utf8(text: str, limit: int) -> str:
+    """A close reason may hold at most 123 bytes of UTF-8 (RFC 6455 section 5.5)."""
+    data = text.encode()
+    return text if len(data) <= limit else data[:limit].decode(errors="ignore")

@@ -1,0 +1,157 @@
+"""The listener: one dedicated PostgreSQL connection that LISTENs and tails the outbox.
+
+Every read is "the next released events after my cursor" (dal/events.py explains released), so
+the table is the truth and a NOTIFY is only a hint to read now:
+- woken by ``NOTIFY keen_stream_events`` (sent after commit by the DAL's notifier);
+- re-reads soon (``listener_retry_poll``, doubling) while committed rows wait behind an older
+  running transaction, so they go out as soon as it ends;
+- otherwise reads every ``listener_fallback_poll`` seconds (writes made outside the DAL);
+- probes liveness with ``SELECT 1`` under a timeout (a silently dead TCP connection never fires
+  asyncpg's termination callback), and treats a termination callback or any connection error as
+  lost: reconnect with exponential backoff and jitter, then continue from the last delivered
+  cursor. Nothing is lost across a dropped listener, a PostgreSQL restart or a network cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+
+import asyncpg
+
+from keen_stream.dal.events import CHANNEL, SQL, EventDAO, read_released
+from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent
+from keen_stream.errors import DatabaseUnavailable
+from keen_stream.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+_CONNECTION_ERRORS = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresError,
+    DatabaseUnavailable,
+)
+
+
+class ConnectionLost(Exception):
+    """The listener's connection ended (termination callback or failed probe)."""
+
+
+class EventListener:
+    """Tails the outbox into ``deliver`` (called synchronously, in order, batch by batch)."""
+
+    def __init__(
+        self,
+        events: EventDAO,
+        deliver: Callable[[list[StreamEvent]], None],
+        settings: Settings,
+        *,
+        start_after: Cursor | None = None,
+        batch_size: int = 1000,
+    ) -> None:
+        self._events = events
+        self._deliver = deliver
+        self._settings = settings
+        self._batch_size = batch_size
+        self._wake = asyncio.Event()
+        #: The last delivered cursor (None until the first connection says where "now" is).
+        self.cursor: Cursor | None = start_after
+        self.connected = False
+        self.reconnects = 0
+        self.backend_pid: int | None = None
+        self.horizon: int | None = None
+        #: Seconds from the transaction start of the last delivered event to its delivery.
+        self.lag = 0.0
+        self.last_read_at: float | None = None
+        self.notifications = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Run until cancelled: connect, tail, and on any loss reconnect with backoff."""
+        attempt = 0
+        while True:
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await self._events.connect_reader()
+                attempt = 0
+                await self._tail(conn)
+            except asyncio.CancelledError:
+                raise
+            except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
+                logger.warning("event listener lost its connection: %s", exc or type(exc).__name__)
+            finally:
+                self.connected = False
+                self.backend_pid = None
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+            self.reconnects += 1
+            delay = min(self._settings.listener_backoff_max, 0.05 * 2**attempt)
+            attempt += 1
+            await asyncio.sleep(delay * (0.5 + random.random() / 2))
+
+    async def _tail(self, conn: asyncpg.Connection) -> None:
+        settings = self._settings
+        lost = asyncio.Event()
+
+        def on_terminate(_conn: object) -> None:
+            lost.set()
+            self._wake.set()
+
+        def on_notify(*_args: object) -> None:
+            self.notifications += 1
+            self._wake.set()
+
+        conn.add_termination_listener(on_terminate)
+        await conn.add_listener(CHANNEL, on_notify)
+        timeout = settings.listener_probe_timeout
+        if self.cursor is None:
+            row = await conn.fetchrow(SQL["head"], timeout=timeout)
+            self.cursor = ORIGIN if row is None else Cursor(row["xid"], row["id"])
+        self.backend_pid = conn.get_server_pid()
+        self.connected = True
+        loop = asyncio.get_running_loop()
+        next_probe = loop.time() + settings.listener_probe_interval
+        retry = settings.listener_retry_poll
+        while True:
+            if lost.is_set():
+                raise ConnectionLost("terminated")
+            self._wake.clear()
+            batch = await read_released(conn, self.cursor, self._batch_size, timeout=timeout)
+            self.last_read_at = time.time()
+            self.horizon = batch.horizon
+            if batch.events:
+                self._deliver(batch.events)
+                last = batch.events[-1]
+                self.cursor = last.cursor
+                self.lag = max(0.0, time.time() - last.created_at.timestamp())
+                if len(batch.events) == self._batch_size:
+                    continue
+            if batch.pending:
+                wait = retry
+                retry = min(retry * 2, settings.listener_fallback_poll)
+            else:
+                wait = settings.listener_fallback_poll
+                retry = settings.listener_retry_poll
+            now = loop.time()
+            if now >= next_probe:
+                await self._probe(conn, timeout)
+                next_probe = loop.time() + settings.listener_probe_interval
+                continue
+            try:
+                await asyncio.wait_for(self._wake.wait(), min(wait, next_probe - now))
+            except TimeoutError:
+                pass
+
+    async def _probe(self, conn: asyncpg.Connection, timeout: float) -> None:
+        try:
+            await conn.fetchval(SQL["probe"], timeout=timeout)
+        except TimeoutError as exc:
+            raise ConnectionLost(f"liveness probe got no answer in {timeout} s") from exc

@@ -1,0 +1,69 @@
+"""Prometheus metrics for one hub node, read from plain counters at scrape time.
+
+Counters on the fan-out hot path are plain integers (a prometheus_client Counter takes a lock
+per increment); this collector turns them into metric families when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+if TYPE_CHECKING:
+    from keen_stream.hub.service import HubService
+
+
+class HubCollector:
+    def __init__(self, service: HubService) -> None:
+        self._service = service
+
+    def collect(self) -> Iterator[Metric]:
+        service = self._service
+        stats = service.stats
+        listener = service.listener
+        yield GaugeMetricFamily(
+            "keen_hub_connections", "Open WebSocket connections", value=len(service.fanout.clients)
+        )
+        yield GaugeMetricFamily(
+            "keen_hub_subscriptions",
+            "Connections with an active subscription",
+            value=service.fanout.subscription_count,
+        )
+        counters = {
+            "keen_hub_connections_opened": ("Connections that authenticated", stats.connections_total),
+            "keen_hub_events_received": ("Events read from the outbox", stats.events_received),
+            "keen_hub_events_delivered": ("Event frames written to clients", stats.events_delivered),
+            "keen_hub_events_dropped": (
+                "Event frames not delivered (client closing or too slow)", stats.events_dropped
+            ),
+            "keen_hub_events_replayed": ("Event frames sent by since-replays", stats.replayed),
+            "keen_hub_slow_consumers_closed": (
+                "Clients closed for falling behind (4008)", stats.slow_consumers_closed
+            ),
+            "keen_hub_frames_refused": ("Client frames refused (invalid or over the rate limit)",
+                                        stats.frames_refused),
+            "keen_hub_auth_failures": ("Connections closed before authenticating", stats.auth_failures),
+            "keen_hub_listener_reconnects": ("Listener reconnections", listener.reconnects),
+            "keen_hub_listener_notifications": ("Wake-up NOTIFYs received", listener.notifications),
+            "keen_hub_maintenance_errors": ("Failed maintenance jobs", service.maintenance_errors),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+        yield GaugeMetricFamily(
+            "keen_hub_listener_connected", "1 if the listener has its connection", value=int(listener.connected)
+        )
+        yield GaugeMetricFamily(
+            "keen_hub_listener_lag_seconds",
+            "From the last delivered event's transaction start to its release",
+            value=listener.lag,
+        )
+
+
+def registry_for(service: HubService) -> CollectorRegistry:
+    """A registry of this node's metrics only (not the process-global one: tests run many)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(HubCollector(service))  # type: ignore[arg-type]
+    return registry

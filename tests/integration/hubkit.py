@@ -1,0 +1,165 @@
+"""A real hub for tests: uvicorn on 127.0.0.1 (ephemeral port), real WebSocket clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+
+from keen_stream.dal.database import KeenDatabase
+from keen_stream.hub.app import HubApp, create_app
+from keen_stream.hub.cli import uvicorn_config
+from keen_stream.hub.service import HubService
+from keen_stream.settings import Settings
+from tests.conftest import make_settings
+
+#: Fast intervals so tests finish quickly; production defaults are in settings.py.
+FAST = {
+    "hub_auth_timeout": 1.0,
+    "hub_token_recheck_interval": 0.2,
+    "hub_flush_interval": 0.1,
+    "hub_heartbeat_interval": 0.2,
+    "hub_node_stale_after": 2.0,
+    "listener_fallback_poll": 0.2,
+    "listener_probe_interval": 0.5,
+    "listener_probe_timeout": 2.0,
+    "listener_backoff_max": 0.2,
+    "event_prune_interval": 3600.0,
+    "hub_required_scopes": ("stream",),
+}
+
+
+@dataclass
+class Hub:
+    url: str
+    app: HubApp
+    db: KeenDatabase
+    settings: Settings
+
+    @property
+    def service(self) -> HubService:
+        service = self.app.service
+        assert service is not None
+        return service
+
+    @property
+    def http(self) -> str:
+        return self.url.replace("ws://", "http://").removesuffix("/ws")
+
+
+@asynccontextmanager
+async def running_hub(dsn: str, **overrides: Any) -> AsyncIterator[Hub]:
+    settings = make_settings(dsn, **{**FAST, **overrides})
+    db = await KeenDatabase.connect(settings=settings, migrate=False)
+    app = create_app(settings, db=db)
+    config = uvicorn_config(app, settings, host="127.0.0.1", port=0, loop="none")
+    server = uvicorn.Server(config)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    try:
+        for _ in range(500):
+            if server.started or task.done():
+                break
+            await asyncio.sleep(0.01)
+        if task.done():
+            task.result()
+        hub = Hub(f"ws://127.0.0.1:{port}/ws", app, db, settings)
+        await wait_for(lambda: hub.service.listener.connected, "listener connected")
+        yield hub
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 30)
+        sock.close()
+        await db.close()
+
+
+async def wait_for(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+@dataclass
+class WsClient:
+    ws: ClientConnection
+    ready: dict[str, Any]
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    async def send(self, frame: dict[str, Any] | str) -> None:
+        await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+
+    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
+        frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+        self.received.append(frame)
+        return frame
+
+    async def expect(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+        """The next frame that is not an event... or of ``kind``; events seen meanwhile are kept."""
+        while True:
+            frame = await self.recv(timeout)
+            if frame["type"] == kind:
+                return frame
+            if frame["type"] != "event":
+                raise AssertionError(f"expected {kind}, got {frame}")
+
+    async def subscribe(self, **fields: Any) -> dict[str, Any]:
+        await self.send({"type": "subscribe", **fields})
+        return await self.expect("subscribed")
+
+    async def events(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+        got: list[dict[str, Any]] = []
+        while len(got) < count:
+            frame = await self.recv(timeout)
+            if frame["type"] == "event":
+                got.append(frame)
+        return got
+
+    async def no_event(self, wait: float = 0.3) -> None:
+        try:
+            frame = json.loads(await asyncio.wait_for(self.ws.recv(), wait))
+        except TimeoutError:
+            return
+        raise AssertionError(f"unexpected frame {frame}")
+
+    async def closed(self, timeout: float = 10.0) -> tuple[int | None, str | None]:
+        """Read until the server closes; returns (code, reason)."""
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), timeout)
+        except ConnectionClosed as exc:
+            rcvd = exc.rcvd
+            return (rcvd.code, rcvd.reason) if rcvd else (None, None)
+
+    async def close(self) -> None:
+        await self.ws.close()
+
+
+async def open_client(url: str, token: str | None = None, *, header: bool = False,
+                      **connect_args: Any) -> WsClient:
+    headers = {"Authorization": f"Bearer {token}"} if header and token else None
+    ws = await connect(url, additional_headers=headers, max_size=2**22, **connect_args)
+    if token is not None and not header:
+        await ws.send(json.dumps({"type": "auth", "token": token}))
+    frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
+    assert frame["type"] == "ready", frame
+    return WsClient(ws, frame)
+
+
+async def stream_token(db: KeenDatabase, user_id: uuid.UUID, **kwargs: Any) -> str:
+    issued = await db.tokens.issue(user_id, "session", scopes=["stream"], **kwargs)
+    return issued.token.get_secret_value()
