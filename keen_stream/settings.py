@@ -79,6 +79,7 @@ class Settings(BaseSettings):
     hub_flood_close_after: int = Field(default=100, ge=1)  # refused frames before closing
     hub_max_session_filters: int = Field(default=1000, ge=1)
     hub_ws_ping_interval: float = Field(default=20.0, gt=0)
+    hub_close_timeout: float = Field(default=5.0, gt=0)  # then a stuck client's socket is cut
 
     # --- admin -----------------------------------------------------------------------------
     admin_email: str = "ahiya.butman@gmail.com"

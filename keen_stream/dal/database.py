@@ -250,10 +250,16 @@ class KeenDatabase:
         try:
             async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
                 conn.add_log_listener(signal)
-                with translating():
-                    async with conn.transaction():
-                        await conn.execute(enter, *args)
-                        yield conn
+                try:
+                    with translating():
+                        async with conn.transaction():
+                            await conn.execute(enter, *args)
+                            yield conn
+                finally:
+                    try:
+                        conn.remove_log_listener(signal)
+                    except asyncpg.InterfaceError:  # the connection died and was released
+                        pass
         except (
             OSError,
             TimeoutError,

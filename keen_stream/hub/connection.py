@@ -125,7 +125,7 @@ class Connection:
 
     async def _close_unauthenticated(self, code: int, reason: str) -> None:
         self.service.stats.auth_failures += 1
-        await self.sender.close(code, reason, 5.0)
+        await self.sender.close(code, reason, self.settings.hub_close_timeout)
 
     async def _authenticate(self) -> tuple[TokenInfo, str, str, bool] | None:
         settings = self.settings
@@ -268,7 +268,7 @@ class Connection:
         elif isinstance(frame, UnsubscribeFrame):
             self._unsubscribe(frame)
         else:
-            raise ProtocolError("already_authenticated", "this connection is authenticated")
+            raise ProtocolError("already_authenticated", "this connection is authenticated", frame.id)
 
     async def _subscribe(self, frame: SubscribeFrame) -> None:
         client = self.client

@@ -84,6 +84,7 @@ class _Frame(BaseModel):
 
 class AuthFrame(_Frame):
     type: Literal["auth"]
+    id: _REF = None
     token: str = Field(min_length=1, max_length=256)
     client_type: str | None = Field(default=None, max_length=50)
 

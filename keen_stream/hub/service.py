@@ -29,9 +29,6 @@ from keen_stream.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-#: How long a close may wait for a client's buffer to drain before the socket is cut.
-CLOSE_TIMEOUT = 5.0
-
 
 class ConnectionRecorder:
     """Collects connection-row changes in memory; ``flush()`` writes them in one transaction.
@@ -125,7 +122,7 @@ class HubService:
         for client in list(self.fanout.clients.values()):
             client.close(CloseCode.GOING_AWAY, "hub node stopping; reconnect and resume")
         if self._closing:
-            await asyncio.wait(self._closing, timeout=CLOSE_TIMEOUT + 1)
+            await asyncio.wait(self._closing, timeout=self.settings.hub_close_timeout + 1)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -195,7 +192,7 @@ class HubService:
         if code == CloseCode.TOO_SLOW:
             self.stats.slow_consumers_closed += 1
         task = asyncio.get_running_loop().create_task(
-            client.sender.close(code, reason, CLOSE_TIMEOUT)
+            client.sender.close(code, reason, self.settings.hub_close_timeout)
         )
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)

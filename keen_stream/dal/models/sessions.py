@@ -65,6 +65,13 @@ def parse_paths(value: Any, what: str) -> list[str]:
     return paths
 
 
+def _json_default(value: Any) -> str:
+    # What the DAL's jsonb codec accepts beyond plain JSON (keen_stream.dal.database.dumps).
+    if isinstance(value, Decimal | uuid.UUID):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
 class _Input(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -115,7 +122,7 @@ class SessionCompletion(_Input):
     def _report(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         if value is not None:
             try:
-                size = len(json.dumps(value, default=str).encode())
+                size = len(json.dumps(value, default=_json_default).encode())
             except (TypeError, ValueError):
                 raise ValueError("completion_report must be JSON-serialisable") from None
             if size > MAX_REPORT_BYTES:

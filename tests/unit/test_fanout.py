@@ -1,0 +1,126 @@
+"""The fan-out rules without sockets: routing by scope, authorization re-checked per event,
+type filters, backpressure, and replay hand-over."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from keen_stream.dal.models.events import Cursor, StreamEvent
+from keen_stream.hub.fanout import Client, FanOut, Frame, HubStats, Subscription
+from keen_stream.hub.protocol import CloseCode
+
+
+class FakeSender:
+    fast = True
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+        self.backlog = 0
+
+    def write(self, frame: Frame) -> bool:
+        self.frames.append(frame)
+        return True
+
+    def buffered(self) -> int:
+        return self.backlog
+
+    async def close(self, code: int, reason: str, timeout: float) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+closed: list[tuple[str, int, str]] = []
+
+
+def client(user: uuid.UUID, admin: bool = False) -> Client:
+    return Client(f"c-{uuid.uuid4().hex[:6]}", user, admin, FakeSender(),  # type: ignore[arg-type]
+                  lambda c, code, reason: closed.append((c.connection_id, code, reason)))
+
+
+def event(n: int, user: uuid.UUID, session: uuid.UUID | None = None, root=None,
+          kind: str = "session.progress") -> StreamEvent:
+    return StreamEvent(Cursor(100 + n, n), user, session, root or session, kind, "{}",
+                       datetime.now(UTC))
+
+
+def cursors(c: Client) -> list[int]:
+    return [f.cursor.id for f in c.sender.frames]  # type: ignore[union-attr]
+
+
+def test_routing_by_scope_with_authorization_rechecked_at_fan_out():
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    s_a, s_b, child = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    fan = FanOut(HubStats(), send_buffer_limit=1000, pending_limit=10)
+    mine, watcher, admin, sneaky, credits = (client(alice), client(alice), client(bob, True),
+                                             client(bob), client(alice))
+    for c in (mine, watcher, admin, sneaky, credits):
+        fan.add(c)
+    fan.subscribe(mine, Subscription("mine"))
+    fan.subscribe(watcher, Subscription("sessions", frozenset({s_a})))
+    fan.subscribe(admin, Subscription("all"))
+    # A subscription that slipped past the subscribe-time check still gets nothing foreign.
+    fan.subscribe(sneaky, Subscription("sessions", frozenset({s_a})))
+    fan.subscribe(credits, Subscription("mine", event_types=frozenset({"credit.usage"})))
+    fan.publish([
+        event(1, alice, s_a),
+        event(2, bob, s_b),
+        event(3, alice, child, root=s_a),
+        event(4, alice, None, kind="credit.usage"),
+    ])
+    assert cursors(mine) == [1, 3, 4]
+    assert cursors(watcher) == [1, 3]
+    assert cursors(admin) == [1, 2, 3, 4]
+    assert cursors(sneaky) == []
+    assert cursors(credits) == [4]
+    # One encoding per event, shared by every recipient.
+    assert mine.sender.frames[0] is admin.sender.frames[0]  # type: ignore[union-attr]
+    assert fan.cursor == Cursor(104, 4)
+    assert fan.stats.events_received == 4 and fan.stats.events_delivered == 10
+    fan.subscribe(mine, Subscription("none"))
+    fan.remove(watcher)
+    fan.publish([event(5, alice, s_a)])
+    assert cursors(mine) == [1, 3, 4] and cursors(watcher) == [1, 3]
+    assert fan.subscription_count == 3
+
+
+def test_a_client_over_its_buffer_is_closed_with_its_resume_point_and_others_continue():
+    alice = uuid.uuid4()
+    fan = FanOut(HubStats(), send_buffer_limit=100, pending_limit=10)
+    slow, fast = client(alice), client(alice)
+    for c in (slow, fast):
+        fan.add(c)
+        fan.subscribe(c, Subscription("mine"))
+    fan.publish([event(1, alice)])
+    slow.sender.backlog = 101  # type: ignore[union-attr]
+    fan.publish([event(2, alice), event(3, alice)])
+    assert cursors(fast) == [1, 2, 3] and cursors(slow) == [1]
+    assert slow.closing and slow.close_code == CloseCode.TOO_SLOW
+    assert slow.close_reason == "too slow; resume with since=101-1"
+    assert closed[-1] == (slow.connection_id, 4008, "too slow; resume with since=101-1")
+    assert fan.stats.events_dropped == 2
+
+
+def test_live_frames_wait_during_a_replay_and_follow_it_without_repeats():
+    alice = uuid.uuid4()
+    fan = FanOut(HubStats(), send_buffer_limit=1000, pending_limit=3)
+    c = client(alice)
+    fan.add(c)
+    fan.publish([event(1, alice)])
+    upto = fan.begin_replay(c)
+    assert upto == Cursor(101, 1)
+    fan.subscribe(c, Subscription("mine"))
+    fan.publish([event(2, alice), event(3, alice)])
+    assert cursors(c) == []
+    c.send(Frame("{}", Cursor(101, 1)), 1000)  # the replayed one
+    fan.end_replay(c)
+    assert cursors(c) == [1, 2, 3]
+    # Too many held frames: closed as too slow instead of buffering without bound.
+    other = client(alice)
+    fan.add(other)
+    fan.begin_replay(other)
+    fan.subscribe(other, Subscription("mine"))
+    fan.publish([event(n, alice) for n in range(4, 9)])
+    assert other.closing and other.close_code == CloseCode.TOO_SLOW

@@ -1,0 +1,133 @@
+"""Frame parsing, cursors, event frames and the wire encoding: pure functions, no database."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime
+
+import pytest
+from websockets.frames import Frame, Opcode
+
+from keen_stream.dal.models.events import EVENT_TYPES, ORIGIN, Cursor, StreamEvent
+from keen_stream.errors import InvalidInput, TokenExpired, TokenRevoked, TokenScopeError
+from keen_stream.hub.protocol import (
+    AuthFrame,
+    CloseCode,
+    PingFrame,
+    ProtocolError,
+    SubscribeFrame,
+    close_code_for,
+    event_frame,
+    event_type_filter,
+    parse_client_frame,
+    parse_session_ids,
+    parse_since,
+    ws_text_frame,
+)
+
+
+def test_cursors_round_trip_and_order_by_transaction_then_id():
+    assert str(Cursor(12, 7)) == "12-7"
+    assert Cursor.parse("12-7") == Cursor(12, 7)
+    assert Cursor(5, 100) < Cursor(6, 1) < Cursor(6, 2)
+    assert ORIGIN < Cursor(0, 1)
+    for bad in ["", "12", "12-", "-7", "a-b", "01-2", "1-2-3", " 1-2", 12, None,
+                "99999999999999999999-1", "9223372036854775808-1"]:
+        with pytest.raises(InvalidInput):
+            Cursor.parse(bad)
+
+
+def test_client_frames_parse_and_bad_ones_say_why():
+    assert parse_client_frame('{"type":"ping","id":3}') == PingFrame(type="ping", id=3)
+    auth = parse_client_frame('{"type":"auth","token":"ks_ses_x","client_type":"cli"}')
+    assert isinstance(auth, AuthFrame) and auth.client_type == "cli"
+    sub = parse_client_frame('{"type":"subscribe","sessions":["a"],"events":["*"],"since":"1-2"}')
+    assert isinstance(sub, SubscribeFrame) and sub.sessions == ["a"]
+    cases = {
+        "nope": "invalid_json",
+        "[]": "invalid_frame",
+        "null": "invalid_frame",
+        '{"type":1}': "unknown_type",
+        '{"type":"hello"}': "unknown_type",
+        '{"type":"subscribe","scope":"everything"}': "invalid_frame",
+        '{"type":"auth"}': "invalid_frame",
+        '{"type":"ping","id":{"x":1}}': "invalid_frame",
+        '{"type":"ping","id":"' + "x" * 65 + '"}': "invalid_frame",
+        "[" * 100_000: "invalid_json",
+    }
+    for text, code in cases.items():
+        with pytest.raises(ProtocolError) as info:
+            parse_client_frame(text)
+        assert info.value.code == code, text
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame(b"binary")
+    assert info.value.code == "invalid_frame"
+    with pytest.raises(ProtocolError) as info:
+        parse_client_frame('{"type":"subscribe","id":"r1","since":5}')
+    assert info.value.ref == "r1"
+
+
+def test_session_ids_cursors_and_event_patterns_are_validated():
+    sid = uuid.uuid4()
+    assert parse_session_ids([str(sid), str(sid)], 10) == frozenset({sid})
+    with pytest.raises(ProtocolError) as info:
+        parse_session_ids(["not-a-uuid"], 10)
+    assert info.value.code == "invalid_identifier"
+    with pytest.raises(ProtocolError) as info:
+        parse_session_ids([str(uuid.uuid4()) for _ in range(3)], 2)
+    assert info.value.code == "too_many_sessions"
+    assert parse_since(None) is None and parse_since("3-4") == Cursor(3, 4)
+    with pytest.raises(ProtocolError) as info:
+        parse_since("later")
+    assert info.value.code == "invalid_cursor"
+    assert event_type_filter(None) is None and event_type_filter(["*"]) is None
+    assert event_type_filter(["session.*"]) == {t for t in EVENT_TYPES if t.startswith("session.")}
+    assert event_type_filter(["credit.usage", "session.created"]) == {
+        "credit.usage", "session.created"}
+    with pytest.raises(ProtocolError):
+        event_type_filter(["session.%"])
+
+
+def test_auth_errors_map_to_documented_close_codes():
+    assert close_code_for(TokenExpired()) == CloseCode.TOKEN_EXPIRED == 4004
+    assert close_code_for(TokenRevoked()) == CloseCode.TOKEN_REVOKED == 4005
+    assert close_code_for(TokenScopeError()) == CloseCode.INVALID_TOKEN == 4003
+
+
+def _event(data: str = '{"phase":"PLAN","cost":"1.500000"}', session: bool = True) -> StreamEvent:
+    sid = uuid.uuid4() if session else None
+    return StreamEvent(
+        cursor=Cursor(900, 42),
+        user_id=uuid.uuid4(),
+        session_id=sid,
+        root_session_id=sid,
+        event_type="session.phase_changed",
+        data=data,
+        created_at=datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC),
+    )
+
+
+def test_event_frames_are_valid_json_with_the_payload_untouched():
+    event = _event()
+    frame = json.loads(event_frame(event))
+    assert frame == {
+        "type": "event",
+        "cursor": "900-42",
+        "version": 42,
+        "event_type": "session.phase_changed",
+        "user_id": str(event.user_id),
+        "session_id": str(event.session_id),
+        "root_session_id": str(event.session_id),
+        "time": "2026-01-02T03:04:05.000006+00:00",
+        "data": {"phase": "PLAN", "cost": "1.500000"},
+    }
+    bare = json.loads(event_frame(_event(session=False)))
+    assert bare["session_id"] is None and bare["root_session_id"] is None
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536, 70_000])
+def test_wire_frames_match_what_the_websockets_library_encodes(size: int):
+    payload = b"x" * size
+    expected = Frame(Opcode.TEXT, payload).serialize(mask=False, extensions=[])
+    assert ws_text_frame(payload) == expected
