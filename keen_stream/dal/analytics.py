@@ -170,7 +170,10 @@ class AnalyticsDAO:
         return analytics_from_row(time_range, row)
 
     async def get_dashboard(self, admin_user_id: uuid.UUID | str) -> list[DashboardHour]:
-        """The hourly dashboard view as of its last refresh. InsufficientPrivileges if not allowed."""
+        """The hourly dashboard view as of its last refresh.
+
+        Raises InsufficientPrivileges unless the database says the user may view analytics.
+        """
         uid = parse_uuid(admin_user_id, "admin_user_id")
         async with self._db.user_transaction(uid) as conn:
             rows = await conn.fetch(SQL["dashboard"])

@@ -106,7 +106,8 @@ SQL: Final = {
                     OR w.hub_node_id IN (SELECT id FROM hub_nodes WHERE status <> 'running')
                     OR (w.hub_node_id IS NULL AND w.last_ping_at < now() - $1::interval))
             RETURNING w.id)
-        SELECT (SELECT count(*) FROM dead) AS nodes, (SELECT count(*) FROM closed) AS connections""",
+        SELECT (SELECT count(*) FROM dead) AS nodes,
+               (SELECT count(*) FROM closed) AS connections""",
     # The same judgement as tokens.validate (one SQL function), for many tokens in one trip.
     "token_statuses": """
         SELECT h.token_hash, a.status, a.is_admin, a.expires_at
@@ -153,7 +154,10 @@ class ConnectionDAO:
         """A new node row for this process (a restarted process is a new node)."""
         async with self._db.system_transaction() as conn:
             row = await conn.fetchrow(
-                SQL["register_node"], uuid.uuid4(), socket.gethostname()[:255], os.getpid(),
+                SQL["register_node"],
+                uuid.uuid4(),
+                socket.gethostname()[:255],
+                os.getpid(),
                 listen_address[:255] if listen_address else None,
             )
         return HubNode.model_validate(dict(row))  # type: ignore[arg-type]
@@ -174,7 +178,9 @@ class ConnectionDAO:
         async with self._db.system_transaction() as conn:
             await conn.execute(SQL["stop_node"], node_id)
 
-    async def reap(self, stale_after: timedelta, *, reaper: uuid.UUID | None = None) -> tuple[int, int]:
+    async def reap(
+        self, stale_after: timedelta, *, reaper: uuid.UUID | None = None
+    ) -> tuple[int, int]:
         """Close the rows of nodes silent for ``stale_after``. Returns (nodes, connections)."""
         if stale_after <= timedelta(0):
             raise InvalidInput("stale_after must be positive", field="stale_after")
@@ -219,8 +225,12 @@ class ConnectionDAO:
             for c in batch.closed
         ]
         async with self._db.system_transaction() as conn:
-            for name, rows in (("open", opened), ("subscriptions", subs), ("pings", pings),
-                               ("close", closed)):
+            for name, rows in (
+                ("open", opened),
+                ("subscriptions", subs),
+                ("pings", pings),
+                ("close", closed),
+            ):
                 if rows:
                     await conn.execute(SQL[name], rows)
 
@@ -240,7 +250,9 @@ class ConnectionDAO:
             rows = await conn.fetch(SQL["list_own"], uid, include_closed)
         return [_record(r) for r in rows]
 
-    async def open_for_session(self, user_id: uuid.UUID | str, session_id: uuid.UUID | str) -> list[str]:
+    async def open_for_session(
+        self, user_id: uuid.UUID | str, session_id: uuid.UUID | str
+    ) -> list[str]:
         """Connection ids currently receiving this session's events (what the seed kept in
         ``agent_sessions.websocket_connections``), as ``user_id`` may see them."""
         uid = parse_uuid(user_id, "user_id")

@@ -18,6 +18,7 @@ next poll.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Sequence
@@ -51,12 +52,9 @@ _EVENT_COLUMNS: Final = (
 
 SQL: Final = {
     # One round trip: the horizon, whether committed rows wait beyond it, and the next batch of
-    # released rows. All three use the statement's one snapshot (keen_stream_horizon is STABLE).
+    # released rows. All three use the statement's one snapshot (keen_stream_position is STABLE).
     "tail": f"""
-        WITH h AS MATERIALIZED (
-            SELECT hz.horizon,
-                   EXISTS (SELECT 1 FROM stream_events p WHERE p.xid >= hz.horizon) AS pending
-              FROM (SELECT keen_stream_horizon() AS horizon) hz)
+        WITH h AS MATERIALIZED (SELECT horizon, pending FROM keen_stream_position())
         SELECT h.horizon, h.pending, e.*
           FROM h LEFT JOIN LATERAL (
               SELECT {_EVENT_COLUMNS} FROM stream_events e
@@ -99,10 +97,10 @@ def event_from_row(row: asyncpg.Record) -> StreamEvent:
 
 
 async def read_released(
-    conn: asyncpg.Connection, after: Cursor, limit: int, *, timeout: float | None = None
+    conn: asyncpg.Connection, after: Cursor, limit: int, *, wait: float | None = None
 ) -> TailBatch:
     """The next ``limit`` released events after ``after`` (a reader's own connection)."""
-    rows = await conn.fetch(SQL["tail"], after.xid, after.id, limit, timeout=timeout)
+    rows = await conn.fetch(SQL["tail"], after.xid, after.id, limit, timeout=wait)
     events = [event_from_row(r) for r in rows if r["id"] is not None]
     return TailBatch(events=events, horizon=rows[0]["horizon"], pending=rows[0]["pending"])
 
@@ -186,10 +184,8 @@ class EventNotifier:
         task = self._task
         if task is not None:
             task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await task
-            except asyncio.CancelledError:
-                pass
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
@@ -213,7 +209,9 @@ class EventDAO:
     async def close(self) -> None:
         await self.notifier.close()
 
-    async def connect_reader(self, application_name: str = "keen_stream_listener") -> asyncpg.Connection:
+    async def connect_reader(
+        self, application_name: str = "keen_stream_listener"
+    ) -> asyncpg.Connection:
         """A dedicated connection (never pooled: LISTEN must outlive transactions) as keen_system.
 
         Session-level ``SET ROLE`` is safe here because the connection is never handed to

@@ -82,9 +82,12 @@ SQL: Final = {
             files_deleted = keen_append_distinct(s.files_deleted, $10)
         WHERE s.id = $1
         RETURNING s.*""",
+    # The floor is checked in the same statement as the write: a charge committing meanwhile
+    # cannot slip the budget under what is already used.
     "set_budget": """
         UPDATE agent_sessions s SET credit_budget = $3
         WHERE s.session_id = $2 AND s.user_id = $1 AND s.parent_session_id IS NULL
+          AND ($3::numeric IS NULL OR $3::numeric >= s.budget_used)
         RETURNING s.*""",
     "own_kind": """
         SELECT parent_session_id IS NULL AS is_root, budget_used
@@ -276,7 +279,9 @@ class SessionDAO:
         reason: str | None = None,
     ) -> AgentSession:
         """End a session as ``cancelled``, charging what it cost so far (see complete_session)."""
-        done = build(SessionCompletion, success=False, claude_cost=claude_cost, error_message=reason)
+        done = build(
+            SessionCompletion, success=False, claude_cost=claude_cost, error_message=reason
+        )
         return await self._end(user_id, session_id, "cancelled", done)
 
     async def _end(
@@ -340,23 +345,20 @@ class SessionDAO:
         handle = parse_session_handle(root_session_id, "root_session_id")
         budget = None if credit_budget is None else parse_money(credit_budget, "credit_budget")
         async with self._db.user_transaction(uid) as conn:
-            kind = await conn.fetchrow(SQL["own_kind"], uid, handle)
-            if kind is None:
-                raise NotFound("no such session", session_id=handle)
-            if not kind["is_root"]:
-                raise InvalidInput(
-                    "a budget can be set on a root session only", field="root_session_id"
-                )
-            if budget is not None and budget < kind["budget_used"]:
-                raise InvalidInput(
-                    f"credit_budget is below what the session has already used "
-                    f"({kind['budget_used']})",
-                    field="credit_budget",
-                )
             row = await conn.fetchrow(SQL["set_budget"], uid, handle, budget)
-        if row is None:
+            if row is not None:
+                return session_from_row(row)
+            kind = await conn.fetchrow(SQL["own_kind"], uid, handle)
+        if kind is None:
             raise NotFound("no such session", session_id=handle)
-        return session_from_row(row)
+        if not kind["is_root"]:
+            raise InvalidInput(
+                "a budget can be set on a root session only", field="root_session_id"
+            )
+        raise InvalidInput(
+            f"credit_budget is below what the session has already used ({kind['budget_used']})",
+            field="credit_budget",
+        )
 
     # --- queries ----------------------------------------------------------------------------
     async def get_session(self, user_id: uuid.UUID | str, session_id: str) -> AgentSession:

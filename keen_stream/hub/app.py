@@ -1,4 +1,4 @@
-"""The hub's ASGI application: WebSocket ``/ws`` (the fan-out fast path), ``/healthz``, ``/metrics``.
+"""The hub's ASGI app: WebSocket ``/ws`` (the fan-out fast path), ``/healthz``, ``/metrics``.
 
 Starlette serves the HTTP routes and owns the lifespan (database pool, hub service). WebSocket
 connections to ``/ws`` are routed to :func:`serve_websocket` before Starlette's middleware, so the

@@ -11,7 +11,9 @@ import uvicorn
 from keen_stream.settings import Settings
 
 
-def uvicorn_config(app: Any, settings: Settings, *, host: str, port: int, **extra: Any) -> uvicorn.Config:
+def uvicorn_config(
+    app: Any, settings: Settings, *, host: str, port: int, **extra: Any
+) -> uvicorn.Config:
     """uvicorn settings the hub depends on.
 
     ``websockets-sansio`` is the protocol the fan-out fast path writes through; per-message

@@ -141,7 +141,9 @@ class Connection:
             try:
                 message = await asyncio.wait_for(self.receive(), settings.hub_auth_timeout)
             except TimeoutError:
-                await self._close_unauthenticated(CloseCode.AUTH_REQUIRED, "authentication timed out")
+                await self._close_unauthenticated(
+                    CloseCode.AUTH_REQUIRED, "authentication timed out"
+                )
                 return None
             if message["type"] != "websocket.receive":
                 return None
@@ -177,7 +179,11 @@ class Connection:
         service = self.service
         settings = self.settings
         client = Client(
-            self.connection_id, info.user_id, info.is_admin, self.sender, service.request_close,
+            self.connection_id,
+            info.user_id,
+            info.is_admin,
+            self.sender,
+            service.request_close,
             token_hash=hash_token(token),
         )
         self.client = client
@@ -204,7 +210,9 @@ class Connection:
             self._expiry = asyncio.get_running_loop().call_later(
                 delay, client.close, CloseCode.TOKEN_EXPIRED, "token expired"
             )
-        self._send(ready_frame(self.connection_id, info.user_id, info.is_admin, service.fanout.cursor))
+        self._send(
+            ready_frame(self.connection_id, info.user_id, info.is_admin, service.fanout.cursor)
+        )
         while True:
             message = await self.receive()
             if message["type"] == "websocket.disconnect":
@@ -268,7 +276,9 @@ class Connection:
         elif isinstance(frame, UnsubscribeFrame):
             self._unsubscribe(frame)
         else:
-            raise ProtocolError("already_authenticated", "this connection is authenticated", frame.id)
+            raise ProtocolError(
+                "already_authenticated", "this connection is authenticated", frame.id
+            )
 
     async def _subscribe(self, frame: SubscribeFrame) -> None:
         client = self.client
@@ -276,7 +286,9 @@ class Connection:
             return
         ref = frame.id
         scope = frame.scope or ("sessions" if frame.sessions else "mine")
-        sessions = parse_session_ids(frame.sessions or [], self.settings.hub_max_session_filters, ref)
+        sessions = parse_session_ids(
+            frame.sessions or [], self.settings.hub_max_session_filters, ref
+        )
         if scope == "sessions" and not sessions:
             raise ProtocolError("invalid_frame", "scope 'sessions' needs a list of sessions", ref)
         if scope != "sessions" and frame.sessions:
@@ -309,7 +321,9 @@ class Connection:
             if since < pruned or since > upto:
                 client.last_cursor = upto
                 reason = "since_expired" if since < pruned else "since_unknown"
-                self._send(self._subscribed(ref, subscription, upto, recovered=False, reason=reason))
+                self._send(
+                    self._subscribed(ref, subscription, upto, recovered=False, reason=reason)
+                )
                 return
             client.last_cursor = since
             self._send(self._subscribed(ref, subscription, upto, recovered=True))
@@ -351,7 +365,9 @@ class Connection:
         deadline = time.monotonic() + _DRAIN_TIMEOUT
         while client.sender.buffered() > limit // 2 and not client.closing:
             if time.monotonic() > deadline:
-                client.close(CloseCode.TOO_SLOW, f"too slow; resume with since={client.last_cursor}")
+                client.close(
+                    CloseCode.TOO_SLOW, f"too slow; resume with since={client.last_cursor}"
+                )
                 return
             await asyncio.sleep(0.005)
 
@@ -363,7 +379,9 @@ class Connection:
         if frame.sessions:
             if current.scope != "sessions":
                 raise ProtocolError("invalid_frame", "not subscribed to sessions", frame.id)
-            dropped = parse_session_ids(frame.sessions, self.settings.hub_max_session_filters, frame.id)
+            dropped = parse_session_ids(
+                frame.sessions, self.settings.hub_max_session_filters, frame.id
+            )
             remaining = current.sessions - dropped
             new = (
                 Subscription("sessions", remaining, current.event_types)
@@ -406,12 +424,16 @@ class Connection:
                 connection_id=self.connection_id,
                 subscription_scope=subscription.scope,  # type: ignore[arg-type]
                 subscribed_events=(
-                    () if subscription.scope == "none"
-                    else ("*",) if types is None or types == frozenset(EVENT_TYPES)
+                    ()
+                    if subscription.scope == "none"
+                    else ("*",)
+                    if types is None or types == frozenset(EVENT_TYPES)
                     else tuple(sorted(types))
                 ),
                 session_filters=(
-                    tuple(sorted(subscription.sessions)) if subscription.scope == "sessions" else None
+                    tuple(sorted(subscription.sessions))
+                    if subscription.scope == "sessions"
+                    else None
                 ),
             )
         )

@@ -88,10 +88,10 @@ class TransportSender:
         transport = self._proto.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
-    async def close(self, code: int, reason: str, timeout: float) -> None:
+    async def close(self, code: int, reason: str, grace: float) -> None:
         try:
             await asyncio.wait_for(
-                self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout
+                self._send({"type": "websocket.close", "code": code, "reason": reason}), grace
             )
         except Exception:  # a stuck or vanished peer: cut it
             self.abort()
@@ -134,11 +134,11 @@ class AsgiSender:
                 self._buffered -= size
                 await self._send({"type": "websocket.send", "text": text})
 
-    async def close(self, code: int, reason: str, timeout: float) -> None:
+    async def close(self, code: int, reason: str, grace: float) -> None:
         self._task.cancel()
         try:
             await asyncio.wait_for(
-                self._send({"type": "websocket.close", "code": code, "reason": reason}), timeout
+                self._send({"type": "websocket.close", "code": code, "reason": reason}), grace
             )
         except Exception:  # the peer is gone or stuck; nothing more to do
             logger.debug("close of a stuck ASGI client timed out")
@@ -222,9 +222,7 @@ class Client:
         if self.closing:
             return False
         if self.sender.buffered() > limit:
-            self.close(
-                CloseCode.TOO_SLOW, f"too slow; resume with since={self.last_cursor}"
-            )
+            self.close(CloseCode.TOO_SLOW, f"too slow; resume with since={self.last_cursor}")
             return False
         if not self.sender.write(frame):
             return False

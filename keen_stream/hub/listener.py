@@ -15,6 +15,7 @@ the table is the truth and a NOTIFY is only a hint to read now:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -124,8 +125,9 @@ class EventListener:
             if lost.is_set():
                 raise ConnectionLost("terminated")
             self._wake.clear()
-            batch = await read_released(conn, self.cursor, self._batch_size, timeout=timeout)
+            batch = await read_released(conn, self.cursor, self._batch_size, wait=timeout)
             self.last_read_at = time.time()
+            moved = batch.horizon != self.horizon or bool(batch.events)
             self.horizon = batch.horizon
             if batch.events:
                 self._deliver(batch.events)
@@ -135,8 +137,14 @@ class EventListener:
                 if len(batch.events) == self._batch_size:
                     continue
             if batch.pending:
+                # Rows wait behind a running transaction. Its commit may send no NOTIFY (it may
+                # write no events: a NOTIFY transaction, a token touch), so re-read soon; back off
+                # only while the horizon stays put (a long transaction), up to a tenth of the
+                # fallback poll.
+                if moved:
+                    retry = settings.listener_retry_poll
                 wait = retry
-                retry = min(retry * 2, settings.listener_fallback_poll)
+                retry = min(retry * 2, settings.listener_fallback_poll / 10)
             else:
                 wait = settings.listener_fallback_poll
                 retry = settings.listener_retry_poll
@@ -145,13 +153,11 @@ class EventListener:
                 await self._probe(conn, timeout)
                 next_probe = loop.time() + settings.listener_probe_interval
                 continue
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), min(wait, next_probe - now))
-            except TimeoutError:
-                pass
 
-    async def _probe(self, conn: asyncpg.Connection, timeout: float) -> None:
+    async def _probe(self, conn: asyncpg.Connection, limit: float) -> None:
         try:
-            await conn.fetchval(SQL["probe"], timeout=timeout)
+            await conn.fetchval(SQL["probe"], timeout=limit)
         except TimeoutError as exc:
-            raise ConnectionLost(f"liveness probe got no answer in {timeout} s") from exc
+            raise ConnectionLost(f"liveness probe got no answer in {limit} s") from exc

@@ -33,19 +33,32 @@ class HubCollector:
             value=service.fanout.subscription_count,
         )
         counters = {
-            "keen_hub_connections_opened": ("Connections that authenticated", stats.connections_total),
+            "keen_hub_connections_opened": (
+                "Connections that authenticated",
+                stats.connections_total,
+            ),
             "keen_hub_events_received": ("Events read from the outbox", stats.events_received),
-            "keen_hub_events_delivered": ("Event frames written to clients", stats.events_delivered),
+            "keen_hub_events_delivered": (
+                "Event frames written to clients",
+                stats.events_delivered,
+            ),
             "keen_hub_events_dropped": (
-                "Event frames not delivered (client closing or too slow)", stats.events_dropped
+                "Event frames not delivered (client closing or too slow)",
+                stats.events_dropped,
             ),
             "keen_hub_events_replayed": ("Event frames sent by since-replays", stats.replayed),
             "keen_hub_slow_consumers_closed": (
-                "Clients closed for falling behind (4008)", stats.slow_consumers_closed
+                "Clients closed for falling behind (4008)",
+                stats.slow_consumers_closed,
             ),
-            "keen_hub_frames_refused": ("Client frames refused (invalid or over the rate limit)",
-                                        stats.frames_refused),
-            "keen_hub_auth_failures": ("Connections closed before authenticating", stats.auth_failures),
+            "keen_hub_frames_refused": (
+                "Client frames refused (invalid or over the rate limit)",
+                stats.frames_refused,
+            ),
+            "keen_hub_auth_failures": (
+                "Connections closed before authenticating",
+                stats.auth_failures,
+            ),
             "keen_hub_listener_reconnects": ("Listener reconnections", listener.reconnects),
             "keen_hub_listener_notifications": ("Wake-up NOTIFYs received", listener.notifications),
             "keen_hub_maintenance_errors": ("Failed maintenance jobs", service.maintenance_errors),
@@ -53,7 +66,9 @@ class HubCollector:
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
         yield GaugeMetricFamily(
-            "keen_hub_listener_connected", "1 if the listener has its connection", value=int(listener.connected)
+            "keen_hub_listener_connected",
+            "1 if the listener has its connection",
+            value=int(listener.connected),
         )
         yield GaugeMetricFamily(
             "keen_hub_listener_lag_seconds",

@@ -174,7 +174,9 @@ def parse_session_ids(values: Sequence[str], limit: int, ref: Any = None) -> fro
         try:
             out.add(parse_uuid(value, "sessions"))
         except InvalidInput:
-            raise ProtocolError("invalid_identifier", "sessions: not a valid session id", ref) from None
+            raise ProtocolError(
+                "invalid_identifier", "sessions: not a valid session id", ref
+            ) from None
     return frozenset(out)
 
 
@@ -201,7 +203,9 @@ def event_type_filter(patterns: Sequence[str] | None, ref: Any = None) -> frozen
         elif pattern in EVENT_TYPES:
             selected.add(pattern)
         else:
-            raise ProtocolError("invalid_frame", f"events: unknown event type {pattern[:64]!r}", ref)
+            raise ProtocolError(
+                "invalid_frame", f"events: unknown event type {pattern[:64]!r}", ref
+            )
     return frozenset(selected)
 
 

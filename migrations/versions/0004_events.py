@@ -170,7 +170,8 @@ FUNCTIONS = [
         root uuid;
     BEGIN
         IF NEW.session_id IS NOT NULL THEN
-            SELECT s.root_session_id INTO root FROM public.agent_sessions s WHERE s.id = NEW.session_id;
+            SELECT s.root_session_id INTO root
+              FROM public.agent_sessions s WHERE s.id = NEW.session_id;
         END IF;
         INSERT INTO public.stream_events (user_id, session_id, root_session_id, event_type, payload)
         VALUES (NEW.user_id, NEW.session_id, coalesce(root, NEW.session_id),
@@ -208,6 +209,23 @@ FUNCTIONS = [
                                       WHERE d.datname = current_database()))),
             pg_snapshot_xmax(pg_current_snapshot()))
     $$
+    """,
+    # The tail's position in one call: the horizon and whether committed rows wait beyond it.
+    # Fast path: the snapshot's xmin is a valid horizon (conservative), and when no committed
+    # row waits at or beyond it there is nothing to gain from refining it, so the common case
+    # costs one index probe and never reads pg_stat_activity. STABLE: the caller's snapshot.
+    """
+    CREATE FUNCTION keen_stream_position(OUT horizon xid8, OUT pending boolean)
+    LANGUAGE plpgsql STABLE
+    AS $$
+    BEGIN
+        horizon := pg_snapshot_xmin(pg_current_snapshot());
+        pending := EXISTS (SELECT 1 FROM stream_events e WHERE e.xid >= horizon);
+        IF pending THEN
+            horizon := keen_stream_horizon();
+            pending := EXISTS (SELECT 1 FROM stream_events e WHERE e.xid >= horizon);
+        END IF;
+    END $$
     """,
     # One batch of retention pruning. It deletes the longest prefix of the stream (in delivery
     # order) whose events are older than the window, so "pruned" is always a prefix and one
@@ -282,12 +300,13 @@ GRANTS = [
     "GRANT SELECT, INSERT, UPDATE, DELETE ON stream_events, stream_retention, hub_nodes"
     " TO keen_system",
     "REVOKE EXECUTE ON FUNCTION keen_stream_capture_session(), keen_stream_capture_credit(),"
-    " keen_stream_horizon(), keen_stream_prune(interval, integer), keen_stream_signal()"
-    " FROM PUBLIC",
+    " keen_stream_horizon(), keen_stream_position(), keen_stream_prune(interval, integer),"
+    " keen_stream_signal() FROM PUBLIC",
     "GRANT EXECUTE ON FUNCTION keen_stream_signal() TO keen_system",
     "ALTER FUNCTION keen_stream_capture_session() OWNER TO keen_system",
     "ALTER FUNCTION keen_stream_capture_credit() OWNER TO keen_system",
-    "GRANT EXECUTE ON FUNCTION keen_stream_horizon() TO keen_app, keen_system",
+    "GRANT EXECUTE ON FUNCTION keen_stream_horizon(), keen_stream_position()"
+    " TO keen_app, keen_system",
     "GRANT EXECUTE ON FUNCTION keen_stream_prune(interval, integer) TO keen_system",
 ]
 
@@ -297,7 +316,8 @@ DOWNGRADE: list[str] = [
     "DROP TRIGGER IF EXISTS credit_transactions_stream ON credit_transactions",
     "DROP TRIGGER IF EXISTS agent_sessions_stream_update ON agent_sessions",
     "DROP TRIGGER IF EXISTS agent_sessions_stream_insert ON agent_sessions",
-    "DROP FUNCTION IF EXISTS keen_stream_prune(interval, integer), keen_stream_horizon(),"
+    "DROP FUNCTION IF EXISTS keen_stream_prune(interval, integer), keen_stream_position(),"
+    " keen_stream_horizon(),"
     " keen_stream_capture_credit(), keen_stream_capture_session(), keen_stream_signal()",
     "DROP INDEX IF EXISTS idx_websocket_connections_open_by_node",
     """

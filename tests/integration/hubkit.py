@@ -85,9 +85,9 @@ async def running_hub(dsn: str, **overrides: Any) -> AsyncIterator[Hub]:
         await db.close()
 
 
-async def wait_for(predicate: Any, what: str, timeout: float = 10.0) -> None:
+async def wait_for(predicate: Any, what: str, within: float = 10.0) -> None:
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within
     while not predicate():
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
@@ -103,15 +103,15 @@ class WsClient:
     async def send(self, frame: dict[str, Any] | str) -> None:
         await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
 
-    async def recv(self, timeout: float = 10.0) -> dict[str, Any]:
-        frame = json.loads(await asyncio.wait_for(self.ws.recv(), timeout))
+    async def recv(self, within: float = 10.0) -> dict[str, Any]:
+        frame = json.loads(await asyncio.wait_for(self.ws.recv(), within))
         self.received.append(frame)
         return frame
 
-    async def expect(self, kind: str, timeout: float = 10.0) -> dict[str, Any]:
+    async def expect(self, kind: str, within: float = 10.0) -> dict[str, Any]:
         """The next frame that is not an event... or of ``kind``; events seen meanwhile are kept."""
         while True:
-            frame = await self.recv(timeout)
+            frame = await self.recv(within)
             if frame["type"] == kind:
                 return frame
             if frame["type"] != "event":
@@ -121,10 +121,10 @@ class WsClient:
         await self.send({"type": "subscribe", **fields})
         return await self.expect("subscribed")
 
-    async def events(self, count: int, timeout: float = 10.0) -> list[dict[str, Any]]:
+    async def events(self, count: int, within: float = 10.0) -> list[dict[str, Any]]:
         got: list[dict[str, Any]] = []
         while len(got) < count:
-            frame = await self.recv(timeout)
+            frame = await self.recv(within)
             if frame["type"] == "event":
                 got.append(frame)
         return got
@@ -136,11 +136,11 @@ class WsClient:
             return
         raise AssertionError(f"unexpected frame {frame}")
 
-    async def closed(self, timeout: float = 10.0) -> tuple[int | None, str | None]:
+    async def closed(self, within: float = 10.0) -> tuple[int | None, str | None]:
         """Read until the server closes; returns (code, reason)."""
         try:
             while True:
-                await asyncio.wait_for(self.ws.recv(), timeout)
+                await asyncio.wait_for(self.ws.recv(), within)
         except ConnectionClosed as exc:
             rcvd = exc.rcvd
             return (rcvd.code, rcvd.reason) if rcvd else (None, None)
@@ -149,8 +149,9 @@ class WsClient:
         await self.ws.close()
 
 
-async def open_client(url: str, token: str | None = None, *, header: bool = False,
-                      **connect_args: Any) -> WsClient:
+async def open_client(
+    url: str, token: str | None = None, *, header: bool = False, **connect_args: Any
+) -> WsClient:
     headers = {"Authorization": f"Bearer {token}"} if header and token else None
     ws = await connect(url, additional_headers=headers, max_size=2**22, **connect_args)
     if token is not None and not header:

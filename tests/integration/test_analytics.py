@@ -22,7 +22,8 @@ async def set_outcome(owner_conn: asyncpg.Connection, handle: str, status: str, 
                       credits: str, tokens: int, context: int) -> None:
     """Arrange an ended session's figures directly (the ledger is not under test here)."""
     await owner_conn.execute(
-        """UPDATE agent_sessions SET execution_status = $2::text, success = ($2::text = 'completed'),
+        """UPDATE agent_sessions SET execution_status = $2::text,
+               success = ($2::text = 'completed'),
                end_time = start_time + interval '30 minutes', claude_cost_usd = $3,
                keen_cost_credits = $4, tokens_used = $5, context_tokens_used = $6
            WHERE session_id = $1""",

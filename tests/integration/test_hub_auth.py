@@ -38,10 +38,16 @@ async def test_bad_missing_expired_revoked_and_misplaced_tokens_are_closed_with_
         assert (code, reason) == (4003, "invalid_token")
         assert (await close_of(hub.url, {"type": "auth", "token": "garbage"}))[0] == 4003
         no_scope = (await db.tokens.issue(alice.id, "session")).token.get_secret_value()
-        assert (await close_of(hub.url, {"type": "auth", "token": no_scope})) == (4003, "token_scope")
+        assert (await close_of(hub.url, {"type": "auth", "token": no_scope})) == (
+            4003,
+            "token_scope",
+        )
         short = await stream_token(db, alice.id, expires_in=timedelta(milliseconds=50))
         await asyncio.sleep(0.1)
-        assert (await close_of(hub.url, {"type": "auth", "token": short})) == (4004, "token_expired")
+        assert (await close_of(hub.url, {"type": "auth", "token": short})) == (
+            4004,
+            "token_expired",
+        )
         revoked = await db.tokens.issue(alice.id, "session", scopes=["stream"])
         await db.tokens.revoke(alice.id, revoked.record.id)
         code, reason = await close_of(
@@ -69,7 +75,9 @@ async def test_a_token_revoked_or_expiring_while_connected_ends_the_connection(
         await db.tokens.revoke(alice.id, issued.record.id)
         assert await c.closed() == (4005, "token revoked")
 
-        c = await open_client(hub.url, await stream_token(db, alice.id, expires_in=timedelta(seconds=1)))
+        c = await open_client(
+            hub.url, await stream_token(db, alice.id, expires_in=timedelta(seconds=1))
+        )
         assert await c.closed() == (4004, "token expired")
 
         c = await open_client(hub.url, await stream_token(db, alice.id))
@@ -139,8 +147,12 @@ async def test_an_oversized_frame_closes_only_that_connection(db, fresh_dsn, ali
         await other.close()
 
 
-async def test_a_flood_is_refused_then_closed_but_an_admin_may_send_fast(db, fresh_dsn, alice, admin):
-    async with running_hub(fresh_dsn, hub_rate_limit=5, hub_rate_burst=5, hub_flood_close_after=30) as hub:
+async def test_a_flood_is_refused_then_closed_but_an_admin_may_send_fast(
+    db, fresh_dsn, alice, admin
+):
+    async with running_hub(
+        fresh_dsn, hub_rate_limit=5, hub_rate_burst=5, hub_flood_close_after=30
+    ) as hub:
         flooder = await open_client(hub.url, await stream_token(db, alice.id))
         calm = await open_client(hub.url, await stream_token(db, alice.id))
         boss = await open_client(hub.url, await stream_token(db, admin.id))

@@ -30,7 +30,8 @@ async def test_connection_rows_are_written_in_batches_and_closed_with_their_code
         session = await new_session(db, alice, "s")
         token = await db.tokens.issue(alice.id, "session", scopes=["stream"])
         c = await open_client(
-            hub.url, token.token.get_secret_value(),
+            hub.url,
+            token.token.get_secret_value(),
             user_agent_header="keen-test/1.0",
         )
         cid = c.ready["connection_id"]
@@ -38,8 +39,12 @@ async def test_connection_rows_are_written_in_batches_and_closed_with_their_code
         for i in range(20):
             await c.send({"type": "ping", "id": i})
             await c.expect("pong")
-        assert await owner_conn.fetchval(
-            "SELECT count(*) FROM websocket_connections WHERE connection_id = $1", cid) == 0
+        assert (
+            await owner_conn.fetchval(
+                "SELECT count(*) FROM websocket_connections WHERE connection_id = $1", cid
+            )
+            == 0
+        )
         await hub.service.recorder.flush()
         row = await db.connections.get(cid)
         assert row.user_id == alice.id and row.token_id == token.record.id
@@ -55,8 +60,13 @@ async def test_connection_rows_are_written_in_batches_and_closed_with_their_code
         assert row.subscription_scope == "sessions" and row.session_filters == [session.id]
         assert row.session_id == session.id
         assert set(row.subscribed_events) == {
-            "session.progress", "credit.purchase", "credit.usage", "credit.refund",
-            "credit.adjustment", "credit.admin_bypass"}
+            "session.progress",
+            "credit.purchase",
+            "credit.usage",
+            "credit.refund",
+            "credit.adjustment",
+            "credit.admin_bypass",
+        }
         assert row.last_ping_at >= first_ping
         assert await db.connections.open_for_session(alice.id, session.id) == [cid]
 
@@ -90,10 +100,15 @@ async def test_nodes_heartbeat_and_a_dead_nodes_rows_are_reaped(db, fresh_dsn, o
     dead = uuid.uuid4()
     await owner_conn.execute(
         "INSERT INTO hub_nodes (id, hostname, pid, last_heartbeat_at)"
-        " VALUES ($1, 'gone', 1, now() - interval '1 hour')", dead)
+        " VALUES ($1, 'gone', 1, now() - interval '1 hour')",
+        dead,
+    )
     await owner_conn.execute(
         "INSERT INTO websocket_connections (user_id, connection_id, client_ip, client_type,"
-        " hub_node_id) VALUES ($1, 'ws-dead', '10.0.0.1', 'websocket', $2)", alice.id, dead)
+        " hub_node_id) VALUES ($1, 'ws-dead', '10.0.0.1', 'websocket', $2)",
+        alice.id,
+        dead,
+    )
     async with running_hub(fresh_dsn) as hub:
         node_id = hub.service.node_id
         started = (await db.connections.get_node(node_id)).last_heartbeat_at
@@ -128,7 +143,8 @@ async def test_a_node_declared_dead_while_alive_revives_itself_and_its_rows(
         node_id = hub.service.node_id
         await owner_conn.execute(
             "UPDATE hub_nodes SET last_heartbeat_at = now() - interval '1 hour' WHERE id = $1",
-            node_id)
+            node_id,
+        )
         assert await db.connections.reap(timedelta(seconds=1)) == (1, 1)
         assert (await db.connections.get(cid)).connection_status == "reaped"
         for _ in range(200):
@@ -139,9 +155,7 @@ async def test_a_node_declared_dead_while_alive_revives_itself_and_its_rows(
         await c.close()
 
 
-async def test_pruning_removes_the_oldest_prefix_and_moves_the_watermark(
-    db, owner_conn, alice
-):
+async def test_pruning_removes_the_oldest_prefix_and_moves_the_watermark(db, owner_conn, alice):
     for i in range(6):
         await new_session(db, alice, f"s{i}")
     rows = await owner_conn.fetch("SELECT xid, id FROM stream_events ORDER BY xid, id")
@@ -150,7 +164,9 @@ async def test_pruning_removes_the_oldest_prefix_and_moves_the_watermark(
     await owner_conn.execute(
         "UPDATE stream_events SET created_at = now() - interval '2 days'"
         " WHERE id IN ($1, $2, $3, $4, $5)",
-        *[r["id"] for r in rows[:4]], rows[5]["id"])
+        *[r["id"] for r in rows[:4]],
+        rows[5]["id"],
+    )
     assert await db.events.pruned_through() == ORIGIN
     deleted = await db.events.prune(timedelta(days=1), batch=3)
     assert deleted == 4
@@ -170,14 +186,17 @@ async def test_tenants_can_read_only_their_own_events_and_cannot_write_any(
     await new_session(db, bob, "b")
     async with db.user_transaction(alice.id) as conn:
         assert {r["user_id"] for r in await conn.fetch("SELECT user_id FROM stream_events")} == {
-            alice.id}
+            alice.id
+        }
     async with db.user_transaction(admin.id) as conn:
         assert await conn.fetchval("SELECT count(*) FROM stream_events") == 2
     with pytest.raises(Exception):  # no INSERT privilege: events cannot be forged
         async with db.user_transaction(alice.id) as conn:
             await conn.execute(
                 "INSERT INTO stream_events (user_id, event_type, payload)"
-                " VALUES ($1, 'session.created', '{}')", alice.id)
+                " VALUES ($1, 'session.created', '{}')",
+                alice.id,
+            )
     replayed = await db.events.replay(alice.id, ORIGIN, Cursor(2**62, 0), scope="all")
     assert {e.user_id for e in replayed} == {alice.id}
     assert len(await db.events.replay(admin.id, ORIGIN, Cursor(2**62, 0), scope="all")) == 2
@@ -194,7 +213,8 @@ async def test_tail_waits_for_the_oldest_running_transaction(db, fresh_dsn, owne
         tx = owner_conn.transaction()
         await tx.start()
         await owner_conn.execute(
-            "UPDATE agent_sessions SET tool_calls_count = 7 WHERE id = $1", a.id)
+            "UPDATE agent_sessions SET tool_calls_count = 7 WHERE id = $1", a.id
+        )
         await db.sessions.update_progress(alice.id, "b", iterations=1)
         batch = await read_released(reader, cursor, 100)
         assert batch.events == [] and batch.pending  # committed, but held behind the open one
@@ -206,9 +226,7 @@ async def test_tail_waits_for_the_oldest_running_transaction(db, fresh_dsn, owne
         await reader.close()
 
 
-async def test_a_transaction_in_another_database_does_not_hold_the_stream(
-    db, pg_admin_dsn, alice
-):
+async def test_a_transaction_in_another_database_does_not_hold_the_stream(db, pg_admin_dsn, alice):
     other = await asyncpg.connect(pg_admin_dsn)
     tx = other.transaction()
     await tx.start()
@@ -231,8 +249,12 @@ async def test_the_migration_downgrades_and_upgrades_cleanly(fresh_dsn, owner_co
     await asyncio.to_thread(downgrade, fresh_dsn, "0003_sessions")
     for name in ("stream_events", "hub_nodes", "stream_retention"):
         assert await owner_conn.fetchval("SELECT to_regclass($1)", name) is None
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM information_schema.columns WHERE table_name ="
-        " 'websocket_connections' AND column_name = 'hub_node_id'") == 0
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name ="
+            " 'websocket_connections' AND column_name = 'hub_node_id'"
+        )
+        == 0
+    )
     await asyncio.to_thread(upgrade, fresh_dsn, "head")
     assert await owner_conn.fetchval("SELECT to_regclass('stream_events')") is not None

@@ -23,7 +23,11 @@ from tests.integration.hubkit import (
 
 async def new_session(db: KeenDatabase, user: User, key: str, parent: str | None = None):
     return await db.sessions.create_session(
-        user.id, session_id=key, vision="v", working_directory="/w", git_branch="main",
+        user.id,
+        session_id=key,
+        vision="v",
+        working_directory="/w",
+        git_branch="main",
         parent_session_id=parent,
     )
 
@@ -132,8 +136,9 @@ async def test_a_transaction_that_commits_late_is_waited_for_not_skipped(
         held_id = await owner_conn.fetchval("SELECT max(id) FROM stream_events")
         for i in range(1, 4):
             await step(db, alice, "later", i)
-        committed_ids = await db.pool.fetchval("SELECT count(*) FROM stream_events WHERE id > $1",
-                                               held_id)
+        committed_ids = await db.pool.fetchval(
+            "SELECT count(*) FROM stream_events WHERE id > $1", held_id
+        )
         assert committed_ids == 3
         # The later commits are held back while the early transaction runs...
         await c.no_event(0.5)
@@ -156,13 +161,13 @@ async def test_resume_with_since_gets_exactly_the_missed_events(db, fresh_dsn, a
         token = await stream_token(db, alice.id)
         c1 = await open_client(hub.url, token)
         await c1.subscribe()
-        for i in range(3):
+        for _ in range(3):
             await step(db, alice, "s", 1)
         seen = await c1.events(3)
         last = seen[-1]["cursor"]
         await c1.close()
 
-        for i in range(4):
+        for _ in range(4):
             await step(db, alice, "s", 10)
             await step(db, bob, "bob-s", 1)  # interleaved: never replayed to alice
         await wait_for(lambda: hub.service.stats.events_received >= 13, "events read")
@@ -215,7 +220,7 @@ async def test_killing_the_listener_while_events_are_written_loses_and_skips_not
             if pid is not None:
                 killed += bool(await owner_conn.fetchval("SELECT pg_terminate_backend($1)", pid))
         await task
-        got = await c.events(total, timeout=20)
+        got = await c.events(total, within=20)
         assert [e["data"]["iteration_count"] for e in got] == list(range(1, total + 1))
         await c.no_event(0.3)
         assert killed >= 1
@@ -243,10 +248,10 @@ async def test_a_slow_consumer_is_closed_and_resumes_while_others_get_everything
 
         total = 4000
         await owner_conn.execute(
-            "DO $$ BEGIN FOR i IN 1..%d LOOP UPDATE agent_sessions SET iteration_count ="
-            " iteration_count + 1 WHERE id = '%s'; END LOOP; END $$" % (total, session.id)
+            f"DO $$ BEGIN FOR i IN 1..{total} LOOP UPDATE agent_sessions SET iteration_count ="
+            f" iteration_count + 1 WHERE id = '{session.id}'; END LOOP; END $$"
         )
-        got = await fast.events(total, timeout=30)
+        got = await fast.events(total, within=30)
         assert [e["data"]["iteration_count"] for e in got] == list(range(1, total + 1))
         assert hub.service.stats.slow_consumers_closed == 1
 
@@ -264,7 +269,7 @@ async def test_a_slow_consumer_is_closed_and_resumes_while_others_get_everything
         resumed = await open_client(hub.url, token)
         sub = await resumed.subscribe(since=since)
         assert sub["recovered"] is True
-        rest = await resumed.events(total - len(events), timeout=30)
+        rest = await resumed.events(total - len(events), within=30)
         counts = [e["data"]["iteration_count"] for e in events + rest]
         assert counts == list(range(1, total + 1))
         await fast.close()
@@ -313,7 +318,9 @@ async def test_health_and_metrics_report_the_listener_and_counts(db, fresh_dsn, 
         await c.close()
 
 
-async def test_tail_query_stays_on_the_primary_key(db: KeenDatabase, owner_conn: asyncpg.Connection):
+async def test_tail_query_stays_on_the_primary_key(
+    db: KeenDatabase, owner_conn: asyncpg.Connection
+):
     await owner_conn.execute("SET enable_seqscan = off")
     rows = await owner_conn.fetch("EXPLAIN " + EVENT_SQL["tail"], 1, 1, 100)
     plan = "\n".join(r[0] for r in rows)

@@ -98,12 +98,13 @@ SPECS: dict[str, TableSpec] = {
         "user_id", "UPDATE credit_accounts SET daily_limit = 1 WHERE user_id = $1", None, False
     ),
     "credit_transactions": TableSpec("user_id", None, None, False),
+    # 0003_sessions narrows keen_app to progress/outcome/budget columns and takes DELETE away.
     "agent_sessions": TableSpec(
         "user_id",
-        "UPDATE agent_sessions SET vision = 'x' WHERE user_id = $1",
+        "UPDATE agent_sessions SET current_phase = 'PLAN' WHERE user_id = $1",
         """INSERT INTO agent_sessions (user_id, session_id, git_branch, vision, working_directory)
            VALUES ($1, $2, 'main', 'v', '/tmp')""",
-        True,
+        False,
         _session_args,
     ),
     "websocket_connections": TableSpec(

@@ -25,7 +25,7 @@ class FakeSender:
     def buffered(self) -> int:
         return self.backlog
 
-    async def close(self, code: int, reason: str, timeout: float) -> None:
+    async def close(self, code: int, reason: str, grace: float) -> None:
         pass
 
     def abort(self) -> None:
@@ -36,14 +36,25 @@ closed: list[tuple[str, int, str]] = []
 
 
 def client(user: uuid.UUID, admin: bool = False) -> Client:
-    return Client(f"c-{uuid.uuid4().hex[:6]}", user, admin, FakeSender(),  # type: ignore[arg-type]
-                  lambda c, code, reason: closed.append((c.connection_id, code, reason)))
+    return Client(
+        f"c-{uuid.uuid4().hex[:6]}",
+        user,
+        admin,
+        FakeSender(),  # type: ignore[arg-type]
+        lambda c, code, reason: closed.append((c.connection_id, code, reason)),
+    )
 
 
-def event(n: int, user: uuid.UUID, session: uuid.UUID | None = None, root=None,
-          kind: str = "session.progress") -> StreamEvent:
-    return StreamEvent(Cursor(100 + n, n), user, session, root or session, kind, "{}",
-                       datetime.now(UTC))
+def event(
+    n: int,
+    user: uuid.UUID,
+    session: uuid.UUID | None = None,
+    root=None,
+    kind: str = "session.progress",
+) -> StreamEvent:
+    return StreamEvent(
+        Cursor(100 + n, n), user, session, root or session, kind, "{}", datetime.now(UTC)
+    )
 
 
 def cursors(c: Client) -> list[int]:
@@ -54,8 +65,13 @@ def test_routing_by_scope_with_authorization_rechecked_at_fan_out():
     alice, bob = uuid.uuid4(), uuid.uuid4()
     s_a, s_b, child = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     fan = FanOut(HubStats(), send_buffer_limit=1000, pending_limit=10)
-    mine, watcher, admin, sneaky, credits = (client(alice), client(alice), client(bob, True),
-                                             client(bob), client(alice))
+    mine, watcher, admin, sneaky, credits = (
+        client(alice),
+        client(alice),
+        client(bob, True),
+        client(bob),
+        client(alice),
+    )
     for c in (mine, watcher, admin, sneaky, credits):
         fan.add(c)
     fan.subscribe(mine, Subscription("mine"))
@@ -64,12 +80,14 @@ def test_routing_by_scope_with_authorization_rechecked_at_fan_out():
     # A subscription that slipped past the subscribe-time check still gets nothing foreign.
     fan.subscribe(sneaky, Subscription("sessions", frozenset({s_a})))
     fan.subscribe(credits, Subscription("mine", event_types=frozenset({"credit.usage"})))
-    fan.publish([
-        event(1, alice, s_a),
-        event(2, bob, s_b),
-        event(3, alice, child, root=s_a),
-        event(4, alice, None, kind="credit.usage"),
-    ])
+    fan.publish(
+        [
+            event(1, alice, s_a),
+            event(2, bob, s_b),
+            event(3, alice, child, root=s_a),
+            event(4, alice, None, kind="credit.usage"),
+        ]
+    )
     assert cursors(mine) == [1, 3, 4]
     assert cursors(watcher) == [1, 3]
     assert cursors(admin) == [1, 2, 3, 4]

@@ -31,9 +31,21 @@ def test_cursors_round_trip_and_order_by_transaction_then_id():
     assert str(Cursor(12, 7)) == "12-7"
     assert Cursor.parse("12-7") == Cursor(12, 7)
     assert Cursor(5, 100) < Cursor(6, 1) < Cursor(6, 2)
-    assert ORIGIN < Cursor(0, 1)
-    for bad in ["", "12", "12-", "-7", "a-b", "01-2", "1-2-3", " 1-2", 12, None,
-                "99999999999999999999-1", "9223372036854775808-1"]:
+    assert Cursor(0, 1) > ORIGIN
+    for bad in [
+        "",
+        "12",
+        "12-",
+        "-7",
+        "a-b",
+        "01-2",
+        "1-2-3",
+        " 1-2",
+        12,
+        None,
+        "99999999999999999999-1",
+        "9223372036854775808-1",
+    ]:
         with pytest.raises(InvalidInput):
             Cursor.parse(bad)
 
@@ -84,7 +96,9 @@ def test_session_ids_cursors_and_event_patterns_are_validated():
     assert event_type_filter(None) is None and event_type_filter(["*"]) is None
     assert event_type_filter(["session.*"]) == {t for t in EVENT_TYPES if t.startswith("session.")}
     assert event_type_filter(["credit.usage", "session.created"]) == {
-        "credit.usage", "session.created"}
+        "credit.usage",
+        "session.created",
+    }
     with pytest.raises(ProtocolError):
         event_type_filter(["session.%"])
 
