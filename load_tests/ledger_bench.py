@@ -6,9 +6,11 @@ Creates a scratch database (migrated with keen_stream.migrate.upgrade, so any tr
 migrations add are included), runs each workload for ``--seconds`` and drops the database.
 Printed: tps of ``db.credits.deduct_credits`` at 8 and 32 concurrent callers over many accounts,
 pgbench ``-M prepared`` running the plain debit (UPDATE one account row + INSERT one history
-row) at 8 and 32 clients, their ratio (target: >= 0.8 at 32), and the hot case where every
-caller deducts from one account. Absolute numbers drift between runs on shared machines: read
-the ratios. ``--keys`` adds a run where every deduction carries an idempotency key.
+row) at 8 and 32 clients, their ratio (target: >= 0.8 at 32), pgbench running the very SQL the
+API sends (to separate the server's work from the Python client's), and the hot case where
+every caller deducts from one account. Absolute numbers drift between runs on shared machines:
+read the ratios. ``--keys`` adds a run where every deduction carries an idempotency key;
+``--ledger-only`` disables triggers other areas put on the ledger's tables.
 """
 
 from __future__ import annotations
@@ -212,23 +214,30 @@ async def main() -> int:
 
             await asyncio.gather(*(fund(u) for u in users))
         finally:
-            # pgbench runs while the pool is closed: 2 x 32 connections could exceed a shared
-            # server's max_connections.
             await db.close()
+
+        async def api(callers: int, accounts: list[uuid.UUID], keys: bool = False) -> float:
+            # A pool per run, closed before pgbench runs again: 2 x 32 connections could exceed
+            # a shared server's max_connections.
+            db = await KeenDatabase.connect(settings=settings, migrate=False)
+            try:
+                await api_run(db, accounts, callers, 1.0)  # warm statements and plan caches
+                return await api_run(db, accounts, callers, secs, keys=keys)
+            finally:
+                await db.close()
+
+        # Interleaved, so that drift in a shared machine's load hits every workload alike.
         for callers in (8, 32):
             r[f"pgbench {callers}"] = pgbench(dsn, callers, secs, n)
+            r[f"api {callers}"] = await api(callers, users)
             r[f"sql {callers}"] = pgbench(dsn, callers, secs, n, LEDGER_DEBIT)
         r["pgbench hot"] = pgbench(dsn, 32, secs, 1)
+        r["api hot"] = await api(32, users[:1])
         r["sql hot"] = pgbench(dsn, 32, secs, 1, LEDGER_DEBIT)
-
+        if args.keys:
+            r["api keys 32"] = await api(32, users, keys=True)
         db = await KeenDatabase.connect(settings=settings, migrate=False)
         try:
-            await api_run(db, users, 32, 1.0)  # warm prepared statements and plan caches
-            for callers in (8, 32):
-                r[f"api {callers}"] = await api_run(db, users, callers, secs)
-            r["api hot"] = await api_run(db, users[:1], 32, secs)
-            if args.keys:
-                r["api keys 32"] = await api_run(db, users, 32, secs, keys=True)
             report = await db.credits.verify_ledger()
         finally:
             await db.close()

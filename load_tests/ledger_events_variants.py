@@ -1,10 +1,12 @@
 """The ledger benchmark under three ways of capturing credit events (one variant per call).
 
-    python load_tests/ledger_events_variants.py {none,outbox,notify} [ledger_bench options]
+    python load_tests/ledger_events_variants.py {none,triggers,outbox,notify} [ledger_bench options]
 
 Runs ``load_tests/ledger_bench.py`` (deduction tps vs pgbench's plain debit) after changing the
 scratch database it creates:
 - ``none``: the stream-capture triggers are dropped (the ledger alone);
+- ``triggers``: the outbox triggers only, no hub (run with ``KEEN_EVENT_NOTIFY_INTERVAL=60`` to
+  take the wake-up NOTIFYs out as well: the cost of capture alone);
 - ``outbox``: keen_stream's design: the trigger appends an outbox row, the DAL sends a coalesced
   NOTIFY after commit, and a hub node (``keen-stream serve``) runs against the database, tailing
   the outbox and fanning out;
@@ -77,7 +79,7 @@ def start_hub(dsn: str) -> subprocess.Popen[bytes]:
 
 
 def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("none", "outbox", "notify"):
+    if len(sys.argv) < 2 or sys.argv[1] not in ("none", "triggers", "outbox", "notify"):
         print(__doc__)
         return 2
     variant = sys.argv.pop(1)
@@ -94,7 +96,7 @@ def main() -> int:
                 await conn.execute(NOTIFY_IN_TRANSACTION)
         finally:
             await conn.close()
-        if variant != "none":
+        if variant in ("outbox", "notify"):
             start_hub(dsn)
         print(f"variant: {variant}")
         return dsn

@@ -565,6 +565,8 @@ class CreditManager:
         self, user_id: uuid.UUID | str, *, status: str | None = None, limit: int = 100
     ) -> list[AutoRechargeRequest]:
         uid = parse_uuid(user_id, "user_id")
+        if status is not None and status not in ("requested", "fulfilled", "failed", "cancelled"):
+            raise InvalidInput(f"unknown request status {status!r}", field="status")
         async with self._db.user_transaction(uid) as conn:
             rows = await conn.fetch(SQL["recharge_requests"], uid, status, _page(limit))
         return [AutoRechargeRequest.model_validate(dict(r)) for r in rows]

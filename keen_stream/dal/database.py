@@ -7,7 +7,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from decimal import Decimal
 from typing import Any
 
@@ -94,10 +94,10 @@ class KeenDatabase:
         embedded: EmbeddedPostgres | None = None,
     ) -> None:
         from keen_stream.dal.analytics import AnalyticsDAO
-        from keen_stream.dal.credits import CreditManager
-        from keen_stream.dal.sessions import SessionDAO
         from keen_stream.dal.connections import ConnectionDAO
+        from keen_stream.dal.credits import CreditManager
         from keen_stream.dal.events import EventDAO
+        from keen_stream.dal.sessions import SessionDAO
         from keen_stream.dal.tokens import TokenDAO
         from keen_stream.dal.users import UserDAO
 
@@ -256,10 +256,9 @@ class KeenDatabase:
                             await conn.execute(enter, *args)
                             yield conn
                 finally:
-                    try:
+                    # If the connection died, asyncpg has already released it (and its listeners).
+                    with suppress(asyncpg.InterfaceError):
                         conn.remove_log_listener(signal)
-                    except asyncpg.InterfaceError:  # the connection died and was released
-                        pass
         except (
             OSError,
             TimeoutError,

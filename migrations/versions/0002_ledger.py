@@ -463,7 +463,8 @@ MONEY_FUNCTIONS = [
             IF NOT FOUND THEN
                 RAISE EXCEPTION 'no credit account for this user' USING ERRCODE = 'KS404';
             END IF;
-            v_fp := md5(concat_ws('|', 'usage', v_cost::text, v_session::text, p_description));
+            v_fp := md5(concat_ws('|', 'usage', round(v_cost, 6)::text, v_session::text,
+                                  p_description));
             t := keen_ledger_replay(v_account, p_key, v_fp);
             IF t.id IS NOT NULL THEN
                 RETURN t;
@@ -770,7 +771,7 @@ MONEY_FUNCTIONS = [
             IF NOT FOUND THEN
                 RAISE EXCEPTION 'no credit account for this user' USING ERRCODE = 'KS404';
             END IF;
-            v_fp := md5(concat_ws('|', 'hold', v_cost::text, v_session::text, p_ttl::text,
+            v_fp := md5(concat_ws('|', 'hold', round(v_cost, 6)::text, v_session::text, p_ttl::text,
                                   p_description));
             PERFORM pg_advisory_xact_lock(
                 hashtextextended('keen_hold:' || v_account || ':' || p_key, 0));
@@ -879,6 +880,9 @@ MONEY_FUNCTIONS = [
                 USING ERRCODE = 'KS410', DETAIL = json_build_object(
                     'hold_id', h.id,
                     'status', CASE WHEN h.status = 'active' THEN 'expired' ELSE h.status END)::text;
+        END IF;
+        IF v_cost * h.keen_markup_multiplier > 999999999999.999999 THEN
+            RAISE EXCEPTION 'actual_claude_cost x markup is out of range' USING ERRCODE = 'KS422';
         END IF;
         v_credits := keen_credits_for(v_cost, h.keen_markup_multiplier);
         v_excess := v_credits - h.estimated_credits;

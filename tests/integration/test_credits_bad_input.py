@@ -209,3 +209,9 @@ async def test_anonymous_caller_reaches_no_account(db, alice, owner_conn, funded
                 "SELECT id FROM keen_credit_purchase($1, 5, 5, 'x', NULL, NULL)", alice.id
             )
     assert await ledger_state(owner_conn) == funded["before"]
+
+
+async def test_a_settle_whose_credits_overflow_is_refused(db, alice, owner_conn, funded):
+    with pytest.raises(InvalidAmount):
+        await db.credits.settle(funded["hold"], D("999999999999"))
+    assert await ledger_state(owner_conn) == funded["before"]

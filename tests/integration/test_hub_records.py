@@ -258,3 +258,42 @@ async def test_the_migration_downgrades_and_upgrades_cleanly(fresh_dsn, owner_co
     )
     await asyncio.to_thread(upgrade, fresh_dsn, "head")
     assert await owner_conn.fetchval("SELECT to_regclass('stream_events')") is not None
+
+
+async def test_keen_stream_serve_runs_a_hub_node_and_stops_cleanly(fresh_dsn, owner_conn):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "KEEN_DATABASE_URL": fresh_dsn}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "keen_stream", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+    )
+    try:
+        health = None
+        async with httpx.AsyncClient() as http:
+            for _ in range(300):
+                try:
+                    health = await http.get(f"http://127.0.0.1:{port}/healthz")
+                    if health.status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                await asyncio.sleep(0.1)
+        assert health is not None and health.json()["status"] == "ok"
+        node_id = uuid.UUID(health.json()["node_id"])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.wait, 30)
+    assert code in (0, -signal.SIGTERM)
+    assert await owner_conn.fetchval("SELECT status FROM hub_nodes WHERE id = $1", node_id) == (
+        "stopped"
+    )

@@ -38,10 +38,26 @@ async def _arrange_rows(owner: Owner, user: User) -> None:
         uuid.uuid4().hex,
     )
     session_id = await _session_row(owner, user.id)
+    # 0002_ledger: ledger rows are numbered per account and a purchase is positive.
     await owner.execute(
         """INSERT INTO credit_transactions (user_id, account_id, transaction_type, amount,
-                                           balance_after, description)
-           SELECT $1, id, 'purchase', 0, 0, 'arranged' FROM credit_accounts WHERE user_id = $1""",
+                                           balance_after, description, sequence_number)
+           SELECT $1, id, 'purchase', 1, 1, 'arranged', last_sequence + 1
+             FROM credit_accounts WHERE user_id = $1""",
+        user.id,
+    )
+    await owner.execute(
+        """INSERT INTO credit_holds (user_id, account_id, estimated_claude_cost_usd,
+                                    keen_markup_multiplier, estimated_credits, amount,
+                                    description, expires_at)
+           SELECT $1, id, 1, 5, 5, 5, 'arranged', now() + interval '1 hour'
+             FROM credit_accounts WHERE user_id = $1""",
+        user.id,
+    )
+    await owner.execute(
+        """INSERT INTO credit_auto_recharge_requests (user_id, account_id, transaction_id,
+                                                     balance_after, threshold)
+           SELECT $1, account_id, id, 1, 10 FROM credit_transactions WHERE user_id = $1""",
         user.id,
     )
     await owner.execute(
@@ -98,6 +114,9 @@ SPECS: dict[str, TableSpec] = {
         "user_id", "UPDATE credit_accounts SET daily_limit = 1 WHERE user_id = $1", None, False
     ),
     "credit_transactions": TableSpec("user_id", None, None, False),
+    # 0002_ledger: written only by the ledger's SECURITY DEFINER functions.
+    "credit_holds": TableSpec("user_id", None, None, False),
+    "credit_auto_recharge_requests": TableSpec("user_id", None, None, False),
     # 0003_sessions narrows keen_app to progress/outcome/budget columns and takes DELETE away.
     "agent_sessions": TableSpec(
         "user_id",
