@@ -53,7 +53,10 @@ def translate(exc: asyncpg.PostgresError) -> KeenError | None:
         | asyncpg.NotNullViolationError
         | asyncpg.InvalidTextRepresentationError
         | asyncpg.NumericValueOutOfRangeError
-        | asyncpg.InvalidDatetimeFormatError,
+        | asyncpg.InvalidDatetimeFormatError
+        | asyncpg.DatetimeFieldOverflowError
+        | asyncpg.CharacterNotInRepertoireError
+        | asyncpg.UntranslatableCharacterError,
     ):
         return errors.InvalidInput(message, constraint=constraint)
     if isinstance(exc, asyncpg.UniqueViolationError):

@@ -46,6 +46,7 @@ DEFAULT_TTL: Final[dict[str, timedelta | None]] = {
 _TOKEN_BYTES: Final = 32  # 256 bits
 _MAX_TOKEN_LENGTH: Final = 128
 _MAX_SCOPES: Final = 64
+_MAX_TTL: Final = timedelta(days=3650)
 
 COLUMNS: Final = (
     "id, user_id, token_type, token_name, scopes, expires_at, last_used_at, usage_count, "
@@ -54,12 +55,11 @@ COLUMNS: Final = (
 )
 
 SQL: Final = {
-    # bypass_limits follows the owner's admin status, read by the database.
+    # bypass_limits follows the owner's admin status: the auth_tokens_guard trigger sets it.
     "insert": f"""
         INSERT INTO auth_tokens (user_id, token_type, token_hash, token_name, scopes, expires_at,
-                                 created_ip, user_agent, bypass_limits)
-        VALUES ($1, $2, $3, $4, $5, now() + $6::interval, $7, $8,
-                coalesce((SELECT is_admin FROM users WHERE id = $1), false))
+                                 created_ip, user_agent)
+        VALUES ($1, $2, $3, $4, $5, now() + $6::interval, $7, $8)
         RETURNING {COLUMNS}""",
     "authenticate": "SELECT * FROM keen_token_authenticate($1, $2, $3)",
     "revoke": f"""
@@ -129,13 +129,18 @@ class TokenDAO:
         if token_type not in PREFIXES:
             raise InvalidInput(f"unknown token type {token_type!r}", field="token_type")
         scope_list = _check_scopes(scopes)
-        if name is not None and (not isinstance(name, str) or len(name) > 255):
-            raise InvalidInput("token name too long", field="name")
-        if user_agent is not None and len(user_agent) > 1024:
-            user_agent = user_agent[:1024]
+        if name is not None and (not isinstance(name, str) or len(name) > 255 or "\x00" in name):
+            raise InvalidInput("invalid token name", field="name")
+        if user_agent is not None:
+            # A header value: keep what fits, drop what PostgreSQL text cannot hold.
+            user_agent = str(user_agent).replace("\x00", "")[:1024]
         ttl = DEFAULT_TTL[token_type] if expires_in is _UNSET else expires_in
-        if ttl is not None and (not isinstance(ttl, timedelta) or ttl <= timedelta(0)):
-            raise InvalidInput("expires_in must be a positive timedelta", field="expires_in")
+        if ttl is not None and (
+            not isinstance(ttl, timedelta) or not timedelta(0) < ttl <= _MAX_TTL
+        ):
+            raise InvalidInput(
+                "expires_in must be a positive timedelta of at most ten years", field="expires_in"
+            )
         uid = parse_uuid(user_id, "user_id")
         token = new_token(token_type)
         async with self._db.user_transaction(actor_id or uid) as conn:

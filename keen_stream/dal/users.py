@@ -155,7 +155,8 @@ class UserDAO:
         """
         if not isinstance(email, str) or not isinstance(password, str) or len(email) > 255:
             raise InvalidCredentials()
-        async with self._db.anonymous_transaction() as conn:
+        # The lookup returns the password hash, so it is a system call, not a tenant one.
+        async with self._db.system_transaction() as conn:
             row = await conn.fetchrow(SQL["login_lookup"], email)
         if row is None:
             await self._verify(self._dummy_hash, password)

@@ -52,6 +52,10 @@ def parse_money(
         raise InvalidAmount(f"{what} must be a Decimal", field=what)
     if not value.is_finite():
         raise InvalidAmount(f"{what} must be finite", field=what)
+    # Before any arithmetic: a value with more digits than the decimal context holds would make
+    # quantize() raise decimal.InvalidOperation instead of a typed error.
+    if value and value.adjusted() > MONEY_MAX.adjusted():
+        raise InvalidAmount(f"{what} is out of range", field=what)
     exponent = value.as_tuple().exponent
     if (
         isinstance(exponent, int)

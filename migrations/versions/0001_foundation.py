@@ -94,6 +94,33 @@ FUNCTIONS = [
             RAISE EXCEPTION 'only an admin may change role, status, email or privileges'
                 USING ERRCODE = 'KS403';
         END IF;
+        -- A plain admin must not suspend, demote or impersonate the super-admin, nor make one.
+        IF current_user = 'keen_app'
+           AND (OLD.role = 'super_admin' OR NEW.role = 'super_admin')
+           AND (NEW.role, NEW.is_admin, NEW.admin_privileges, NEW.account_status, NEW.email)
+               IS DISTINCT FROM
+               (OLD.role, OLD.is_admin, OLD.admin_privileges, OLD.account_status, OLD.email)
+           AND coalesce((SELECT u.role FROM public.users u
+                          WHERE u.id = public.keen_current_user_id()), '') <> 'super_admin' THEN
+            RAISE EXCEPTION 'only a super_admin may change a super_admin'
+                USING ERRCODE = 'KS403';
+        END IF;
+        RETURN NEW;
+    END $$
+    """,
+    # A token's privileges come from its owner, not from whoever inserts it; a revoked token
+    # stays revoked.
+    """
+    CREATE FUNCTION keen_auth_tokens_guard() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            NEW.bypass_limits := coalesce(
+                (SELECT u.is_admin FROM public.users u WHERE u.id = NEW.user_id), false);
+        ELSIF (NOT OLD.is_active OR OLD.revoked_at IS NOT NULL)
+              AND (NEW.is_active OR NEW.revoked_at IS DISTINCT FROM OLD.revoked_at) THEN
+            RAISE EXCEPTION 'a revoked token cannot be reactivated' USING ERRCODE = 'KS403';
+        END IF;
         RETURN NEW;
     END $$
     """,
@@ -490,6 +517,8 @@ AUTH_FUNCTIONS = [
         scopes := t.scopes; expires_at := t.expires_at; bypass_limits := t.bypass_limits;
         SELECT u.account_status, u.is_admin INTO u_status, is_admin
           FROM public.users u WHERE u.id = t.user_id;
+        -- Limits bypass lasts only while the owner is still an admin.
+        bypass_limits := t.bypass_limits AND is_admin;
         IF NOT t.is_active THEN
             status := 'revoked';
         ELSIF t.expires_at IS NOT NULL AND t.expires_at <= now() THEN
@@ -516,6 +545,8 @@ TRIGGERS = [
         "FOR EACH ROW EXECUTE FUNCTION keen_touch_updated_at()"
         for t in ("users", "auth_tokens", "credit_accounts", "agent_sessions", "daily_analytics")
     ),
+    "CREATE TRIGGER auth_tokens_guard BEFORE INSERT OR UPDATE ON auth_tokens "
+    "FOR EACH ROW EXECUTE FUNCTION keen_auth_tokens_guard()",
     "CREATE TRIGGER users_guard BEFORE UPDATE ON users "
     "FOR EACH ROW EXECUTE FUNCTION keen_users_guard()",
     "CREATE TRIGGER users_check_timezone BEFORE INSERT OR UPDATE OF timezone ON users "
@@ -578,9 +609,11 @@ GRANTS = [
     "GRANT UPDATE (display_name, avatar_url, timezone, preferences, last_login_at, last_login_ip,"
     " role, is_admin, admin_privileges, account_status, email_verified) ON users TO keen_app",
     "GRANT DELETE ON users TO keen_app",
-    "GRANT SELECT, INSERT, DELETE ON auth_tokens TO keen_app",
-    "GRANT UPDATE (token_name, is_active, revoked_at, last_used_at, last_used_ip, usage_count)"
-    " ON auth_tokens TO keen_app",
+    "GRANT SELECT, DELETE ON auth_tokens TO keen_app",
+    "GRANT INSERT (user_id, token_type, token_hash, token_name, scopes, expires_at, created_ip,"
+    " user_agent) ON auth_tokens TO keen_app",
+    # Usage columns are written by keen_token_authenticate (as keen_system), never by tenants.
+    "GRANT UPDATE (token_name, is_active, revoked_at) ON auth_tokens TO keen_app",
     "GRANT SELECT ON credit_accounts TO keen_app",
     "GRANT UPDATE (daily_limit, monthly_limit, auto_recharge_enabled, auto_recharge_threshold,"
     " auto_recharge_amount) ON credit_accounts TO keen_app",
@@ -598,8 +631,9 @@ GRANTS = [
     "ALTER FUNCTION keen_audit() OWNER TO keen_system",
     "ALTER FUNCTION keen_login_lookup(text) OWNER TO keen_system",
     "ALTER FUNCTION keen_token_authenticate(text, inet, boolean) OWNER TO keen_system",
-    "GRANT EXECUTE ON FUNCTION keen_login_lookup(text), keen_token_authenticate(text, inet, boolean)"
-    " TO keen_app, keen_system",
+    # The login lookup returns a password hash: only the system context may call it.
+    "GRANT EXECUTE ON FUNCTION keen_login_lookup(text) TO keen_system",
+    "GRANT EXECUTE ON FUNCTION keen_token_authenticate(text, inet, boolean) TO keen_app, keen_system",
 ]
 
 UPGRADE = [*ROLES, *FUNCTIONS, *TABLES, *AUTH_FUNCTIONS, *TRIGGERS, *_policies(), *GRANTS]
@@ -609,6 +643,7 @@ DOWNGRADE = [
     "DROP TABLE IF EXISTS audit_log, daily_analytics, websocket_connections, credit_transactions,"
     " agent_sessions, credit_accounts, auth_tokens, users CASCADE",
     "DROP FUNCTION IF EXISTS keen_token_authenticate(text, inet, boolean), keen_login_lookup(text)",
+    "DROP FUNCTION IF EXISTS keen_auth_tokens_guard()",
     "DROP FUNCTION IF EXISTS keen_audit(), keen_users_check_timezone(), keen_users_guard(),"
     " keen_reject_change(), keen_touch_updated_at(), keen_is_admin(), keen_current_user_id()",
     "REVOKE ALL ON SCHEMA public FROM keen_app, keen_system",

@@ -48,6 +48,12 @@ CONSTRAINTS = [
     ALTER TABLE agent_sessions ADD CONSTRAINT agent_sessions_budget_root_only
         CHECK (credit_budget IS NULL OR parent_session_id IS NULL)
     """,
+    # The ledger takes budget with "budget_used + x <= credit_budget"; this holds every writer to
+    # it, set_budget included.
+    """
+    ALTER TABLE agent_sessions ADD CONSTRAINT agent_sessions_budget_not_exceeded
+        CHECK (credit_budget IS NULL OR budget_used <= credit_budget)
+    """,
     # 'completed' means success; every other end is a failure; a running session has no verdict.
     """
     ALTER TABLE agent_sessions ADD CONSTRAINT agent_sessions_success_check
@@ -111,7 +117,8 @@ FUNCTIONS = [
             NEW.root_session_id := NEW.id;
         ELSE
             SELECT s.user_id, s.session_depth, s.root_session_id, s.execution_status, s.session_id
-              INTO p FROM public.agent_sessions s WHERE s.id = NEW.parent_session_id;
+              INTO p FROM public.agent_sessions s WHERE s.id = NEW.parent_session_id
+               FOR SHARE;  -- waits for a concurrent end of the parent, then sees its status
             -- Another tenant's parent is reported exactly like a missing one.
             IF NOT FOUND OR p.user_id <> NEW.user_id THEN
                 RAISE EXCEPTION 'no such parent session' USING ERRCODE = 'KS404',
@@ -139,6 +146,9 @@ FUNCTIONS = [
     """
     CREATE FUNCTION keen_sessions_guard() RETURNS trigger
     LANGUAGE plpgsql AS $$
+    DECLARE
+        charged_credits numeric;
+        charged_cost numeric;
     BEGIN
         IF current_user <> 'keen_app' THEN
             RETURN NEW;
@@ -163,6 +173,24 @@ FUNCTIONS = [
                 OLD.error_message) THEN
             RAISE EXCEPTION 'costs and the outcome are written only when a session ends'
                 USING ERRCODE = 'KS400';
+        END IF;
+        -- The sweep reads last_activity_at: a date in the future would make a session immortal.
+        IF NEW.last_activity_at > now() THEN
+            NEW.last_activity_at := now();
+        END IF;
+        IF NEW.execution_status <> 'running' THEN
+            -- The costs a session ends with are what the ledger charged for its end (key
+            -- session-end:<id>), nothing else: tenant code cannot end a session for free or
+            -- inflate the revenue analytics read from these columns.
+            SELECT coalesce(-sum(t.amount), 0), coalesce(sum(t.claude_cost_usd), 0)
+              INTO charged_credits, charged_cost
+              FROM public.credit_transactions t
+             WHERE t.session_id = NEW.id AND t.idempotency_key = 'session-end:' || NEW.id::text;
+            IF NEW.keen_cost_credits <> charged_credits OR NEW.claude_cost_usd <> charged_cost THEN
+                RAISE EXCEPTION 'session costs must match the ledger charge for its end'
+                    USING ERRCODE = 'KS403';
+            END IF;
+            NEW.end_time := now();
         END IF;
         RETURN NEW;
     END $$
@@ -427,6 +455,7 @@ DOWNGRADE: list[str] = [
     "ALTER TABLE agent_sessions DROP CONSTRAINT agent_sessions_report_check",
     "ALTER TABLE agent_sessions DROP CONSTRAINT agent_sessions_sizes_check",
     "ALTER TABLE agent_sessions DROP CONSTRAINT agent_sessions_success_check",
+    "ALTER TABLE agent_sessions DROP CONSTRAINT agent_sessions_budget_not_exceeded",
     "ALTER TABLE agent_sessions DROP CONSTRAINT agent_sessions_budget_root_only",
     "ALTER TABLE agent_sessions DROP CONSTRAINT agent_sessions_root_check",
     "ALTER TABLE agent_sessions ALTER COLUMN root_session_id DROP NOT NULL",

@@ -12,6 +12,7 @@ from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.errors import (
     AccountInactive,
+    InsufficientPrivileges,
     InvalidInput,
     InvalidToken,
     NotFound,
@@ -169,3 +170,80 @@ async def test_bad_issue_input_is_refused_and_writes_nothing(
     with pytest.raises(InvalidInput):
         await db.tokens.issue(alice.id, token_type, **args)
     assert await owner_conn.fetchval("SELECT count(*) FROM auth_tokens") == 0
+
+
+async def test_a_revoked_token_stays_revoked_even_through_raw_sql(
+    db: KeenDatabase, alice: User
+) -> None:
+    issued = await db.tokens.issue(alice.id, "api_key")
+    await db.tokens.revoke(alice.id, issued.record.id)
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.execute(
+                "UPDATE auth_tokens SET is_active = true, revoked_at = NULL WHERE id = $1",
+                issued.record.id,
+            )
+    with pytest.raises(TokenRevoked):
+        await db.tokens.validate(issued.token.get_secret_value())
+
+
+async def test_tenants_cannot_mint_privileged_tokens_or_fake_usage(
+    db: KeenDatabase, owner_conn: Owner, alice: User
+) -> None:
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.execute(
+                "INSERT INTO auth_tokens (user_id, token_type, token_hash, bypass_limits)"
+                " VALUES ($1, 'api_key', 'h1', true)",
+                alice.id,
+            )
+    async with db.user_transaction(alice.id) as conn:
+        await conn.execute(
+            "INSERT INTO auth_tokens (user_id, token_type, token_hash) VALUES ($1, 'api_key', 'h2')",
+            alice.id,
+        )
+    assert (
+        await owner_conn.fetchval("SELECT bypass_limits FROM auth_tokens WHERE token_hash = 'h2'")
+        is False
+    )
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.execute(
+                "UPDATE auth_tokens SET usage_count = 0 WHERE user_id = $1", alice.id
+            )
+
+
+async def test_a_demoted_admins_token_loses_its_bypass(
+    db: KeenDatabase, owner_conn: Owner, make_user
+) -> None:
+    helper = await make_user()
+    await owner_conn.execute(
+        "UPDATE users SET role = 'admin', is_admin = true WHERE id = $1", helper.id
+    )
+    issued = await db.tokens.issue(helper.id, "session")
+    assert (await db.tokens.validate(issued.token.get_secret_value())).bypass_limits
+    await owner_conn.execute(
+        "UPDATE users SET role = 'user', is_admin = false WHERE id = $1", helper.id
+    )
+    info = await db.tokens.validate(issued.token.get_secret_value())
+    assert not info.is_admin
+    assert not info.bypass_limits
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"name": "bad\x00name"}, {"expires_in": timedelta(days=365 * 1000)}],
+)
+async def test_issue_refuses_values_postgres_cannot_store(
+    db: KeenDatabase, owner_conn: Owner, alice: User, kwargs: dict
+) -> None:
+    with pytest.raises(InvalidInput):
+        await db.tokens.issue(alice.id, "session", **kwargs)
+    assert await owner_conn.fetchval("SELECT count(*) FROM auth_tokens") == 0
+
+
+async def test_user_agent_is_cleaned_not_refused(db: KeenDatabase, alice: User) -> None:
+    issued = await db.tokens.issue(alice.id, "session", user_agent="ua\x00" + "x" * 2000)
+    assert issued.record.user_agent is not None
+    assert "\x00" not in issued.record.user_agent
+    assert len(issued.record.user_agent) == 1024

@@ -218,3 +218,34 @@ async def test_audit_log_append_only_maps_to_domain_error(db: KeenDatabase, alic
     with pytest.raises(ImmutableRecord):
         async with db.system_transaction() as conn:
             await conn.execute("DELETE FROM audit_log WHERE user_id = $1", alice.id)
+
+
+async def test_a_plain_admin_cannot_suspend_or_demote_the_super_admin(
+    db: KeenDatabase, owner_conn: Owner, make_user, admin: User, alice: User
+) -> None:
+    plain = await make_user()
+    await owner_conn.execute(
+        "UPDATE users SET role = 'admin', is_admin = true WHERE id = $1", plain.id
+    )
+    with pytest.raises(InsufficientPrivileges):
+        await db.users.set_account_status(plain.id, admin.id, "suspended")
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(plain.id) as conn:
+            await conn.execute("UPDATE users SET role = 'super_admin' WHERE id = $1", plain.id)
+    row = await owner_conn.fetchrow(
+        "SELECT role, account_status FROM users WHERE id = $1", admin.id
+    )
+    assert (row["role"], row["account_status"]) == ("super_admin", "active")
+    # ...while a plain admin still manages ordinary users, and the super-admin manages admins
+    assert (await db.users.set_account_status(plain.id, alice.id, "suspended")).account_status == (
+        "suspended"
+    )
+    assert (await db.users.set_account_status(admin.id, plain.id, "suspended")).account_status == (
+        "suspended"
+    )
+
+
+async def test_tenants_cannot_call_the_login_lookup(db: KeenDatabase, alice: User) -> None:
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.fetch("SELECT * FROM keen_login_lookup('alice@example.com')")

@@ -142,3 +142,29 @@ def test_live_frames_wait_during_a_replay_and_follow_it_without_repeats():
     fan.subscribe(other, Subscription("mine"))
     fan.publish([event(n, alice) for n in range(4, 9)])
     assert other.closing and other.close_code == CloseCode.TOO_SLOW
+
+
+async def test_the_portable_asgi_sender_keeps_order_and_counts_its_backlog():
+    import asyncio
+
+    from keen_stream.hub.fanout import AsgiSender, make_sender
+
+    sent: list[dict] = []
+    gate = asyncio.Event()
+
+    async def send(message: dict) -> None:
+        await gate.wait()
+        sent.append(message)
+
+    sender = make_sender(send)  # a plain function: no uvicorn protocol behind it
+    assert isinstance(sender, AsgiSender) and not sender.fast
+    for n in range(3):
+        sender.write(Frame(f'{{"n":{n}}}'))
+    assert sender.buffered() == 3 * len(Frame('{"n":0}').wire)
+    gate.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert [m["text"] for m in sent] == ['{"n":0}', '{"n":1}', '{"n":2}']
+    assert sender.buffered() == 0
+    await sender.close(4008, "bye", 1.0)
+    assert sent[-1] == {"type": "websocket.close", "code": 4008, "reason": "bye"}

@@ -87,3 +87,11 @@ def test_build_turns_pydantic_errors_into_invalid_input() -> None:
     assert build(UserCreate, model) is model
     with pytest.raises(InvalidInput):
         build(UserCreate, "not a model")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "value", ["1234567890123456789012345.1234567", Decimal("9" * 40), Decimal("1E+30")]
+)
+def test_parse_money_refuses_huge_values_with_a_typed_error(value: object) -> None:
+    with pytest.raises(InvalidAmount, match="out of range"):
+        parse_money(value)
