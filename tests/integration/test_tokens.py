@@ -199,7 +199,8 @@ async def test_tenants_cannot_mint_privileged_tokens_or_fake_usage(
             )
     async with db.user_transaction(alice.id) as conn:
         await conn.execute(
-            "INSERT INTO auth_tokens (user_id, token_type, token_hash) VALUES ($1, 'api_key', 'h2')",
+            "INSERT INTO auth_tokens (user_id, token_type, token_hash)"
+            " VALUES ($1, 'api_key', 'h2')",
             alice.id,
         )
     assert (
