@@ -247,10 +247,12 @@ async def writer(
     rate: float,
     seconds: float,
     commits: dict[tuple[int, int], float],
-) -> int:
-    settings = Settings(database_url=dsn, pool_max_size=16, pool_min_size=16)
+    writers: int,
+    started: Any,
+) -> tuple[int, float]:
+    settings = Settings(database_url=dsn, pool_max_size=writers, pool_min_size=writers)
     db = await KeenDatabase.connect(settings=settings, migrate=False)
-    gate = asyncio.Semaphore(16)
+    gate = asyncio.Semaphore(writers)
     tasks: list[asyncio.Task[None]] = []
 
     async def one(u: int) -> None:
@@ -259,6 +261,12 @@ async def writer(
             commits[(u, session.iteration_count)] = time.time()
 
     try:
+        # Warm-up: every pooled connection prepares its statements before the clock starts.
+        await asyncio.gather(
+            *(one(n % len(user_ids)) for n in range(2 * writers)), return_exceptions=False
+        )
+        commits.clear()
+        started()
         interval = 1.0 / rate
         start = time.perf_counter()
         next_at = start
@@ -344,9 +352,16 @@ async def run_hub(
             collect(workers, results)
             return {"rss_per_conn": (rss_after - rss_before) / len(clients)}
         commits: dict[tuple[int, int], float] = {}
-        go.set()
-        cpu0, t0 = cpu(hub.pid), time.perf_counter()
-        written, achieved = await writer(dsn, user_ids, args.rate, args.seconds, commits)
+        window: dict[str, float] = {}
+
+        def started() -> None:
+            go.set()
+            window["cpu0"], window["t0"] = cpu(hub.pid), time.perf_counter()
+
+        written, achieved = await writer(
+            dsn, user_ids, args.rate, args.seconds, commits, args.writers, started
+        )
+        cpu0, t0 = window["cpu0"], window["t0"]
         await asyncio.sleep(1.0)
         cpu1, t1 = cpu(hub.pid), time.perf_counter()
         stop.set()
@@ -456,6 +471,7 @@ async def main() -> int:
         help="only connect everyone and measure hub RSS per idle connection",
     )
     parser.add_argument("--skip-bare", action="store_true")
+    parser.add_argument("--writers", type=int, default=16, help="concurrent DAL write transactions")
     parser.add_argument(
         "--async-commit",
         action="store_true",

@@ -33,6 +33,7 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from keen_stream.dal.credits import SQL
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.migrate import upgrade
 from keen_stream.settings import Settings
@@ -56,18 +57,16 @@ OTHER_TRIGGERS = """
                        'credit_holds'::regclass)
        AND tgname NOT IN ('credit_transactions_append_only', 'credit_accounts_touch_updated_at')
 """
-# The API's server-side work without the Python client: the same four statements that
-# deduct_credits sends (BEGIN, enter the user's context, the function, COMMIT).
-LEDGER_DEBIT = """\
-\\set aid random(1, {accounts})
-BEGIN;
-SELECT set_config('role', 'keen_app', true),
-       set_config('app.current_user_id', (SELECT user_id::text FROM bench_users WHERE aid = :aid),
-                  true);
-SELECT id FROM keen_credit_deduct((SELECT user_id FROM bench_users WHERE aid = :aid), 0.001,
-                                  5.00, NULL, NULL, 'bench', NULL);
-END;
-"""
+# The API's server-side work without the Python client: the very statement deduct_credits sends
+# (one round trip, its own implicit transaction), with pgbench's variables for the parameters.
+LEDGER_DEBIT = "\\set aid random(1, {accounts})\n" + (
+    SQL["deduct_call"]
+    .replace("$1", "(SELECT user_id::text FROM bench_users WHERE aid = :aid)")
+    .replace("$2", str(COST)).replace("$3", "5.00").replace("$4", "NULL")
+    .replace("$5", "'bench'").replace("$6", "NULL")
+    .replace("{", "{{").replace("}", "}}")
+) + ";\n"
+
 PGBENCH_TABLES = [
     "CREATE TABLE bench_accounts (aid integer PRIMARY KEY, balance numeric(18,6) NOT NULL)",
     "CREATE TABLE bench_history (aid integer NOT NULL, delta numeric(18,6) NOT NULL,"

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
+from keen_stream.dal.database import USER_CALL_ARG
 from keen_stream.dal.models.credits import (
     AutoRechargeRequest,
     CreditBalance,
@@ -77,8 +78,12 @@ _BALANCE_SELECT: Final = """
 
 SQL: Final = {
     # $1 user, $2 claude cost, $3 markup, $4 session row id, $5 session handle, $6 description,
-    # $7 idempotency key.
+    # $7 idempotency key. Inside a caller's user_transaction (deduct_in).
     "deduct": f"SELECT {TX_COLUMNS} FROM keen_credit_deduct($1, $2, $3, $4, $5, $6, $7)",
+    # The public deduction in one round trip (db.user_call): $1 the user (also the acting user),
+    # $2 claude cost, $3 markup, $4 session handle, $5 description, $6 idempotency key.
+    "deduct_call": f"SELECT {TX_COLUMNS} FROM keen_credit_deduct({USER_CALL_ARG},"
+    " $2, $3, NULL, $4, $5, $6)",
     # $1 user, $2 amount, $3 markup, $4 description, $5 stripe payment intent, $6 key.
     "purchase": f"SELECT {TX_COLUMNS} FROM keen_credit_purchase($1, $2, $3, $4, $5, $6)",
     # $1 user, $2 transaction, $3 amount (NULL: all that is left), $4 reason, $5 key.
@@ -232,8 +237,13 @@ class CreditManager:
         """
         uid = parse_uuid(user_id, "user_id")
         session = None if session_row_id is None else parse_uuid(session_row_id, "session_row_id")
-        return await self._deduct(conn, uid, claude_cost_usd, session, None, description,
-                                  idempotency_key)
+        cost = self._charge(claude_cost_usd, "claude_cost_usd")
+        text = _text(description, "description")
+        key = _key(idempotency_key)
+        with translating():
+            row = await conn.fetchrow(SQL["deduct"], uid, cost, self.markup, session, None, text,
+                                      key)
+        return _tx(row)
 
     async def deduct_credits(
         self,
@@ -247,30 +257,16 @@ class CreditManager:
         """Charge a model call: ``amount`` = -(cost x markup). See :meth:`deduct_in`.
 
         ``session_id`` is the session's handle (``agent_sessions.session_id``), or None.
+        One round trip: the function call is the whole (implicit) transaction, acting as
+        ``user_id`` (``KeenDatabase.user_call``).
         """
         uid = parse_uuid(user_id, "user_id")
         handle = _handle(session_id)
-        async with self._db.user_transaction(uid) as conn:
-            return await self._deduct(conn, uid, claude_cost_usd, None, handle, description,
-                                      idempotency_key)
-
-    async def _deduct(
-        self,
-        conn: asyncpg.Connection,
-        uid: uuid.UUID,
-        claude_cost_usd: Any,
-        session_row: uuid.UUID | None,
-        handle: str | None,
-        description: Any,
-        idempotency_key: Any,
-    ) -> CreditTransaction:
         cost = self._charge(claude_cost_usd, "claude_cost_usd")
         text = _text(description, "description")
         key = _key(idempotency_key)
-        with translating():
-            row = await conn.fetchrow(
-                SQL["deduct"], uid, cost, self.markup, session_row, handle, text, key
-            )
+        row = await self._db.user_call(uid, SQL["deduct_call"], cost, self.markup, handle, text,
+                                       key)
         return _tx(row)
 
     # --- purchases, refunds, adjustments -----------------------------------------------------

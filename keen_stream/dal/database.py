@@ -35,7 +35,6 @@ TENANT_TABLES = (
     "agent_sessions",
     "websocket_connections",
     "audit_log",
-    "stream_events",
     "credit_holds",
     "credit_auto_recharge_requests",
 )
@@ -46,6 +45,8 @@ _ENTER_TENANT = (
     "SELECT set_config('role', 'keen_app', true), set_config('app.current_user_id', $1, true)"
 )
 _ENTER_SYSTEM = "SELECT set_config('role', 'keen_system', true)"
+#: The acting user of :meth:`KeenDatabase.user_call`, written as the called function's argument.
+USER_CALL_ARG = "set_config('app.current_user_id', $1, true)::uuid"
 
 _ROLE_SAFETY = """
 SELECT r.rolsuper, r.rolbypassrls,
@@ -258,8 +259,30 @@ class KeenDatabase:
         async with self._transaction(_ENTER_SYSTEM) as conn:
             yield conn
 
+    async def user_call(
+        self, user_id: uuid.UUID | str, query: str, *args: Any
+    ) -> asyncpg.Record | None:
+        """One round trip acting as ``user_id``: ``query`` alone, in its own implicit transaction.
+
+        For calling ONE SECURITY DEFINER function that authorizes by ``keen_current_user_id()``
+        (the ledger's deduction): ``query`` passes :data:`USER_CALL_ARG` (``$1``) as that
+        function's user argument. Arguments are evaluated before the body runs, so the body sees
+        the context; ``set_config(..., true)`` outside BEGIN lasts until the statement's implicit
+        transaction ends, so nothing reaches the next borrower. One message instead of four
+        (BEGIN, context, call, COMMIT). The statement does not run as keen_app (privileges are
+        checked when it starts), so it must not read tenant tables itself: RLS would not filter
+        them. ``tests/integration/test_credits_one_round_trip.py`` holds these claims.
+        """
+        if USER_CALL_ARG not in query:
+            raise ValueError("user_call: the query must pass USER_CALL_ARG to the function")
+        uid = parse_uuid(user_id, "user_id")
+        async with self._transaction(None) as conn:
+            return await conn.fetchrow(query, str(uid), *args)
+
     @asynccontextmanager
-    async def _transaction(self, enter: str, *args: Any) -> AsyncIterator[asyncpg.Connection]:
+    async def _transaction(
+        self, enter: str | None, *args: Any
+    ) -> AsyncIterator[asyncpg.Connection]:
         # Stream-event triggers raise a NOTICE on our connections; after the commit (never
         # inside the transaction) the event readers get a coalesced wake-up (dal/events.py).
         signal = EventSignal()
@@ -271,9 +294,12 @@ class KeenDatabase:
         try:
             conn.add_log_listener(signal)
             with translating():
-                async with conn.transaction():
-                    await conn.execute(enter, *args)
+                if enter is None:  # user_call: the one statement is its own transaction
                     yield conn
+                else:
+                    async with conn.transaction():
+                        await conn.execute(enter, *args)
+                        yield conn
         except (asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError) as exc:
             # Only the connection's own failures: an OSError raised by the caller's code is theirs.
             raise DatabaseUnavailable(f"database connection lost: {exc}") from exc

@@ -8,6 +8,7 @@ to the transport (keen_stream/hub/fanout.py). Other WebSocket paths are refused.
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -47,9 +48,16 @@ class HubApp:
         await self.starlette(scope, receive, send)  # type: ignore[arg-type]
 
 
-def create_app(settings: Settings | None = None, *, db: KeenDatabase | None = None) -> HubApp:
+def create_app(
+    settings: Settings | None = None, *, db: KeenDatabase | None = None, freeze_gc: bool = False
+) -> HubApp:
     """The hub application. ``db``: use this database (not closed at shutdown); default:
-    ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL)."""
+    ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
+
+    ``freeze_gc`` (set by ``keen-stream serve``, which owns its process): after startup, move
+    every object alive into the garbage collector's permanent generation, so full collections
+    no longer walk the imported modules and the app (tens of milliseconds each, during which
+    no frame goes out)."""
     settings = settings or get_settings()
 
     @asynccontextmanager
@@ -60,6 +68,9 @@ def create_app(settings: Settings | None = None, *, db: KeenDatabase | None = No
             await service.start()
             app.state.service = service
             app.state.registry = registry_for(service)
+            if freeze_gc:
+                gc.collect()
+                gc.freeze()
             yield
         finally:
             await service.stop()

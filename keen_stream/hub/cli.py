@@ -47,7 +47,8 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     host = args.host or settings.hub_host
     port = settings.hub_port if args.port is None else args.port
-    server = uvicorn.Server(uvicorn_config(create_app(settings), settings, host=host, port=port))
+    app = create_app(settings, freeze_gc=True)
+    server = uvicorn.Server(uvicorn_config(app, settings, host=host, port=port))
     server.run()
     return 0
 

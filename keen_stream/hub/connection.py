@@ -317,10 +317,20 @@ class Connection:
         fanout.subscribe(client, subscription)
         self._record_subscription(subscription)
         try:
-            pruned = await self.service.db.events.pruned_through()
-            if since < pruned or since > upto:
+            events = self.service.db.events
+            pruned = await events.pruned_through()
+            reason = "since_expired" if since < pruned else None
+            if reason is None and since > upto:
+                # Ahead of this node. Another node may have sent it (this one lags behind the
+                # database): then nothing is missing, and live frames up to `since` are skipped.
+                if since > await events.head():
+                    reason = "since_unknown"
+                else:
+                    client.last_cursor = since
+                    self._send(self._subscribed(ref, subscription, since, recovered=True))
+                    return
+            if reason is not None:
                 client.last_cursor = upto
-                reason = "since_expired" if since < pruned else "since_unknown"
                 self._send(
                     self._subscribed(ref, subscription, upto, recovered=False, reason=reason)
                 )

@@ -221,13 +221,16 @@ class Client:
         """Queue ``frame``; a client over ``limit`` buffered bytes is closed as too slow."""
         if self.closing:
             return False
+        cursor = frame.cursor
+        if cursor is not None and cursor <= self.last_cursor:
+            return True  # already sent (or covered by the client's resume point)
         if self.sender.buffered() > limit:
             self.close(CloseCode.TOO_SLOW, f"too slow; resume with since={self.last_cursor}")
             return False
         if not self.sender.write(frame):
             return False
-        if frame.cursor is not None:
-            self.last_cursor = frame.cursor
+        if cursor is not None:
+            self.last_cursor = cursor
         return True
 
     def close(self, code: int, reason: str) -> None:

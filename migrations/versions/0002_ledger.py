@@ -31,11 +31,7 @@ TABLES = [
     " ADD COLUMN spend_day DATE,"
     " ADD COLUMN spent_day NUMERIC(18,6) NOT NULL DEFAULT 0,"
     " ADD COLUMN spend_month DATE,"
-    " ADD COLUMN spent_month NUMERIC(18,6) NOT NULL DEFAULT 0,"
-    # One constraint, not three: each CHECK is parsed and prepared on every UPDATE statement.
-    " ADD CONSTRAINT credit_accounts_ledger_check"
-    "   CHECK (held_amount >= 0 AND current_balance >= held_amount"
-    "          AND spent_day >= 0 AND spent_month >= 0 AND last_sequence >= 0)",
+    " ADD COLUMN spent_month NUMERIC(18,6) NOT NULL DEFAULT 0",
     """
     CREATE TABLE credit_holds (
         id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -101,30 +97,19 @@ TABLES = [
     UPDATE credit_accounts a SET last_sequence = coalesce(
         (SELECT max(sequence_number) FROM credit_transactions t WHERE t.account_id = a.id), 0)
     """,
-    # The sign of each type, refunds name their charge, keys come with their fingerprint. One
-    # constraint: each CHECK is parsed and prepared on every INSERT statement.
-    "ALTER TABLE credit_transactions ALTER COLUMN sequence_number SET NOT NULL,"
-    " ADD CONSTRAINT credit_transactions_ledger_check CHECK ("
-    "   sequence_number > 0"
-    "   AND (idempotency_key IS NULL) = (idempotency_fingerprint IS NULL)"
-    "   AND (transaction_type = 'refund') = (refunded_transaction_id IS NOT NULL)"
-    "   AND CASE transaction_type"
-    "         WHEN 'purchase' THEN amount > 0 WHEN 'refund' THEN amount > 0"
-    "         WHEN 'usage' THEN amount < 0 WHEN 'admin_bypass' THEN amount = 0"
-    "         ELSE amount <> 0 END)",
+    "ALTER TABLE credit_transactions ALTER COLUMN sequence_number SET NOT NULL",
     "DROP INDEX idx_credit_transactions_account_id",
     # Every index and foreign key is paid on each deduction (docs/performance.md). user_id is
     # implied by account_id (one account per user, both set by the ledger functions and checked
     # by `ledger verify`), and deleting a user still cascades through credit_accounts; per-user
-    # reads go through (account_id, sequence_number). Rare flags get partial indexes, and
-    # created_at (append order) a BRIN index for the analytics' time ranges.
+    # reads go through (account_id, sequence_number). Session charges get a partial index, and
+    # created_at (append order) a BRIN index for the analytics' time ranges. Nothing looks rows
+    # up by is_admin_bypass (the analytics filter it inside a time range), so it has no index.
     "ALTER TABLE credit_transactions DROP CONSTRAINT credit_transactions_user_id_fkey",
     "DROP INDEX idx_credit_transactions_user_id",
     "DROP INDEX idx_credit_transactions_admin_bypass",
     "DROP INDEX idx_credit_transactions_session_id",
     "DROP INDEX idx_credit_transactions_created_at",
-    "CREATE INDEX idx_credit_transactions_admin_bypass ON credit_transactions(created_at)"
-    " WHERE is_admin_bypass",
     "CREATE INDEX idx_credit_transactions_session_id ON credit_transactions(session_id)"
     " WHERE session_id IS NOT NULL",
     "CREATE INDEX idx_credit_transactions_created_at ON credit_transactions USING brin(created_at)",
@@ -168,6 +153,96 @@ TABLES = [
 ]
 
 NEW_TENANT_TABLES = ("credit_holds", "credit_auto_recharge_requests")
+
+# --- row invariants ------------------------------------------------------------------------
+# Every rule the foundation's and the ledger's CHECK constraints stated, as one CHECK per table
+# that calls a function on the whole row. Same rows accepted, same rows refused; the difference
+# is cost. PostgreSQL 15 re-reads each CHECK from its stored node text and plans it for every
+# INSERT/UPDATE statement (ExecRelCheck: stringToNode + expression_planner), and each money
+# function runs its UPDATE and INSERT as fresh statements: the twelve plain CHECKs were ~0.75 M
+# of the ~1.6 M instructions a deduction cost (callgrind), this is ~0.13 M (docs/performance.md).
+# IMMUTABLE PL/pgSQL: never inlined (inlining would re-parse the body per statement), and a
+# NULL result passes as a CHECK's NULL does.
+ROW_CHECKS = [
+    """
+    CREATE FUNCTION keen_credit_account_valid(a credit_accounts) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+    BEGIN
+        -- current_balance >= held_amount >= 0 also says the balance is never negative.
+        RETURN a.current_balance >= a.held_amount AND a.held_amount >= 0
+           AND a.lifetime_purchased >= 0 AND a.lifetime_spent >= 0
+           AND a.spent_day >= 0 AND a.spent_month >= 0 AND a.last_sequence >= 0
+           AND (a.daily_limit IS NULL OR a.daily_limit > 0)
+           AND (a.monthly_limit IS NULL OR a.monthly_limit > 0)
+           AND (a.auto_recharge_threshold IS NULL OR a.auto_recharge_threshold >= 0)
+           AND (a.auto_recharge_amount IS NULL OR a.auto_recharge_amount > 0);
+    END $$
+    """,
+    # The type list, the sign of each type (and admin_bypass = 0), the bypass flag, refunds
+    # naming their charge, keys with their fingerprint, and the foundation's column rules.
+    """
+    CREATE FUNCTION keen_credit_transaction_valid(t credit_transactions) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+    AS $$
+    BEGIN
+        RETURN CASE t.transaction_type
+                   WHEN 'purchase' THEN t.amount > 0
+                   WHEN 'usage' THEN t.amount < 0
+                   WHEN 'refund' THEN t.amount > 0
+                   WHEN 'adjustment' THEN t.amount <> 0
+                   WHEN 'admin_bypass' THEN t.amount = 0
+                   ELSE false END
+           AND t.is_admin_bypass = (t.transaction_type = 'admin_bypass')
+           AND (t.transaction_type = 'refund') = (t.refunded_transaction_id IS NOT NULL)
+           AND (t.idempotency_key IS NULL) = (t.idempotency_fingerprint IS NULL)
+           AND t.sequence_number > 0
+           AND (t.claude_cost_usd IS NULL OR t.claude_cost_usd >= 0)
+           AND (t.keen_markup_multiplier IS NULL OR t.keen_markup_multiplier > 0)
+           AND length(t.description) <= 1000;
+    END $$
+    """,
+    "ALTER TABLE credit_accounts"
+    " DROP CONSTRAINT credit_accounts_balance_nonnegative,"
+    " DROP CONSTRAINT credit_accounts_lifetime_nonnegative,"
+    " DROP CONSTRAINT credit_accounts_limits_positive,"
+    " DROP CONSTRAINT credit_accounts_recharge_positive,"
+    " ADD CONSTRAINT credit_accounts_valid CHECK (keen_credit_account_valid(credit_accounts))",
+    "ALTER TABLE credit_transactions"
+    " DROP CONSTRAINT credit_transactions_type_check,"
+    " DROP CONSTRAINT credit_transactions_claude_cost_check,"
+    " DROP CONSTRAINT credit_transactions_markup_check,"
+    " DROP CONSTRAINT credit_transactions_bypass_check,"
+    " DROP CONSTRAINT credit_transactions_bypass_zero,"
+    " DROP CONSTRAINT credit_transactions_description_length,"
+    " ADD CONSTRAINT credit_transactions_valid"
+    " CHECK (keen_credit_transaction_valid(credit_transactions))",
+]
+# What the downgrade puts back: the foundation's constraints as 0001 wrote them.
+FOUNDATION_CHECKS = [
+    "ALTER TABLE credit_accounts DROP CONSTRAINT IF EXISTS credit_accounts_valid,"
+    " ADD CONSTRAINT credit_accounts_balance_nonnegative CHECK (current_balance >= 0),"
+    " ADD CONSTRAINT credit_accounts_lifetime_nonnegative"
+    "   CHECK (lifetime_purchased >= 0 AND lifetime_spent >= 0),"
+    " ADD CONSTRAINT credit_accounts_limits_positive"
+    "   CHECK ((daily_limit IS NULL OR daily_limit > 0)"
+    "          AND (monthly_limit IS NULL OR monthly_limit > 0)),"
+    " ADD CONSTRAINT credit_accounts_recharge_positive"
+    "   CHECK ((auto_recharge_threshold IS NULL OR auto_recharge_threshold >= 0)"
+    "          AND (auto_recharge_amount IS NULL OR auto_recharge_amount > 0))",
+    "ALTER TABLE credit_transactions DROP CONSTRAINT IF EXISTS credit_transactions_valid,"
+    " ADD CONSTRAINT credit_transactions_type_check CHECK (transaction_type IN"
+    "   ('purchase', 'usage', 'refund', 'adjustment', 'admin_bypass')),"
+    " ADD CONSTRAINT credit_transactions_claude_cost_check"
+    "   CHECK (claude_cost_usd IS NULL OR claude_cost_usd >= 0),"
+    " ADD CONSTRAINT credit_transactions_markup_check CHECK (keen_markup_multiplier > 0),"
+    " ADD CONSTRAINT credit_transactions_bypass_check"
+    "   CHECK (is_admin_bypass = (transaction_type = 'admin_bypass')),"
+    " ADD CONSTRAINT credit_transactions_bypass_zero"
+    "   CHECK (transaction_type <> 'admin_bypass' OR amount = 0),"
+    " ADD CONSTRAINT credit_transactions_description_length"
+    "   CHECK (length(description) <= 1000)",
+]
 
 # --- functions -----------------------------------------------------------------------------
 # Shared pieces, run only inside the SECURITY DEFINER functions below (whose pinned search_path
@@ -1089,6 +1164,9 @@ MONEY_FUNCTIONS = [
 ]
 
 FUNCTION_SIGNATURES = {
+    # CHECK functions run as whoever writes the row: keen_app edits its limits.
+    "keen_credit_account_valid(credit_accounts)": "all",
+    "keen_credit_transaction_valid(credit_transactions)": "system",
     "keen_credits_for(numeric, numeric)": "all",
     "keen_money_check(numeric, text, boolean)": None,
     "keen_ledger_authorize(uuid)": None,
@@ -1153,9 +1231,10 @@ def _policies() -> list[str]:
     return out
 
 
-UPGRADE = [*TABLES, *HELPERS, *MONEY_FUNCTIONS, *_grants(), *_policies()]
+UPGRADE = [*TABLES, *ROW_CHECKS, *HELPERS, *MONEY_FUNCTIONS, *_grants(), *_policies()]
 
 DOWNGRADE = [
+    *FOUNDATION_CHECKS,
     *(f"DROP FUNCTION IF EXISTS {signature}" for signature in reversed(FUNCTION_SIGNATURES)),
     "DROP TABLE IF EXISTS credit_auto_recharge_requests",
     "DROP INDEX IF EXISTS idx_credit_transactions_stripe",
@@ -1176,7 +1255,6 @@ DOWNGRADE = [
     "ALTER TABLE credit_transactions ADD CONSTRAINT credit_transactions_user_id_fkey"
     " FOREIGN KEY (user_id) REFERENCES users(id) ON DELETE CASCADE",
     "ALTER TABLE credit_transactions"
-    " DROP CONSTRAINT IF EXISTS credit_transactions_ledger_check,"
     " DROP COLUMN IF EXISTS hold_id,"
     " DROP COLUMN IF EXISTS refunded_transaction_id,"
     " DROP COLUMN IF EXISTS idempotency_fingerprint,"
@@ -1184,7 +1262,6 @@ DOWNGRADE = [
     " DROP COLUMN IF EXISTS sequence_number",
     "DROP TABLE IF EXISTS credit_holds",
     "ALTER TABLE credit_accounts"
-    " DROP CONSTRAINT IF EXISTS credit_accounts_ledger_check,"
     " DROP COLUMN IF EXISTS spent_month,"
     " DROP COLUMN IF EXISTS spend_month,"
     " DROP COLUMN IF EXISTS spent_day,"

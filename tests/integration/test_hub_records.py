@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import socket
+import sys
 import uuid
 from datetime import timedelta
 
 import asyncpg
+import httpx
 import pytest
 
 from keen_stream.dal.database import KeenDatabase
@@ -182,6 +187,10 @@ async def test_pruning_removes_the_oldest_prefix_and_moves_the_watermark(db, own
 async def test_tenants_can_read_only_their_own_events_and_cannot_write_any(
     db, owner_conn, alice, bob, admin
 ):
+    assert await owner_conn.fetchval(
+        "SELECT relrowsecurity AND relforcerowsecurity FROM pg_class"
+        " WHERE oid = 'stream_events'::regclass"
+    )
     await new_session(db, alice, "a")
     await new_session(db, bob, "b")
     async with db.user_transaction(alice.id) as conn:
@@ -261,21 +270,19 @@ async def test_the_migration_downgrades_and_upgrades_cleanly(fresh_dsn, owner_co
 
 
 async def test_keen_stream_serve_runs_a_hub_node_and_stops_cleanly(fresh_dsn, owner_conn):
-    import os
-    import signal
-    import socket
-    import subprocess
-    import sys
-
-    import httpx
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "KEEN_DATABASE_URL": fresh_dsn}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "keen_stream", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "keen_stream",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        env={**os.environ, "KEEN_DATABASE_URL": fresh_dsn},
     )
     try:
         health = None
@@ -292,8 +299,7 @@ async def test_keen_stream_serve_runs_a_hub_node_and_stops_cleanly(fresh_dsn, ow
         node_id = uuid.UUID(health.json()["node_id"])
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = await asyncio.to_thread(proc.wait, 30)
+        code = await asyncio.wait_for(proc.wait(), 30)
     assert code in (0, -signal.SIGTERM)
-    assert await owner_conn.fetchval("SELECT status FROM hub_nodes WHERE id = $1", node_id) == (
-        "stopped"
-    )
+    status = await owner_conn.fetchval("SELECT status FROM hub_nodes WHERE id = $1", node_id)
+    assert status == "stopped"

@@ -12,7 +12,9 @@ from websockets.asyncio.client import connect
 
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.events import SQL as EVENT_SQL
+from keen_stream.dal.events import read_released
 from keen_stream.dal.models import User
+from keen_stream.dal.models.events import ORIGIN
 from tests.integration.hubkit import (
     open_client,
     running_hub,
@@ -325,3 +327,29 @@ async def test_tail_query_stays_on_the_primary_key(
     rows = await owner_conn.fetch("EXPLAIN " + EVENT_SQL["tail"], 1, 1, 100)
     plan = "\n".join(r[0] for r in rows)
     assert "stream_events_pkey" in plan
+
+
+async def test_resuming_on_a_node_that_lags_behind_skips_what_the_client_already_has(
+    db, fresh_dsn, alice
+):
+    async with running_hub(fresh_dsn) as hub:
+        await new_session(db, alice, "s")
+        await step(db, alice, "s")
+        await wait_for(lambda: hub.service.stats.events_received >= 2, "events read")
+        head = await db.events.head()
+        reader = await db.events.connect_reader("test_reader")
+        try:
+            old = (await read_released(reader, ORIGIN, 10)).events
+        finally:
+            await reader.close()
+        # As if this node had not yet published the last two events (another node had).
+        hub.service.fanout.cursor = ORIGIN
+        c = await open_client(hub.url, await stream_token(db, alice.id))
+        sub = await c.subscribe(since=str(head))
+        assert sub["recovered"] is True and sub["cursor"] == str(head)
+        hub.service.fanout.publish(old)  # the lagging node catches up: nothing is sent twice
+        await step(db, alice, "s", 5)
+        got = await c.events(1)
+        assert got[0]["data"]["iteration_count"] == 6
+        await c.no_event(0.2)
+        await c.close()

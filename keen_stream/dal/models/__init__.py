@@ -6,6 +6,14 @@ from keen_stream.dal.models.analytics import (
     DashboardHour,
     TimeRange,
 )
+from keen_stream.dal.models.connections import (
+    ConnectionBatch,
+    ConnectionClosed,
+    ConnectionOpened,
+    ConnectionRecord,
+    HubNode,
+    SubscriptionChanged,
+)
 from keen_stream.dal.models.credits import (
     AutoRechargeRequest,
     CreditBalance,
@@ -17,6 +25,7 @@ from keen_stream.dal.models.credits import (
     LedgerReport,
     TransactionType,
 )
+from keen_stream.dal.models.events import EVENT_TYPES, Cursor, StreamEvent, TailBatch
 from keen_stream.dal.models.sessions import (
     AgentSession,
     ExecutionStatus,
@@ -40,19 +49,26 @@ from keen_stream.dal.models.users import (
 )
 
 __all__ = [
+    "EVENT_TYPES",
     "AccountStatus",
     "AdminAnalytics",
     "AgentSession",
     "AuthToken",
     "AutoRechargeRequest",
+    "ConnectionBatch",
+    "ConnectionClosed",
+    "ConnectionOpened",
+    "ConnectionRecord",
     "CreditBalance",
     "CreditTransaction",
     "CreditValidation",
+    "Cursor",
     "DailyAnalytics",
     "DashboardHour",
     "ExecutionStatus",
     "Hold",
     "HoldStatus",
+    "HubNode",
     "IssuedToken",
     "LedgerProblem",
     "LedgerReport",
@@ -63,6 +79,9 @@ __all__ = [
     "SessionNode",
     "SessionRollup",
     "SessionTree",
+    "StreamEvent",
+    "SubscriptionChanged",
+    "TailBatch",
     "TimeRange",
     "TokenInfo",
     "TokenType",
