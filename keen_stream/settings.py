@@ -56,6 +56,10 @@ class Settings(BaseSettings):
     # --- event stream and hub (docs/architecture.md explains each) --------------------------
     event_retention: float = Field(default=86_400.0, gt=0)  # seconds events stay resumable
     event_prune_interval: float = Field(default=60.0, gt=0)
+    # Maintenance the hub runs on every node (each job is idempotent, so several nodes may).
+    session_sweep_interval: float = Field(default=60.0, gt=0)
+    hold_sweep_interval: float = Field(default=15.0, gt=0)
+    dashboard_refresh_interval: float = Field(default=300.0, gt=0)  # the seed's 5 minutes
     # The DAL's after-commit wake-up: at most one NOTIFY per this many seconds per process.
     event_notify_interval: float = Field(default=0.002, ge=0)
     listener_fallback_poll: float = Field(default=1.0, gt=0)  # covers writes made outside the DAL

@@ -35,6 +35,7 @@ TENANT_TABLES = (
     "agent_sessions",
     "websocket_connections",
     "audit_log",
+    "stream_events",
     "credit_holds",
     "credit_auto_recharge_requests",
 )

@@ -115,6 +115,11 @@ class HubService:
             self._every(s.hub_node_stale_after / 2, self._reap, "reap"),
             self._every(s.hub_token_recheck_interval, self.recheck_tokens, "token recheck"),
             self._every(s.event_prune_interval, self._prune, "prune"),
+            self._every(s.session_sweep_interval, self._sweep_sessions, "session sweep"),
+            self._every(s.hold_sweep_interval, self._expire_holds, "hold sweep"),
+            self._every(
+                s.dashboard_refresh_interval, self.db.analytics.refresh_dashboard, "dashboard"
+            ),
         ]
 
     async def stop(self) -> None:
@@ -169,6 +174,18 @@ class HubService:
         deleted = await self.db.events.prune()
         if deleted:
             logger.info("pruned %d stream events past retention", deleted)
+
+    async def _sweep_sessions(self) -> None:
+        ended = await self.db.sessions.sweep_timed_out(
+            timedelta(seconds=self.settings.session_idle_timeout)
+        )
+        if ended:
+            logger.info("timed out %d idle agent sessions", len(ended))
+
+    async def _expire_holds(self) -> None:
+        expired = await self.db.credits.expire_holds()
+        if expired:
+            logger.info("expired %d credit holds", expired)
 
     async def recheck_tokens(self) -> None:
         """End connections whose token was revoked or expired, or whose user was deactivated

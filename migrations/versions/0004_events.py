@@ -292,6 +292,15 @@ POLICIES = [
     "ALTER TABLE stream_events FORCE ROW LEVEL SECURITY",
     "CREATE POLICY stream_events_select ON stream_events FOR SELECT TO keen_app"
     " USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))",
+    # keen_app has no INSERT/UPDATE/DELETE grant here (triggers write as keen_system); the
+    # policies keep the one-policy-per-command rule, so a future grant cannot open the table.
+    "CREATE POLICY stream_events_insert ON stream_events FOR INSERT TO keen_app"
+    " WITH CHECK (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))",
+    "CREATE POLICY stream_events_update ON stream_events FOR UPDATE TO keen_app"
+    " USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))"
+    " WITH CHECK (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))",
+    "CREATE POLICY stream_events_delete ON stream_events FOR DELETE TO keen_app"
+    " USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))",
 ]
 
 GRANTS = [

@@ -135,6 +135,8 @@ SPECS: dict[str, TableSpec] = {
         _connection_args,
     ),
     "audit_log": TableSpec("user_id", None, None, False),
+    # Written only by triggers (as keen_system): tenants read their own events.
+    "stream_events": TableSpec("user_id", None, None, False),
 }
 
 
