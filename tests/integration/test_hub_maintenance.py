@@ -14,8 +14,8 @@ from keen_stream.dal.models.sessions import SessionCreate
 from tests.integration.hubkit import running_hub
 
 
-async def _eventually(check, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
+async def _eventually(check, within: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + within
     while not await check():
         assert asyncio.get_running_loop().time() < deadline, "condition never became true"
         await asyncio.sleep(0.05)
