@@ -9,7 +9,9 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from keen_stream import ledger_cli
 from keen_stream.errors import KeenError
+from keen_stream.hub import cli as hub_cli
 from keen_stream.settings import Settings, get_settings
 
 
@@ -79,28 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--email", default=None, help="default: KEEN_ADMIN_EMAIL")
     p.set_defaults(func=cmd_create_admin)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    hub_cli.register(sub)
+    ledger_cli.register(sub)
     return parser
-
-
-def _register_serve(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    try:
-        from keen_stream.hub.cli import register
-    except ImportError:  # the hub is not built yet
-        return
-    register(sub)
-
-
-def _register_ledger(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    try:
-        from keen_stream.ledger_cli import register
-    except ImportError:  # the ledger is not built yet
-        return
-    register(sub)
-
-
-_EXTRA_COMMANDS = (_register_serve, _register_ledger)
 
 
 def main(argv: Sequence[str] | None = None, *, settings: Settings | None = None) -> int:

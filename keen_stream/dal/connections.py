@@ -160,7 +160,7 @@ class ConnectionDAO:
                 os.getpid(),
                 listen_address[:255] if listen_address else None,
             )
-        return HubNode.model_validate(dict(row))  # type: ignore[arg-type]
+        return HubNode.model_validate(dict(row))
 
     async def heartbeat(self, node_id: uuid.UUID) -> bool:
         """Record that the node is alive. False if it was declared dead meanwhile."""

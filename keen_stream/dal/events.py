@@ -300,6 +300,6 @@ class EventDAO:
         while True:
             async with self._db.system_transaction() as conn:
                 deleted = await conn.fetchval(SQL["prune"], keep, batch)
-            total += deleted
+            total += int(deleted)
             if deleted < batch:
                 return total

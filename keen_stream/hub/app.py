@@ -45,7 +45,7 @@ class HubApp:
                 return
             await serve_websocket(service, scope, receive, send)
             return
-        await self.starlette(scope, receive, send)  # type: ignore[arg-type]
+        await self.starlette(scope, receive, send)
 
 
 def create_app(

@@ -196,12 +196,12 @@ class Connection:
                 connection_id=self.connection_id,
                 user_id=info.user_id,
                 token_id=info.token_id,
-                client_ip=self.client_ip,  # type: ignore[arg-type]
+                client_ip=self.client_ip,
                 user_agent=(self.headers.get("user-agent") or "")[:1024] or None,
                 client_type=client_type,
                 admin_connection=info.is_admin,
                 can_view_all_sessions=info.is_admin,
-                hub_node_id=service.node_id,  # type: ignore[arg-type]
+                hub_node_id=service.node_id,
                 connected_at=now,
             )
         )
@@ -236,7 +236,8 @@ class Connection:
         self.service.fanout.remove(client)
         status: ConnectionStatus = "disconnected"
         if client.close_code is not None:
-            code, reason = client.close_code, client.close_reason
+            code: int | None = client.close_code
+            reason = client.close_reason
         else:
             code, reason = self.peer_code, None
             if code in (1006, 1011):
@@ -432,7 +433,7 @@ class Connection:
         self.service.recorder.subscription(
             SubscriptionChanged(
                 connection_id=self.connection_id,
-                subscription_scope=subscription.scope,  # type: ignore[arg-type]
+                subscription_scope=subscription.scope,
                 subscribed_events=(
                     ()
                     if subscription.scope == "none"

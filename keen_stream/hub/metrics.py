@@ -80,5 +80,5 @@ class HubCollector:
 def registry_for(service: HubService) -> CollectorRegistry:
     """A registry of this node's metrics only (not the process-global one: tests run many)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(service))  # type: ignore[arg-type]
+    registry.register(HubCollector(service))
     return registry
