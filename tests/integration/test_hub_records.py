@@ -150,8 +150,9 @@ async def test_a_node_declared_dead_while_alive_revives_itself_and_its_rows(
             "UPDATE hub_nodes SET last_heartbeat_at = now() - interval '1 hour' WHERE id = $1",
             node_id,
         )
+        # The reap closed the node and its one connection row. (Not re-read here: the live
+        # node's next heartbeat, every 0.2 s, may already be reviving it.)
         assert await db.connections.reap(timedelta(seconds=1)) == (1, 1)
-        assert (await db.connections.get(cid)).connection_status == "reaped"
         for _ in range(200):
             if (await db.connections.get_node(node_id)).status == "running":
                 break
