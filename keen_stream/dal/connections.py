@@ -39,6 +39,9 @@ NODE_COLUMNS: Final = (
     "id, hostname, pid, listen_address, started_at, last_heartbeat_at, stopped_at, status"
 )
 
+#: Rows per flush transaction: each holds the event horizon for a few milliseconds at most.
+FLUSH_CHUNK: Final = 100
+
 SQL: Final = {
     # Batches arrive as one JSON array each (rows of different shapes, one parameter).
     "open": """
@@ -197,7 +200,7 @@ class ConnectionDAO:
 
     # --- connection records ----------------------------------------------------------------
     async def flush(self, batch: ConnectionBatch) -> None:
-        """Write one node's accumulated changes in one transaction (opens first, closes last)."""
+        """Write one node's accumulated changes (opens first, closes last)."""
         if not batch:
             return
         opened = [
@@ -224,15 +227,19 @@ class ConnectionDAO:
             }
             for c in batch.closed
         ]
-        async with self._db.system_transaction() as conn:
-            for name, rows in (
-                ("open", opened),
-                ("subscriptions", subs),
-                ("pings", pings),
-                ("close", closed),
-            ):
-                if rows:
-                    await conn.execute(SQL[name], rows)
+        # Short transactions, not one: every write transaction holds the event stream's horizon
+        # (dal/events.py) until it commits, so one transaction writing a thousand rows (a node
+        # start, a reconnect storm) stalled every event behind it (~80 ms, fanout_bench.py).
+        # Order is kept (opens first, closes last); each row's change is independent.
+        for name, rows in (
+            ("open", opened),
+            ("subscriptions", subs),
+            ("pings", pings),
+            ("close", closed),
+        ):
+            for start in range(0, len(rows), FLUSH_CHUNK):
+                async with self._db.system_transaction() as conn:
+                    await conn.execute(SQL[name], rows[start : start + FLUSH_CHUNK])
 
     async def get(self, connection_id: str) -> ConnectionRecord:
         """One record by its connection id (maintenance view: any user's)."""

@@ -35,6 +35,10 @@ _CONNECTION_ERRORS = (
     TimeoutError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A killed backend sends its FATAL before it closes the socket; under load the close can
+    # arrive much later. asyncpg reads the FATAL while idle as a protocol error, and the next
+    # query on that connection fails with InternalClientError (not an InterfaceError).
+    asyncpg.InternalClientError,
     asyncpg.PostgresError,
     DatabaseUnavailable,
 )
@@ -88,6 +92,10 @@ class EventListener:
                 raise
             except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
                 logger.warning("event listener lost its connection: %s", exc or type(exc).__name__)
+            except Exception:
+                # This task is the node's only reader: if it ended, delivery would stop for good
+                # and its exception would surface only at shutdown. Start over from the cursor.
+                logger.exception("event listener failed; reconnecting")
             finally:
                 self.connected = False
                 self.backend_pid = None

@@ -6,11 +6,13 @@ import asyncio
 import json
 import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+import asyncpg
 import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
@@ -164,3 +166,64 @@ async def open_client(
 async def stream_token(db: KeenDatabase, user_id: uuid.UUID, **kwargs: Any) -> str:
     issued = await db.tokens.issue(user_id, "session", scopes=["stream"], **kwargs)
     return issued.token.get_secret_value()
+
+
+@asynccontextmanager
+async def late_close_proxy(
+    dsn: str, server: asyncpg.Connection, *, delay: float
+) -> AsyncIterator[str]:
+    """``dsn`` routed through a TCP proxy to the PostgreSQL ``server`` is connected to.
+
+    Bytes pass at once both ways, but when PostgreSQL closes a connection the client sees the
+    close only ``delay`` seconds later: like a terminated backend that sends its FATAL message
+    and is then slow to exit (a loaded machine), or a network that delivers the FIN late.
+    """
+    where = await server.fetchrow(
+        "SELECT host(inet_server_addr()) AS host, inet_server_port() AS port,"
+        " split_part(current_setting('unix_socket_directories'), ',', 1) AS dir,"
+        " current_setting('port') AS unix_port"
+    )
+    upstream: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+    if where["host"] is not None:
+        upstream = lambda: asyncio.open_connection(where["host"], where["port"])  # noqa: E731
+    else:
+        path = f"{where['dir'].strip()}/.s.PGSQL.{where['unix_port']}"
+        upstream = lambda: asyncio.open_unix_connection(path)  # noqa: E731
+    pipes: set[asyncio.Task[None]] = set()
+
+    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, late: float) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+            await asyncio.sleep(late)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_reader, up_writer = await upstream()
+        except OSError:
+            writer.close()
+            return
+        for task in (pipe(reader, up_writer, 0), pipe(up_reader, writer, delay)):
+            t = asyncio.create_task(task)
+            pipes.add(t)
+            t.add_done_callback(pipes.discard)
+
+    proxy = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = proxy.sockets[0].getsockname()[1]
+    parts = urlsplit(dsn)
+    user = parts.netloc.rpartition("@")[0] or await server.fetchval("SELECT current_user")
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")])
+    query = f"?{query}" if query else ""
+    try:
+        yield f"{parts.scheme}://{user}@127.0.0.1:{port}{parts.path}{query}"
+    finally:
+        proxy.close()
+        for t in list(pipes):
+            t.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
+        await proxy.wait_closed()

@@ -16,6 +16,7 @@ from keen_stream.dal.events import read_released
 from keen_stream.dal.models import User
 from keen_stream.dal.models.events import ORIGIN
 from tests.integration.hubkit import (
+    late_close_proxy,
     open_client,
     running_hub,
     stream_token,
@@ -230,6 +231,36 @@ async def test_killing_the_listener_while_events_are_written_loses_and_skips_not
         await c.close()
 
 
+async def test_a_killed_listener_whose_close_arrives_late_reconnects_and_loses_nothing(
+    db, fresh_dsn, owner_conn, alice
+):
+    # A terminated backend sends its FATAL message, then exits and closes the socket; on a
+    # loaded machine the close can come much later. asyncpg reads the FATAL while idle as a
+    # protocol error, and a read in the gap failed with InternalClientError, which the listener
+    # did not expect: its task ended and the node delivered nothing more.
+    async with (
+        late_close_proxy(fresh_dsn, owner_conn, delay=1.0) as dsn,
+        running_hub(dsn) as hub,
+    ):
+        await new_session(db, alice, "s")
+        c = await open_client(hub.url, await stream_token(db, alice.id))
+        await c.subscribe(events=["session.progress"])
+        await step(db, alice, "s", 1)
+        assert (await c.events(1))[0]["data"]["iteration_count"] == 1
+        listener = hub.service.listener
+        pid = listener.backend_pid
+        assert await owner_conn.fetchval("SELECT pg_terminate_backend($1)", pid)
+        # The listener polls every 0.2 s, so it reads inside the 1 s before the close arrives.
+        await wait_for(lambda: listener.backend_pid not in (None, pid), "listener reconnected")
+        for _ in range(3):
+            await step(db, alice, "s", 1)
+        got = await c.events(3)
+        assert [e["data"]["iteration_count"] for e in got] == [2, 3, 4]
+        await c.no_event(0.3)
+        assert listener.reconnects >= 1
+        await c.close()
+
+
 async def test_a_slow_consumer_is_closed_and_resumes_while_others_get_everything(
     db, fresh_dsn, owner_conn, alice
 ):
@@ -283,9 +314,16 @@ async def test_events_written_outside_the_dal_arrive_by_the_fallback_poll(
 ):
     async with running_hub(fresh_dsn, listener_fallback_poll=0.3) as hub:
         session = await new_session(db, alice, "s")
+        # Its event and its NOTIFY must be behind us before we subscribe and count (under load
+        # either could otherwise arrive after).
+        listener = hub.service.listener
+        await wait_for(
+            lambda: hub.service.stats.events_received >= 1 and listener.notifications >= 1,
+            "session.created read and its NOTIFY received",
+        )
         c = await open_client(hub.url, await stream_token(db, alice.id))
         await c.subscribe()
-        before = hub.service.listener.notifications
+        before = listener.notifications
         await owner_conn.execute(
             "UPDATE agent_sessions SET current_phase = 'PLAN' WHERE id = $1", session.id
         )
