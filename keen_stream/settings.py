@@ -43,6 +43,13 @@ class Settings(BaseSettings):
     # --- money -----------------------------------------------------------------------------
     credit_markup: Decimal = Field(default=Decimal("5.00"), gt=0, max_digits=4, decimal_places=2)
 
+    # Deductions from concurrent callers share a transaction when they have to wait anyway
+    # (dal/batching.py): at most this many deduction statements run at once per process, and
+    # callers arriving meanwhile leave together, up to ledger_batch_max per statement.
+    # ledger_batch_max = 1 turns batching off (every deduction its own statement, unlimited).
+    ledger_batch_max: int = Field(default=32, ge=1, le=50)
+    ledger_max_in_flight: int = Field(default=2, ge=1)
+
     # --- agent sessions --------------------------------------------------------------------
     max_session_depth: int = Field(default=10, ge=0, le=1000)  # 0 = no sub-agents
     # Seconds without progress after which the sweep marks a running session timed_out.

@@ -1,6 +1,7 @@
 """Ledger throughput: public-API deductions vs pgbench's plain debit, on the same server, same run.
 
     python load_tests/ledger_bench.py [--dsn DSN] [--seconds N] [--accounts N] [--keys]
+                                      [--ledger-only] [--unbatched]
 
 Creates a scratch database (migrated with keen_stream.migrate.upgrade, so any triggers later
 migrations add are included), runs each workload for ``--seconds`` and drops the database.
@@ -10,7 +11,8 @@ row) at 8 and 32 clients, their ratio (target: >= 0.8 at 32), pgbench running th
 API sends (to separate the server's work from the Python client's), and the hot case where
 every caller deducts from one account. Absolute numbers drift between runs on shared machines:
 read the ratios. ``--keys`` adds a run where every deduction carries an idempotency key;
-``--ledger-only`` disables triggers other areas put on the ledger's tables.
+``--ledger-only`` disables triggers other areas put on the ledger's tables; ``--unbatched`` adds
+a run of the API with deduction batching off (``ledger_batch_max=1``), for comparison.
 """
 
 from __future__ import annotations
@@ -184,6 +186,8 @@ async def main() -> int:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--keys", action="store_true", help="also run with idempotency keys")
+    parser.add_argument("--unbatched", action="store_true",
+                        help="also run the API at 32 callers with batching off")
     parser.add_argument(
         "--ledger-only",
         action="store_true",
@@ -215,13 +219,24 @@ async def main() -> int:
         finally:
             await db.close()
 
-        async def api(callers: int, accounts: list[uuid.UUID], keys: bool = False) -> float:
+        async def api(
+            callers: int, accounts: list[uuid.UUID], keys: bool = False, batch: bool = True
+        ) -> float:
             # A pool per run, closed before pgbench runs again: 2 x 32 connections could exceed
             # a shared server's max_connections.
-            db = await KeenDatabase.connect(settings=settings, migrate=False)
+            run_settings = settings if batch else settings.model_copy(
+                update={"ledger_batch_max": 1})
+            db = await KeenDatabase.connect(settings=run_settings, migrate=False)
             try:
                 await api_run(db, accounts, callers, 1.0)  # warm statements and plan caches
-                return await api_run(db, accounts, callers, secs, keys=keys)
+                before = db.credits.batch_stats()
+                tps = await api_run(db, accounts, callers, secs, keys=keys)
+                stats = {k: v - before[k] for k, v in db.credits.batch_stats().items()}
+                size = stats["batched_items"] / stats["batches"] if stats["batches"] else 0
+                print(f"  api, {callers} callers on {len(accounts)} account(s): {tps:,.0f}/s;"
+                      f" {stats['singles']:,} alone, {stats['batched_items']:,} in"
+                      f" {stats['batches']:,} batches (mean {size:.1f})", flush=True)
+                return tps
             finally:
                 await db.close()
 
@@ -235,6 +250,8 @@ async def main() -> int:
         r["sql hot"] = pgbench(dsn, 32, secs, 1, LEDGER_DEBIT)
         if args.keys:
             r["api keys 32"] = await api(32, users, keys=True)
+        if args.unbatched:
+            r["api unbatched 32"] = await api(32, users, batch=False)
         db = await KeenDatabase.connect(settings=settings, migrate=False)
         try:
             report = await db.credits.verify_ledger()
@@ -267,6 +284,10 @@ async def main() -> int:
     row("  ratio", "", "sql hot ratio", ".2f")
     if "api keys 32" in r:
         row("deduct_credits with idempotency keys", "", "api keys 32")
+    if "api unbatched 32" in r:
+        r["unbatched ratio"] = r["api unbatched 32"] / r["pgbench 32"]
+        row("deduct_credits, batching off (KEEN_LEDGER_BATCH_MAX=1)", "", "api unbatched 32")
+        row("  ratio", "", "unbatched ratio", ".2f")
     print(f"\nledger verify: {report.transactions} transactions, "
           f"{'clean' if report.ok else f'{len(report.problems)} PROBLEMS'}")
     met = "met" if r["ratio 32"] >= 0.8 else "NOT met"

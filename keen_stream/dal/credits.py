@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from decimal import ROUND_CEILING, Decimal
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 import asyncpg
 
+from keen_stream.dal.batching import Batcher
 from keen_stream.dal.database import USER_CALL_ARG
 from keen_stream.dal.models.credits import (
     AutoRechargeRequest,
@@ -31,7 +32,7 @@ from keen_stream.dal.models.credits import (
     LedgerReport,
     TransactionType,
 )
-from keen_stream.dal.pgerrors import translating
+from keen_stream.dal.pgerrors import from_fields, translating
 from keen_stream.dal.validation import MONEY_MAX, MONEY_QUANTUM, parse_money, parse_uuid
 from keen_stream.errors import InvalidAmount, InvalidIdentifier, InvalidInput, NotFound
 
@@ -52,6 +53,7 @@ TX_COLUMNS: Final = (
     "description, metadata, is_admin_bypass, idempotency_key, refunded_transaction_id, "
     "hold_id, created_at"
 )
+TX_NAMES: Final = tuple(column.strip() for column in TX_COLUMNS.split(","))
 HOLD_COLUMNS: Final = (
     "id, user_id, account_id, session_id, budget_root_id, status, estimated_claude_cost_usd, "
     "keen_markup_multiplier, estimated_credits, amount, is_admin_bypass, description, "
@@ -84,6 +86,12 @@ SQL: Final = {
     # $2 claude cost, $3 markup, $4 session handle, $5 description, $6 idempotency key.
     "deduct_call": f"SELECT {TX_COLUMNS} FROM keen_credit_deduct({USER_CALL_ARG},"
     " $2, $3, NULL, $4, $5, $6)",
+    # Many callers' deductions in one statement (migration 0005): $1 users, $2 claude costs,
+    # $3 markup, $4 session handles, $5 descriptions, $6 idempotency keys (arrays, same length).
+    # One row per item, by ``ord``: its error's fields, or its ledger row.
+    "deduct_many": "SELECT ord, error_state, error_message, error_detail, error_constraint, "
+    + ", ".join(f"(r.tx).{column}" for column in TX_NAMES)
+    + " FROM keen_credit_deduct_many($1, $2, $3, $4, $5, $6) r",
     # $1 user, $2 amount, $3 markup, $4 description, $5 stripe payment intent, $6 key.
     "purchase": f"SELECT {TX_COLUMNS} FROM keen_credit_purchase($1, $2, $3, $4, $5, $6)",
     # $1 user, $2 transaction, $3 amount (NULL: all that is left), $4 reason, $5 key.
@@ -124,17 +132,20 @@ SQL: Final = {
          WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
          ORDER BY created_at DESC, id LIMIT $3""",
     # Plain UPDATEs under RLS: keen_app holds UPDATE on exactly these columns. $2/$4 say
-    # whether to change the limit (so None can mean "no limit").
+    # whether to change the limit (so None can mean "no limit"). No trigger keeps updated_at
+    # (0005 dropped it from the hot path): every writer of credit_accounts sets it.
     "set_limits": """
         UPDATE credit_accounts
            SET daily_limit = CASE WHEN $2 THEN $3 ELSE daily_limit END,
-               monthly_limit = CASE WHEN $4 THEN $5 ELSE monthly_limit END
+               monthly_limit = CASE WHEN $4 THEN $5 ELSE monthly_limit END,
+               updated_at = now()
          WHERE user_id = $1 RETURNING id""",
     "set_auto_recharge": """
         UPDATE credit_accounts
            SET auto_recharge_enabled = coalesce($2, auto_recharge_enabled),
                auto_recharge_threshold = coalesce($3, auto_recharge_threshold),
-               auto_recharge_amount = coalesce($4, auto_recharge_amount)
+               auto_recharge_amount = coalesce($4, auto_recharge_amount),
+               updated_at = now()
          WHERE user_id = $1 RETURNING id""",
     "recharge_requests": """
         SELECT id, user_id, account_id, transaction_id, balance_after, threshold,
@@ -148,6 +159,20 @@ SQL: Final = {
                (SELECT count(*) FROM credit_transactions) AS transactions,
                (SELECT count(*) FROM credit_holds WHERE status = 'active') AS active_holds""",
 }
+
+
+class _Deduction(NamedTuple):
+    """A validated deduction on its way to the database."""
+
+    user_id: uuid.UUID
+    cost: Decimal
+    handle: str | None
+    description: str | None
+    key: str | None
+
+
+#: An item that failed with these (deadlock, serialization failure) is retried alone.
+_RETRY_ALONE: Final = frozenset({"40P01", "40001"})
 
 
 def credits_for(claude_cost: Decimal, markup: Decimal) -> Decimal:
@@ -204,6 +229,28 @@ class CreditManager:
 
     def __init__(self, db: KeenDatabase) -> None:
         self._db = db
+        settings = db.settings
+        self._deductions: Batcher[_Deduction, CreditTransaction] | None = None
+        if settings.ledger_batch_max > 1:
+            self._deductions = Batcher(
+                self._deduct_one,
+                self._deduct_many,
+                max_batch=settings.ledger_batch_max,
+                max_in_flight=settings.ledger_max_in_flight,
+                conflict_key=lambda d: d.user_id,  # one account per user
+            )
+
+    def batch_stats(self) -> dict[str, int]:
+        """Deductions sent alone, batches sent and the deductions they held (since start)."""
+        b = self._deductions
+        if b is None:
+            return {"singles": 0, "batches": 0, "batched_items": 0}
+        return {"singles": b.singles, "batches": b.batches, "batched_items": b.batched_items}
+
+    async def drain(self) -> None:
+        """Wait for the deduction batches in flight (``KeenDatabase.close`` calls it)."""
+        if self._deductions is not None:
+            await self._deductions.drain()
 
     @property
     def markup(self) -> Decimal:
@@ -260,14 +307,62 @@ class CreditManager:
         One round trip: the function call is the whole (implicit) transaction, acting as
         ``user_id`` (``KeenDatabase.user_call``).
         """
-        uid = parse_uuid(user_id, "user_id")
-        handle = _handle(session_id)
-        cost = self._charge(claude_cost_usd, "claude_cost_usd")
-        text = _text(description, "description")
-        key = _key(idempotency_key)
-        row = await self._db.user_call(uid, SQL["deduct_call"], cost, self.markup, handle, text,
-                                       key)
+        item = _Deduction(
+            parse_uuid(user_id, "user_id"),
+            self._charge(claude_cost_usd, "claude_cost_usd"),
+            _handle(session_id),
+            _text(description, "description"),
+            _key(idempotency_key),
+        )
+        if self._deductions is None:
+            return await self._deduct_one(item)
+        return await self._deductions.submit(item)
+
+    async def _deduct_one(self, d: _Deduction) -> CreditTransaction:
+        row = await self._db.user_call(d.user_id, SQL["deduct_call"], d.cost, self.markup,
+                                       d.handle, d.description, d.key)
         return _tx(row)
+
+    async def _deduct_many(
+        self, items: Sequence[_Deduction]
+    ) -> list[CreditTransaction | BaseException]:
+        """Callers' deductions that waited for a slot, in one statement and one commit.
+
+        Each item is charged in its own subtransaction, as its own user, by the same
+        deduction as a single call; a refused item is its caller's error alone. Items go in
+        user order, the order in which every transaction takes account rows (0005 explains the
+        lock order); the sort is stable, and two calls can share a batch only if they were
+        made concurrently, so nobody's sequence of calls is reordered.
+        """
+        order = sorted(range(len(items)), key=lambda i: items[i].user_id)
+        ordered = [items[i] for i in order]
+        rows = await self._db.system_call(
+            SQL["deduct_many"],
+            [d.user_id for d in ordered],
+            [d.cost for d in ordered],
+            self.markup,
+            [d.handle for d in ordered],
+            [d.description for d in ordered],
+            [d.key for d in ordered],
+        )
+        outcomes: list[CreditTransaction | BaseException] = [
+            RuntimeError("ledger: the batch returned no row for this deduction")
+        ] * len(items)
+        for row in rows:
+            at = order[row["ord"] - 1]
+            if row["error_state"] is None:
+                outcomes[at] = CreditTransaction.model_validate({k: row[k] for k in TX_NAMES})
+            elif row["error_state"] in _RETRY_ALONE:
+                # Lost a lock race with another kind of transaction (a session ending, say):
+                # only this item was undone; it runs again on its own.
+                try:
+                    outcomes[at] = await self._deduct_one(items[at])
+                except Exception as exc:
+                    outcomes[at] = exc
+            else:
+                outcomes[at] = from_fields(row["error_state"], row["error_message"],
+                                           row["error_detail"], row["error_constraint"])
+        return outcomes
 
     # --- purchases, refunds, adjustments -----------------------------------------------------
     async def add_credits(

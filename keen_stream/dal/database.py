@@ -184,6 +184,7 @@ class KeenDatabase:
         return db
 
     async def close(self) -> None:
+        await self.credits.drain()
         await self.events.close()
         await self.pool.close()
         if self._embedded is not None:
@@ -279,6 +280,18 @@ class KeenDatabase:
         uid = parse_uuid(user_id, "user_id")
         async with self._transaction(None) as conn:
             return await conn.fetchrow(query, str(uid), *args)
+
+    async def system_call(self, query: str, *args: Any) -> list[asyncpg.Record]:
+        """One round trip, ``query`` alone in its own implicit transaction, as the login role.
+
+        For SECURITY DEFINER functions that only the system context may execute and that
+        authorize each item themselves (the ledger's batched deduction sets each item's user
+        before charging it). Like :meth:`user_call`, the statement itself must not read tenant
+        tables: RLS would not filter them.
+        """
+        async with self._transaction(None) as conn:
+            rows: list[asyncpg.Record] = await conn.fetch(query, *args)
+            return rows
 
     @asynccontextmanager
     async def _transaction(

@@ -68,6 +68,20 @@ def translate(exc: asyncpg.PostgresError) -> KeenError | None:
     return None
 
 
+def from_fields(
+    sqlstate: str, message: str, detail: str | None = None, constraint: str | None = None
+) -> Exception:
+    """The error a statement would have raised, from fields a PL/pgSQL handler caught.
+
+    ``GET STACKED DIAGNOSTICS`` in a batch function hands back an item's error as text; this
+    rebuilds the asyncpg exception (asyncpg's own constructor for server errors) and translates
+    it like any other, so a batched call fails exactly as the same call made alone would.
+    """
+    fields = {"C": sqlstate, "M": message, "D": detail, "n": constraint}
+    exc = asyncpg.PostgresError.new({k: v for k, v in fields.items() if v is not None})
+    return translate(exc) or exc
+
+
 def _details(exc: asyncpg.PostgresError) -> dict[str, Any]:
     """Server-side raisers may put a JSON object in DETAIL; it becomes the error's details."""
     detail = getattr(exc, "detail", None)
