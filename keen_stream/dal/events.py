@@ -242,7 +242,9 @@ class EventDAO:
             },
         )
         try:
-            await conn.execute(SQL["enter_system"])
+            # Under a timeout like every other step: a connection that dies silently right
+            # after connecting must not hang its reader (TCP alone can take minutes to notice).
+            await conn.execute(SQL["enter_system"], timeout=settings.connect_timeout)
         except BaseException:
             conn.terminate()
             raise

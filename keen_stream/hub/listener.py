@@ -119,8 +119,9 @@ class EventListener:
             self._wake.set()
 
         conn.add_termination_listener(on_terminate)
-        await conn.add_listener(CHANNEL, on_notify)
         timeout = settings.listener_probe_timeout
+        # LISTEN is a round trip too: a connection that died silently must not hang it.
+        await asyncio.wait_for(conn.add_listener(CHANNEL, on_notify), timeout)
         if self.cursor is None:
             row = await conn.fetchrow(SQL["head"], timeout=timeout)
             self.cursor = ORIGIN if row is None else Cursor(row["xid"], row["id"])

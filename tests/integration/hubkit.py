@@ -170,14 +170,27 @@ async def stream_token(db: KeenDatabase, user_id: uuid.UUID, **kwargs: Any) -> s
 
 @asynccontextmanager
 async def late_close_proxy(
-    dsn: str, server: asyncpg.Connection, *, delay: float
+    dsn: str, server: asyncpg.Connection, *, delay: float, stall_first: bytes | None = None
 ) -> AsyncIterator[str]:
     """``dsn`` routed through a TCP proxy to the PostgreSQL ``server`` is connected to.
 
     Bytes pass at once both ways, but when PostgreSQL closes a connection the client sees the
     close only ``delay`` seconds later: like a terminated backend that sends its FATAL message
     and is then slow to exit (a loaded machine), or a network that delivers the FIN late.
+    ``stall_first``: the first connection whose startup message contains these bytes (an
+    application_name, say) goes silent once logged in: nothing the client sends after the
+    server's first ReadyForQuery reaches the server, and no error ever comes back (a
+    connection that died silently). TLS is off so the startup message can be read.
     """
+    stalled = False
+
+    def should_stall(first_chunk: bytes) -> bool:
+        nonlocal stalled
+        if stall_first is None or stalled or stall_first not in first_chunk:
+            return False
+        stalled = True
+        return True
+
     where = await server.fetchrow(
         "SELECT host(inet_server_addr()) AS host, inet_server_port() AS port,"
         " split_part(current_setting('unix_socket_directories'), ',', 1) AS dir,"
@@ -202,13 +215,49 @@ async def late_close_proxy(
         finally:
             dst.close()
 
+    async def silent_after_login(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, logged_in: asyncio.Event
+    ) -> None:
+        try:
+            while data := await src.read(65536):
+                if not logged_in.is_set():
+                    dst.write(data)
+                    await dst.drain()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    async def watch_login(
+        src: asyncio.StreamReader, dst: asyncio.StreamWriter, logged_in: asyncio.Event
+    ) -> None:
+        try:
+            while data := await src.read(65536):
+                dst.write(data)
+                await dst.drain()
+                if b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery
+                    logged_in.set()
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await upstream()
         except OSError:
             writer.close()
             return
-        for task in (pipe(reader, up_writer, 0), pipe(up_reader, writer, delay)):
+        first = await reader.read(65536)  # the startup message (TLS is off)
+        up_writer.write(first)
+        tasks: tuple[Awaitable[None], ...]
+        if should_stall(first):
+            logged_in = asyncio.Event()
+            tasks = (silent_after_login(reader, up_writer, logged_in),
+                     watch_login(up_reader, writer, logged_in))
+        else:
+            tasks = (pipe(reader, up_writer, 0), pipe(up_reader, writer, delay))
+        for task in tasks:
             t = asyncio.create_task(task)
             pipes.add(t)
             t.add_done_callback(pipes.discard)
@@ -217,7 +266,8 @@ async def late_close_proxy(
     port = proxy.sockets[0].getsockname()[1]
     parts = urlsplit(dsn)
     user = parts.netloc.rpartition("@")[0] or await server.fetchval("SELECT current_user")
-    query = urlencode([(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port")])
+    params = [(k, v) for k, v in parse_qsl(parts.query) if k not in ("host", "port", "sslmode")]
+    query = urlencode([*params, ("sslmode", "disable")])
     query = f"?{query}" if query else ""
     try:
         yield f"{parts.scheme}://{user}@127.0.0.1:{port}{parts.path}{query}"

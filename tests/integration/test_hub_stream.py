@@ -261,6 +261,30 @@ async def test_a_killed_listener_whose_close_arrives_late_reconnects_and_loses_n
         await c.close()
 
 
+async def test_a_listener_connection_that_goes_silent_after_login_is_replaced(
+    db, fresh_dsn, owner_conn, alice
+):
+    # The listener's first connection logs in, then nothing it sends arrives and nothing comes
+    # back (a connection that died silently). Its next steps (SET ROLE, LISTEN) run under
+    # timeouts, so it gives up on that connection and connects again instead of hanging.
+    async with (
+        late_close_proxy(fresh_dsn, owner_conn, delay=0, stall_first=b"keen_stream_listener")
+        as dsn,
+        running_hub(dsn, connect_timeout=1.0, listener_probe_timeout=1.0) as hub,
+    ):
+        listener = hub.service.listener
+        await wait_for(lambda: listener.connected, "listener connected")
+        assert listener.reconnects >= 1  # the silent connection was dropped
+        await new_session(db, alice, "s")
+        c = await open_client(hub.url, await stream_token(db, alice.id))
+        await c.subscribe(events=["session.progress"])
+        for _ in range(3):
+            await step(db, alice, "s", 1)
+        got = await c.events(3)
+        assert [e["data"]["iteration_count"] for e in got] == [1, 2, 3]
+        await c.close()
+
+
 async def test_a_slow_consumer_is_closed_and_resumes_while_others_get_everything(
     db, fresh_dsn, owner_conn, alice
 ):
