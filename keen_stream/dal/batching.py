@@ -89,7 +89,10 @@ class Batcher(Generic[T, R]):
     async def drain(self) -> None:
         """Wait until every batch sent so far has finished (on shutdown)."""
         while self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # asyncio.wait, not gather: a cancelled drain (a shutdown deadline) must not cancel
+            # the batches. Cancelled before its first step, a batch task never runs its
+            # ``finally``: its callers would wait for ever and its slot would stay taken.
+            await asyncio.wait(set(self._tasks))
 
     def _dispatch(self) -> None:
         self._dispatch_soon = False

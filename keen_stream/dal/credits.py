@@ -194,10 +194,23 @@ def _hold(row: asyncpg.Record) -> Hold:
     return Hold.model_validate(dict(row))
 
 
+def _storable(value: str) -> bool:
+    """PostgreSQL text holds no NUL and only encodable characters. Checked here, per call: in
+    a batch (``_deduct_many``) one caller's unsendable string would fail every item's bind."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
+
+
 def _text(value: Any, what: str, *, max_length: int = 1000, required: bool = True) -> str | None:
     if value is None and not required:
         return None
-    if not isinstance(value, str) or len(value) > max_length or (required and not value.strip()):
+    if (not isinstance(value, str) or len(value) > max_length
+            or (required and not value.strip()) or not _storable(value)):
         raise InvalidInput(f"{what} must be a non-empty string of at most {max_length}"
                            " characters", field=what)
     return value
@@ -206,7 +219,7 @@ def _text(value: Any, what: str, *, max_length: int = 1000, required: bool = Tru
 def _key(value: Any) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not 1 <= len(value) <= 255:
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not _storable(value):
         raise InvalidInput("idempotency_key must be a string of 1 to 255 characters",
                            field="idempotency_key")
     return value
@@ -336,15 +349,23 @@ class CreditManager:
         """
         order = sorted(range(len(items)), key=lambda i: items[i].user_id)
         ordered = [items[i] for i in order]
-        rows = await self._db.system_call(
-            SQL["deduct_many"],
-            [d.user_id for d in ordered],
-            [d.cost for d in ordered],
-            self.markup,
-            [d.handle for d in ordered],
-            [d.description for d in ordered],
-            [d.key for d in ordered],
-        )
+        try:
+            rows = await self._db.system_call(
+                SQL["deduct_many"],
+                [d.user_id for d in ordered],
+                [d.cost for d in ordered],
+                self.markup,
+                [d.handle for d in ordered],
+                [d.description for d in ordered],
+                [d.key for d in ordered],
+            )
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate not in _RETRY_ALONE:
+                raise
+            # The batch lost a lock race outside any item (its key and budget pre-locks, e.g.
+            # against keen_credit_expire_holds giving budgets back in another order): the
+            # statement wrote nothing, and alone each call would have waited and gone on.
+            return [await self._outcome_alone(d) for d in items]
         outcomes: list[CreditTransaction | BaseException] = [
             RuntimeError("ledger: the batch returned no row for this deduction")
         ] * len(items)
@@ -355,14 +376,17 @@ class CreditManager:
             elif row["error_state"] in _RETRY_ALONE:
                 # Lost a lock race with another kind of transaction (a session ending, say):
                 # only this item was undone; it runs again on its own.
-                try:
-                    outcomes[at] = await self._deduct_one(items[at])
-                except Exception as exc:
-                    outcomes[at] = exc
+                outcomes[at] = await self._outcome_alone(items[at])
             else:
                 outcomes[at] = from_fields(row["error_state"], row["error_message"],
                                            row["error_detail"], row["error_constraint"])
         return outcomes
+
+    async def _outcome_alone(self, d: _Deduction) -> CreditTransaction | BaseException:
+        try:
+            return await self._deduct_one(d)
+        except Exception as exc:
+            return exc
 
     # --- purchases, refunds, adjustments -----------------------------------------------------
     async def add_credits(

@@ -198,8 +198,15 @@ class EventNotifier:
             await asyncio.wait({task}, timeout=self._connect_timeout)
             if not task.done():
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await task
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # close() itself was cancelled: not ours to swallow
+                # Cancelled mid-query: the connection's state is unknown; do not reuse or
+                # politely close it.
+                await self._drop_connection()
         self._closed = True
         if self._conn is not None:
             await self._conn.close()

@@ -77,7 +77,9 @@ def from_fields(
     rebuilds the asyncpg exception (asyncpg's own constructor for server errors) and translates
     it like any other, so a batched call fails exactly as the same call made alone would.
     """
-    fields = {"C": sqlstate, "M": message, "D": detail, "n": constraint}
+    # GET STACKED DIAGNOSTICS reports a missing detail or constraint as '', not NULL: drop
+    # them, as the server's own error message would (else e.g. constraint='' in the details).
+    fields = {"C": sqlstate, "M": message, "D": detail or None, "n": constraint or None}
     exc = asyncpg.PostgresError.new({k: v for k, v in fields.items() if v is not None})
     return translate(exc) or exc
 

@@ -75,6 +75,7 @@ class EventListener:
         self.lag = 0.0
         self.last_read_at: float | None = None
         self.notifications = 0
+        self._delivered = False  # a read went through on the current connection
 
     def wake(self) -> None:
         self._wake.set()
@@ -84,9 +85,9 @@ class EventListener:
         attempt = 0
         while True:
             conn: asyncpg.Connection | None = None
+            self._delivered = False
             try:
                 conn = await self._events.connect_reader()
-                attempt = 0
                 await self._tail(conn)
             except asyncio.CancelledError:
                 raise
@@ -102,6 +103,11 @@ class EventListener:
                 if conn is not None and not conn.is_closed():
                     conn.terminate()
             self.reconnects += 1
+            # The backoff starts over only after a read was delivered on that connection: a
+            # failure that repeats right after every connect (a bad event, a broken reader)
+            # must back off, not reconnect and log twenty times a second.
+            if self._delivered:
+                attempt = 0
             delay = min(self._settings.listener_backoff_max, 0.05 * 2**attempt)
             attempt += 1
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
@@ -143,8 +149,9 @@ class EventListener:
                 last = batch.events[-1]
                 self.cursor = last.cursor
                 self.lag = max(0.0, time.time() - last.created_at.timestamp())
-                if len(batch.events) == self._batch_size:
-                    continue
+            self._delivered = True
+            if len(batch.events) == self._batch_size:
+                continue
             if batch.pending:
                 # Rows wait behind a running transaction. Its commit may send no NOTIFY (it may
                 # write no events: a NOTIFY transaction, a token touch), so re-read soon; back off

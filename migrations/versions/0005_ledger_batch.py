@@ -121,7 +121,9 @@ UPGRADE = [
                            JOIN agent_sessions s ON s.session_id = i.handle
                                                 AND s.user_id = i.user_id)
           ORDER BY r.id
-          FOR UPDATE OF r;
+          -- the lock the budget's own UPDATE takes; FOR UPDATE would also hold off foreign-key
+          -- checks on the root (a new sub-session) for the whole batch
+          FOR NO KEY UPDATE OF r;
         FOR i IN 1 .. n LOOP
             ord := i;
             BEGIN

@@ -415,3 +415,28 @@ async def test_resuming_on_a_node_that_lags_behind_skips_what_the_client_already
         assert got[0]["data"]["iteration_count"] == 6
         await c.no_event(0.2)
         await c.close()
+
+
+async def test_a_listener_failing_the_same_way_after_every_connect_backs_off(
+    db, fresh_dsn, alice
+):
+    # A delivery that raises on every read (a bug, a poisoned event) must not turn into a
+    # reconnect loop: the backoff starts over only after a read was delivered.
+    from keen_stream.hub.listener import EventListener
+    from tests.conftest import make_settings
+
+    await new_session(db, alice, "s")
+    settings = make_settings(fresh_dsn, listener_backoff_max=1.0, listener_fallback_poll=0.05)
+
+    def deliver(_events: object) -> None:
+        raise RuntimeError("delivery keeps failing")
+
+    listener = EventListener(db.events, deliver, settings, start_after=ORIGIN)
+    task = asyncio.create_task(listener.run())
+    try:
+        await asyncio.sleep(1.5)
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    # 25-50 ms, 50-100, 100-200, 200-400, 400-800 ms...: a handful, not dozens
+    assert 1 <= listener.reconnects <= 7

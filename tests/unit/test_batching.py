@@ -187,3 +187,25 @@ async def test_an_item_whose_key_is_in_flight_waits_for_that_batch_in_order():
     await asyncio.gather(first, *rest)
     assert calls.batches == [[2, 3, 4], [11, 21]]
     assert not batcher._busy  # nothing left behind
+
+
+@pytest.mark.timeout(10)
+async def test_a_cancelled_drain_does_not_cancel_the_batches_it_waits_for():
+    """Shutdown giving up on drain() (a lifespan timeout) must not cancel other callers'
+    batches in flight: their callers would get a CancelledError that is not theirs, for a
+    statement whose commit is unknown."""
+    calls = Calls()
+    batcher = Batcher(calls.one, calls.many, max_batch=8, max_in_flight=1)
+    first = asyncio.create_task(batcher.submit(1))
+    await settle()
+    waiting = [asyncio.create_task(batcher.submit(i)) for i in (2, 3)]
+    await settle()
+    calls.gate.set()
+    await asyncio.sleep(0)
+    drain = asyncio.create_task(batcher.drain())
+    await asyncio.sleep(0)
+    drain.cancel()
+    done, _ = await asyncio.wait([first, *waiting], timeout=2)
+    assert len(done) == 3, "callers left waiting for ever (their batch never ran)"
+    assert [t.result() for t in (first, *waiting)] == [10, 20, 30]
+    assert await asyncio.wait_for(batcher.submit(4), 2) == 40  # and the batcher still works
