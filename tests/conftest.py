@@ -94,6 +94,19 @@ async def fresh_dsn(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
         await conn.close()
 
 
+
+@pytest.fixture
+async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """A new database with nothing in it (for migrations from scratch), dropped afterwards."""
+    name = f"keen_empty_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    conn = await asyncpg.connect(pg_admin_dsn)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield with_database(pg_admin_dsn, name)
+    finally:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.close()
+
 @pytest.fixture
 def settings(fresh_dsn: str) -> Settings:
     return make_settings(fresh_dsn)

@@ -204,39 +204,24 @@ async def late_close_proxy(
         upstream = lambda: asyncio.open_unix_connection(path)  # noqa: E731
     pipes: set[asyncio.Task[None]] = set()
 
-    async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, late: float) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-            await asyncio.sleep(late)
-        except OSError:
-            pass
-        finally:
-            dst.close()
-
-    async def silent_after_login(
-        src: asyncio.StreamReader, dst: asyncio.StreamWriter, logged_in: asyncio.Event
+    async def pipe(
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        late: float = 0.0,
+        *,
+        silent_once: asyncio.Event | None = None,
+        logs_in: asyncio.Event | None = None,
     ) -> None:
+        """Copy src to dst; after src's end wait ``late`` before closing dst. Nothing passes
+        once ``silent_once`` is set; ``logs_in`` is set at the first ReadyForQuery seen."""
         try:
             while data := await src.read(65536):
-                if not logged_in.is_set():
+                if silent_once is None or not silent_once.is_set():
                     dst.write(data)
                     await dst.drain()
-        except OSError:
-            pass
-        finally:
-            dst.close()
-
-    async def watch_login(
-        src: asyncio.StreamReader, dst: asyncio.StreamWriter, logged_in: asyncio.Event
-    ) -> None:
-        try:
-            while data := await src.read(65536):
-                dst.write(data)
-                await dst.drain()
-                if b"Z\x00\x00\x00\x05" in data:  # ReadyForQuery
-                    logged_in.set()
+                if logs_in is not None and b"Z\x00\x00\x00\x05" in data:
+                    logs_in.set()
+            await asyncio.sleep(late)
         except OSError:
             pass
         finally:
@@ -250,14 +235,9 @@ async def late_close_proxy(
             return
         first = await reader.read(65536)  # the startup message (TLS is off)
         up_writer.write(first)
-        tasks: tuple[Awaitable[None], ...]
-        if should_stall(first):
-            logged_in = asyncio.Event()
-            tasks = (silent_after_login(reader, up_writer, logged_in),
-                     watch_login(up_reader, writer, logged_in))
-        else:
-            tasks = (pipe(reader, up_writer, 0), pipe(up_reader, writer, delay))
-        for task in tasks:
+        logged_in = asyncio.Event() if should_stall(first) else None
+        for task in (pipe(reader, up_writer, silent_once=logged_in),
+                     pipe(up_reader, writer, delay, logs_in=logged_in)):
             t = asyncio.create_task(task)
             pipes.add(t)
             t.add_done_callback(pipes.discard)

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import uuid
-from collections.abc import AsyncIterator
 from decimal import Decimal
 
 import asyncpg
@@ -14,23 +11,10 @@ import pytest
 from keen_stream import migrate
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
-from tests.conftest import with_database
 from tests.integration.credits_support import account, fund, make_session
 from tests.integration.test_credits_batched import held_slot, one_slot, outcome
 
 D = Decimal
-
-
-@pytest.fixture
-async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"keen_b5_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    conn = await asyncpg.connect(pg_admin_dsn)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(pg_admin_dsn, name)
-    finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
 
 
 async def _catalog(dsn: str) -> dict[str, object]:

@@ -5,27 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
-import pytest
 
 from keen_stream import migrate
 from keen_stream.dal.database import TENANT_TABLES
-from tests.conftest import with_database
-
-
-@pytest.fixture
-async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
-    name = f"keen_mig_{os.getpid()}_{uuid.uuid4().hex[:6]}"
-    conn = await asyncpg.connect(pg_admin_dsn)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield with_database(pg_admin_dsn, name)
-    finally:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
 
 
 async def _schema(dsn: str) -> dict[str, object]:
