@@ -69,21 +69,13 @@ def percentile(values: list[float], q: float) -> float:
 
 
 # --- load generator (one process, many connections) ----------------------------------------
-def generator_main(
-    mode: str,
-    url: str,
-    clients: list[tuple[int, str]],
-    user_ids: list[str],
-    connected: Any,
-    go: Any,
-    stop: Any,
-    results: Any,
-) -> None:
+def generator_main(*args: Any) -> None:
+    """A generator process's entry point: ``_generator(*args)`` on uvloop when available."""
     with contextlib.suppress(ImportError):
         import uvloop
 
         uvloop.install()
-    asyncio.run(_generator(mode, url, clients, user_ids, connected, go, stop, results))
+    asyncio.run(_generator(*args))
 
 
 async def _generator(
