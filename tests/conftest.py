@@ -8,11 +8,13 @@ for ``db`` gets a fresh ``CREATE DATABASE ... TEMPLATE`` copy (about 0.1 s) and 
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -51,6 +53,27 @@ def make_settings(dsn: str, **overrides: object) -> Settings:
     }
     values.update(overrides)
     return Settings(**values)  # type: ignore[arg-type]
+
+
+T = TypeVar("T")
+
+
+async def statements_sent(
+    dsn: str, action: Callable[[KeenDatabase], Awaitable[T]]
+) -> tuple[list[str], T]:
+    """The statements the DAL sends while ``action`` runs on a one-connection pool, in order."""
+    single = await KeenDatabase.connect(
+        settings=make_settings(dsn, pool_min_size=1, pool_max_size=1), migrate=False
+    )
+    try:
+        sent: list[str] = []
+        async with single.pool.acquire() as conn:
+            conn.add_query_logger(lambda record: sent.append(record.query))
+        result = await action(single)
+        await asyncio.sleep(0)  # query loggers are called soon after the query, not inside it
+        return sent, result
+    finally:
+        await single.close()
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,9 @@ _ENTER_TENANT = (
 _ENTER_SYSTEM = "SELECT set_config('role', 'keen_system', true)"
 #: The acting user of :meth:`KeenDatabase.user_call`, written as the called function's argument.
 USER_CALL_ARG = "set_config('app.current_user_id', $1, true)::uuid"
+#: The tenant context of :meth:`KeenDatabase.tenant_call`: the role, then the user, written as the
+#: called function's first two arguments (``p_role text, p_user uuid``).
+TENANT_CALL_ARGS = f"set_config('role', '{TENANT_ROLE}', true), {USER_CALL_ARG}"
 
 _ROLE_SAFETY = """
 SELECT r.rolsuper, r.rolbypassrls,
@@ -277,6 +280,32 @@ class KeenDatabase:
         """
         if USER_CALL_ARG not in query:
             raise ValueError("user_call: the query must pass USER_CALL_ARG to the function")
+        return await self._call_as(user_id, query, args)
+
+    async def tenant_call(
+        self, user_id: uuid.UUID | str, query: str, *args: Any
+    ) -> asyncpg.Record | None:
+        """One round trip running ONE SECURITY INVOKER function as ``keen_app`` for ``user_id``.
+
+        Like :meth:`user_call`, but the function's body runs as the tenant, under RLS and the
+        tenant-only triggers, exactly as it would inside :meth:`user_transaction`: ``query``
+        passes :data:`TENANT_CALL_ARGS` as the function's first arguments, which switch the
+        role and the user before the body runs (the function's own statements are planned and
+        checked when they run, as ``keen_app``). Both settings end with the statement's
+        implicit transaction. The function must refuse to run as anyone else (see migration
+        0006): called without the switch, its statements would not be filtered by RLS.
+
+        Why: the statement's transaction commits on the server as soon as it ends, so a write
+        that produces stream events never holds its transaction id across a client round
+        trip, which every later event would wait for (dal/events.py, the horizon).
+        """
+        if TENANT_CALL_ARGS not in query:
+            raise ValueError("tenant_call: the query must pass TENANT_CALL_ARGS to the function")
+        return await self._call_as(user_id, query, args)
+
+    async def _call_as(
+        self, user_id: uuid.UUID | str, query: str, args: tuple[Any, ...]
+    ) -> asyncpg.Record | None:
         uid = parse_uuid(user_id, "user_id")
         async with self._transaction(None) as conn:
             return await conn.fetchrow(query, str(uid), *args)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import asyncpg
 
+from keen_stream.dal.database import TENANT_CALL_ARGS
 from keen_stream.dal.models.sessions import (
     PHASES,
     STATUSES,
@@ -49,22 +50,13 @@ _TREE: Final = """
 SQL: Final = {
     "create": "SELECT * FROM keen_session_create($1, $2, $3, $4, $5, $6, $7, $8)",
     "get": "SELECT * FROM agent_sessions WHERE session_id = $1",
-    # Increments and appends are computed by the UPDATE on the row version it changes, so
-    # concurrent updates each add to the other's result (no read-modify-write in Python).
-    # An ended session makes the guard trigger raise SessionAlreadyEnded.
-    "progress": """
-        UPDATE agent_sessions s SET
-            current_phase = coalesce($3, s.current_phase),
-            iteration_count = s.iteration_count + $4,
-            tool_calls_count = s.tool_calls_count + $5,
-            tokens_used = s.tokens_used + $6,
-            context_tokens_used = s.context_tokens_used + $7,
-            files_created = keen_append_distinct(s.files_created, $8),
-            files_modified = keen_append_distinct(s.files_modified, $9),
-            files_deleted = keen_append_distinct(s.files_deleted, $10),
-            last_activity_at = now()
-        WHERE s.session_id = $2 AND s.user_id = $1
-        RETURNING s.*""",
+    # The UPDATE lives in keen_session_progress (migration 0006): one statement, run as the
+    # tenant (tenant_call), so its transaction never waits on this client to commit.
+    # Increments and appends are computed on the row version it changes (concurrent reports
+    # add up; no read-modify-write in Python); an ended session raises SessionAlreadyEnded.
+    # $1 user, $2 handle, $3 phase, $4-$7 counters, $8-$10 file paths.
+    "progress": f"SELECT * FROM keen_session_progress({TENANT_CALL_ARGS},"
+    " $2, $3, $4, $5, $6, $7, $8, $9, $10)",
     # Serialises enders of one session: a second completion waits, then sees the first's result.
     "lock_own": "SELECT * FROM agent_sessions WHERE session_id = $2 AND user_id = $1 FOR UPDATE",
     "end": """
@@ -226,8 +218,7 @@ class SessionDAO:
             parse_paths(files_modified, "files_modified"),
             parse_paths(files_deleted, "files_deleted"),
         )
-        async with self._db.user_transaction(uid) as conn:
-            row = await conn.fetchrow(SQL["progress"], uid, handle, phase, *args)
+        row = await self._db.tenant_call(uid, SQL["progress"], handle, phase, *args)
         if row is None:
             raise NotFound("no such session", session_id=handle)
         return session_from_row(row)

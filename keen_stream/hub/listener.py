@@ -75,6 +75,8 @@ class EventListener:
         self.lag = 0.0
         self.last_read_at: float | None = None
         self.notifications = 0
+        #: Tail reads made (each one round trip): wake-ups, retries, fallback polls.
+        self.reads = 0
         self._delivered = False  # a read went through on the current connection
 
     def wake(self) -> None:
@@ -141,6 +143,7 @@ class EventListener:
                 raise ConnectionLost("terminated")
             self._wake.clear()
             batch = await read_released(conn, self.cursor, self._batch_size, wait=timeout)
+            self.reads += 1
             self.last_read_at = time.time()
             moved = batch.horizon != self.horizon or bool(batch.events)
             self.horizon = batch.horizon

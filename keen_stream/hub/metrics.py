@@ -61,6 +61,7 @@ class HubCollector:
             ),
             "keen_hub_listener_reconnects": ("Listener reconnections", listener.reconnects),
             "keen_hub_listener_notifications": ("Wake-up NOTIFYs received", listener.notifications),
+            "keen_hub_listener_reads": ("Outbox tail reads (one round trip each)", listener.reads),
             "keen_hub_maintenance_errors": ("Failed maintenance jobs", service.maintenance_errors),
         }
         for name, (doc, value) in counters.items():

@@ -8,7 +8,6 @@ after a refusal), and the DAL sends exactly that one statement.
 
 from __future__ import annotations
 
-import asyncio
 from decimal import Decimal
 
 import asyncpg
@@ -18,7 +17,7 @@ from keen_stream.dal.credits import SQL
 from keen_stream.dal.database import USER_CALL_ARG, KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.errors import InsufficientCredits
-from tests.conftest import make_settings
+from tests.conftest import make_settings, statements_sent
 from tests.integration.credits_support import account, fund, ledger_state
 
 D = Decimal
@@ -28,20 +27,11 @@ CONTEXT = "SELECT current_setting('app.current_user_id', true) AS user_setting, 
 
 async def test_a_deduction_sends_one_statement(fresh_dsn: str, db: KeenDatabase, alice: User):
     await fund(db, alice, "10")
-    single = await KeenDatabase.connect(
-        settings=make_settings(fresh_dsn, pool_min_size=1, pool_max_size=1), migrate=False
+    sent, tx = await statements_sent(
+        fresh_dsn, lambda single: single.credits.deduct_credits(alice.id, D("1"), None, "one trip")
     )
-    try:
-        sent: list[str] = []
-        async with single.pool.acquire() as conn:
-            conn.add_query_logger(lambda record: sent.append(record.query))
-        tx = await single.credits.deduct_credits(alice.id, D("1"), None, "one trip")
-        await asyncio.sleep(0)  # query loggers are called soon after the query, not inside it
-
-        assert sent == [SQL["deduct_call"]]  # no BEGIN, no context statement, no COMMIT
-        assert (tx.amount, tx.balance_after, tx.sequence_number) == (D("-5"), D("5"), 2)
-    finally:
-        await single.close()
+    assert sent == [SQL["deduct_call"]]  # no BEGIN, no context statement, no COMMIT
+    assert (tx.amount, tx.balance_after, tx.sequence_number) == (D("-5"), D("5"), 2)
 
 
 async def test_the_function_takes_the_acting_user_from_the_statement(
