@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -404,17 +405,18 @@ async def run_hub(
     per_event = len(clients) / len(user_ids)
     # Every event written in the window, by every one of its subscribers, exactly once
     # (deliveries outside it: warm-up events that arrived after the clock started).
-    short = sum(max(0, round(per_event) - received_per_event.get(k, 0)) for k in commits)
+    subscribers = Counter(user for user, _ in clients)
+    short = sum(max(0, subscribers[k[0]] - received_per_event.get(k, 0)) for k in commits)
     last_commit = max(commits.values(), default=0.0)
     for key in sorted(commits, key=commits.__getitem__):
-        if received_per_event.get(key, 0) < round(per_event):
+        if received_per_event.get(key, 0) < subscribers[key[0]]:
             print(
                 f"  short: event {key} (user, iteration) got {received_per_event.get(key, 0)}"
                 f" deliveries; committed {1000 * (last_commit - commits[key]):.0f} ms before"
                 " the last commit",
                 file=sys.stderr,
             )
-    extra = sum(max(0, n - round(per_event)) for n in received_per_event.values())
+    extra = sum(max(0, n - subscribers[k[0]]) for k, n in received_per_event.items())
     return {
         "mode": mode,
         "missing": short,

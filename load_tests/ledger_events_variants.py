@@ -1,31 +1,44 @@
-"""The ledger benchmark under three ways of capturing credit events (one variant per call).
+"""What the event stream costs the ledger: four capture designs, one database, one run.
 
-    python load_tests/ledger_events_variants.py {none,triggers,outbox,notify} [ledger_bench options]
+    python load_tests/ledger_events_variants.py [--dsn DSN] [--seconds 8] [--rounds 2]
+                                                [--accounts 1000]
 
-Runs ``load_tests/ledger_bench.py`` (deduction tps vs pgbench's plain debit) after changing the
-scratch database it creates:
-- ``none``: the stream-capture triggers are dropped (the ledger alone);
-- ``triggers``: the outbox triggers only, no hub (run with ``KEEN_EVENT_NOTIFY_INTERVAL=60`` to
-  take the wake-up NOTIFYs out as well: the cost of capture alone);
-- ``outbox``: keen_stream's design: the trigger appends an outbox row, the DAL sends a coalesced
-  NOTIFY after commit, and a hub node (``keen-stream serve``) runs against the database, tailing
-  the outbox and fanning out;
-- ``notify``: the outbox trigger also calls ``pg_notify`` inside the writing transaction (the
-  design the issue warns against), with the hub running too.
-Compare the printed ``ratio api / plain debit`` across variants.
+Makes a scratch database like ``ledger_bench.py`` (migrated to head, 1,000 funded accounts) and
+runs the same two workloads under each variant, in rounds (every variant once per round, so
+drift in the machine's load hits each alike):
+
+- ``none``: the credit capture trigger disabled (the ledger alone; the baseline);
+- ``capture``: the shipped trigger (one outbox row per ledger row; the after-commit NOTIFY from
+  the DAL), no hub;
+- ``hub``: the shipped design with a hub node (``keen-stream serve``) tailing the outbox: this
+  is production;
+- ``notify``: the trigger also calls ``pg_notify`` inside the writing transaction (the design
+  the notes warn against: notifying commits serialize on a global lock), hub running.
+
+Workloads: ``db.credits.deduct_credits`` from 32 asyncio callers (the public API: concurrent
+calls share batched statements), and pgbench running the API's single-call SQL from 32
+clients (one transaction per deduction, no Python). Printed per variant: tps and the ratio to
+``none`` in the same round, plus pgbench's plain debit (UPDATE + INSERT) once per round, the
+hub process's CPU and its listener backend's. Target: the shipped design (``hub``) keeps the
+API at >= 0.8x of the ledger without events.
 """
 
 from __future__ import annotations
 
-import atexit
+import argparse
+import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from statistics import mean
 
 import asyncpg
+import psutil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -33,24 +46,17 @@ sys.path.insert(0, str(HERE.parent))
 
 import ledger_bench  # noqa: E402
 
-NOTIFY_IN_TRANSACTION = """
-    CREATE OR REPLACE FUNCTION keen_stream_capture_credit() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public
-    AS $$
-    BEGIN
-        INSERT INTO public.stream_events (user_id, session_id, root_session_id, event_type, payload)
-        VALUES (NEW.user_id, NEW.session_id, NEW.session_id, 'credit.' || NEW.transaction_type,
-                jsonb_build_object('transaction_id', NEW.id, 'amount', NEW.amount::text,
-                                   'balance_after', NEW.balance_after::text));
-        PERFORM pg_notify('keen_stream_events', NEW.id::text);
-        RETURN NULL;
-    END $$
-"""
-DROP_CAPTURE = [
-    "DROP TRIGGER IF EXISTS credit_transactions_stream ON credit_transactions",
-    "DROP TRIGGER IF EXISTS agent_sessions_stream_insert ON agent_sessions",
-    "DROP TRIGGER IF EXISTS agent_sessions_stream_update ON agent_sessions",
-]
+from keen_stream.dal.database import KeenDatabase  # noqa: E402
+from keen_stream.settings import Settings  # noqa: E402
+
+VARIANTS = ("none", "capture", "hub", "notify")
+CALLERS = 32
+
+SHIPPED_CAPTURE = "SELECT pg_get_functiondef('keen_stream_capture_credit()'::regprocedure)"
+# The notify variant is the shipped function with one more line.
+SIGNAL = "PERFORM keen_stream_signal();"
+IN_TRANSACTION_NOTIFY = SIGNAL + " PERFORM pg_notify('keen_stream_events', NEW.id::text);"
+TRIGGER = "ALTER TABLE credit_transactions {} TRIGGER credit_transactions_stream"
 
 
 def free_port() -> int:
@@ -59,51 +65,170 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_hub(dsn: str) -> subprocess.Popen[bytes]:
-    port = free_port()
-    hub = subprocess.Popen(
-        [sys.executable, "-m", "keen_stream", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env={**os.environ, "KEEN_DATABASE_URL": dsn, "KEEN_POOL_MAX_SIZE": "4"},
-        cwd=HERE.parent,
+def cpu_seconds(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
+    return float(times.user + times.system)
+
+
+class Hub:
+    """A ``keen-stream serve`` process on the scratch database, started and stopped per phase."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    async def start(self) -> None:
+        if self.proc is not None:
+            return
+        port = free_port()
+        self.proc = subprocess.Popen(  # noqa: ASYNC220
+            [sys.executable, "-m", "keen_stream", "serve", "--port", str(port)],
+            env={**os.environ, "KEEN_DATABASE_URL": self.dsn, "KEEN_POOL_MAX_SIZE": "4"},
+            cwd=HERE.parent,
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.close()
+                await asyncio.sleep(1.0)  # the listener connects after the server starts
+                return
+            except OSError:
+                await asyncio.sleep(0.2)
+        raise RuntimeError("the hub did not start")
+
+    async def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 30)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+
+async def set_variant(owner: asyncpg.Connection, hub: Hub, variant: str, shipped: str) -> None:
+    await owner.execute(TRIGGER.format("DISABLE" if variant == "none" else "ENABLE"))
+    if SIGNAL not in shipped:
+        raise RuntimeError("the capture function changed: update this benchmark's variants")
+    notify = shipped.replace(SIGNAL, IN_TRANSACTION_NOTIFY)
+    await owner.execute(notify if variant == "notify" else shipped)
+    if variant in ("hub", "notify"):
+        await hub.start()
+    else:
+        await hub.stop()
+
+
+async def listener_pid(owner: asyncpg.Connection) -> int | None:
+    pid = await owner.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = 'keen_stream_listener'"
+        " AND datname = current_database()"
     )
-    atexit.register(hub.kill)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    return int(pid) if pid is not None else None
+
+
+async def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--dsn", default=os.environ.get("KEEN_TEST_DATABASE_URL", "postgresql:///postgres")
+    )
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--accounts", type=int, default=1000)
+    args = parser.parse_args()
+
+    name = f"keen_ledger_events_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    dsn = await ledger_bench.create_scratch(args.dsn, name, args.accounts)
+    hub = Hub(dsn)
+    secs, n = args.seconds, args.accounts
+    results: dict[str, dict[str, list[float]]] = {v: {} for v in (*VARIANTS, "plain")}
+    print(
+        f"ledger under four capture designs: {CALLERS} callers, {secs} s per workload, "
+        f"{args.rounds} rounds, {n} accounts, {os.cpu_count()} CPUs"
+    )
+    try:
+        settings = Settings(database_url=dsn, pool_min_size=CALLERS, pool_max_size=CALLERS)
+        owner = await asyncpg.connect(dsn)
+        shipped = await owner.fetchval(SHIPPED_CAPTURE)
+        db = await KeenDatabase.connect(settings=settings, migrate=False)
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            print(f"hub running on port {port} (pid {hub.pid})")
-            return hub
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("the hub did not start")
+            async with db.system_transaction() as conn:
+                users = [r["user_id"] for r in await conn.fetch("SELECT user_id FROM bench_users")]
+            gate = asyncio.Semaphore(CALLERS)
 
+            async def fund(user: uuid.UUID) -> None:
+                async with gate:
+                    await db.credits.add_credits(user, ledger_bench.START_BALANCE, description="f")
 
-def main() -> int:
-    if len(sys.argv) < 2 or sys.argv[1] not in ("none", "triggers", "outbox", "notify"):
-        print(__doc__)
-        return 2
-    variant = sys.argv.pop(1)
-    original = ledger_bench.create_scratch
-
-    async def create_scratch(admin_dsn: str, name: str, accounts: int, **kwargs: object) -> str:
-        dsn = await original(admin_dsn, name, accounts, **kwargs)  # type: ignore[arg-type]
-        conn = await asyncpg.connect(dsn)
-        try:
-            if variant == "none":
-                for statement in DROP_CAPTURE:
-                    await conn.execute(statement)
-            elif variant == "notify":
-                await conn.execute(NOTIFY_IN_TRANSACTION)
+            await asyncio.gather(*(fund(u) for u in users))
+            for round_no in range(1, args.rounds + 1):
+                await set_variant(owner, hub, "none", shipped)
+                plain = ledger_bench.pgbench(dsn, CALLERS, secs, n)
+                results["plain"].setdefault("sql", []).append(plain)
+                print(f"round {round_no}: pgbench plain debit {plain:,.0f} tps", flush=True)
+                for variant in VARIANTS:
+                    await set_variant(owner, hub, variant, shipped)
+                    await ledger_bench.api_run(db, users, CALLERS, 1.0)  # warm up
+                    lpid = await listener_pid(owner)
+                    hub0, lst0, t0 = cpu_seconds(hub.pid), cpu_seconds(lpid), time.perf_counter()
+                    api = await ledger_bench.api_run(db, users, CALLERS, secs)
+                    sql = await asyncio.to_thread(
+                        ledger_bench.pgbench, dsn, CALLERS, secs, n, ledger_bench.LEDGER_DEBIT
+                    )
+                    elapsed = time.perf_counter() - t0
+                    hub_cpu = 100 * (cpu_seconds(hub.pid) - hub0) / elapsed
+                    lst_cpu = 100 * (cpu_seconds(lpid) - lst0) / elapsed if lpid else 0.0
+                    for key, value in (("api", api), ("sql", sql), ("hub", hub_cpu),
+                                       ("listener", lst_cpu)):
+                        results[variant].setdefault(key, []).append(value)
+                    print(
+                        f"  {variant:<8} api {api:7,.0f} tps   api's SQL (pgbench) {sql:7,.0f} tps"
+                        f"   hub process {hub_cpu:4.1f}% CPU, its listener backend {lst_cpu:4.1f}%",
+                        flush=True,
+                    )
+            await set_variant(owner, hub, "capture", shipped)
+            report = await db.credits.verify_ledger()
         finally:
-            await conn.close()
-        if variant in ("outbox", "notify"):
-            start_hub(dsn)
-        print(f"variant: {variant}")
-        return dsn
+            await hub.stop()
+            await db.close()
+            await owner.close()
+    finally:
+        await ledger_bench.drop_scratch(args.dsn, name)
 
-    ledger_bench.create_scratch = create_scratch  # type: ignore[assignment]
-    return ledger_bench.run()
+    base_api, base_sql = results["none"]["api"], results["none"]["sql"]
+    print(f"\n{'mean of rounds':<10}{'api tps':>10}{'÷ none':>8}{'SQL tps':>10}{'÷ none':>8}")
+    for variant in VARIANTS:
+        api = [a / b for a, b in zip(results[variant]["api"], base_api, strict=True)]
+        sql = [a / b for a, b in zip(results[variant]["sql"], base_sql, strict=True)]
+        print(
+            f"{variant:<10}{mean(results[variant]['api']):>10,.0f}{mean(api):>8.2f}"
+            f"{mean(results[variant]['sql']):>10,.0f}{mean(sql):>8.2f}"
+            f"   (rounds: api {', '.join(f'{x:.2f}' for x in api)};"
+            f" SQL {', '.join(f'{x:.2f}' for x in sql)})"
+        )
+    print(f"pgbench plain debit: {mean(results['plain']['sql']):,.0f} tps")
+    print(
+        f"ledger verify: {report.transactions} transactions, "
+        f"{'clean' if report.ok else f'{len(report.problems)} PROBLEMS'}"
+    )
+    shipped_ratio = mean(
+        a / b for a, b in zip(results["hub"]["api"], base_api, strict=True)
+    )
+    met = "met" if shipped_ratio >= 0.8 else "NOT met"
+    print(f"target: API with the hub running >= 0.80 x the ledger alone: {met} "
+          f"({shipped_ratio:.2f})")
+    return 0 if report.ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        import uvloop
+    except ImportError:
+        sys.exit(asyncio.run(main()))
+    sys.exit(uvloop.run(main()))

@@ -16,10 +16,17 @@ class FakeSender:
 
     def __init__(self) -> None:
         self.frames: list[Frame] = []
+        self.writes = 0  # how many writes (system calls on a real transport) carried them
         self.backlog = 0
 
     def write(self, frame: Frame) -> bool:
         self.frames.append(frame)
+        self.writes += 1
+        return True
+
+    def write_many(self, frames: list[Frame]) -> bool:
+        self.frames.extend(frames)
+        self.writes += 1
         return True
 
     def buffered(self) -> int:
@@ -102,6 +109,37 @@ def test_routing_by_scope_with_authorization_rechecked_at_fan_out():
     fan.publish([event(5, alice, s_a)])
     assert cursors(mine) == [1, 3, 4] and cursors(watcher) == [1, 3]
     assert fan.subscription_count == 3
+
+
+def test_the_events_of_one_read_reach_each_client_in_one_write_in_order():
+    alice, bob = uuid.uuid4(), uuid.uuid4()
+    fan = FanOut(HubStats(), send_buffer_limit=1000, pending_limit=10)
+    mine, admin, resumed = client(alice), client(bob, True), client(alice)
+    for c in (mine, admin, resumed):
+        fan.add(c)
+    fan.subscribe(mine, Subscription("mine"))
+    fan.subscribe(admin, Subscription("all"))
+    fan.subscribe(resumed, Subscription("mine"))
+    resumed.last_cursor = Cursor(102, 2)  # it already has events 1 and 2 (a replay sent them)
+    fan.publish([event(1, alice), event(2, bob), event(3, alice), event(4, alice)])
+    assert cursors(mine) == [1, 3, 4] and mine.sender.writes == 1  # type: ignore[union-attr]
+    assert cursors(admin) == [1, 2, 3, 4] and admin.sender.writes == 1  # type: ignore[union-attr]
+    assert cursors(resumed) == [3, 4] and resumed.last_cursor == Cursor(104, 4)
+    assert mine.last_cursor == Cursor(104, 4) and admin.last_cursor == Cursor(104, 4)
+    assert fan.stats.events_delivered == 3 + 4 + 3  # frames a resume point covers count as sent
+    # A lone event still goes straight out; a client with one frame in a batch too.
+    fan.publish([event(5, alice)])
+    fan.publish([event(6, bob), event(7, bob)])
+    assert cursors(mine) == [1, 3, 4, 5] and mine.sender.writes == 2  # type: ignore[union-attr]
+    assert cursors(admin)[-3:] == [5, 6, 7] and admin.sender.writes == 3  # type: ignore[union-attr]
+    # A batch that would take a client past its limit goes frame by frame, each checked.
+    near = client(alice)
+    fan.add(near)
+    fan.subscribe(near, Subscription("mine"))
+    near.sender.backlog = fan.limit - 1  # type: ignore[union-attr]
+    fan.publish([event(8, alice), event(9, alice)])
+    assert cursors(near) == [8, 9] and near.sender.writes == 2  # type: ignore[union-attr]
+    assert not near.closing
 
 
 def test_a_client_over_its_buffer_is_closed_with_its_resume_point_and_others_continue():
