@@ -20,7 +20,8 @@ calls share batched statements), and pgbench running the API's single-call SQL f
 clients (one transaction per deduction, no Python). Printed per variant: tps and the ratio to
 ``none`` in the same round, plus pgbench's plain debit (UPDATE + INSERT) once per round, the
 hub process's CPU and its listener backend's. Target: the shipped design (``hub``) keeps the
-API at >= 0.8x of the ledger without events.
+API at >= 0.8x of the ledger without events; printed both for the whole stream (hub / none:
+the outbox row, its wake-up and the hub) and for the hub alone (hub / capture).
 """
 
 from __future__ import annotations
@@ -184,8 +185,12 @@ async def main() -> int:
                     elapsed = time.perf_counter() - t0
                     hub_cpu = 100 * (cpu_seconds(hub.pid) - hub0) / elapsed
                     lst_cpu = 100 * (cpu_seconds(lpid) - lst0) / elapsed if lpid else 0.0
-                    for key, value in (("api", api), ("sql", sql), ("hub", hub_cpu),
-                                       ("listener", lst_cpu)):
+                    for key, value in (
+                        ("api", api),
+                        ("sql", sql),
+                        ("hub", hub_cpu),
+                        ("listener", lst_cpu),
+                    ):
                         results[variant].setdefault(key, []).append(value)
                     print(
                         f"  {variant:<8} api {api:7,.0f} tps   api's SQL (pgbench) {sql:7,.0f} tps"
@@ -217,12 +222,17 @@ async def main() -> int:
         f"ledger verify: {report.transactions} transactions, "
         f"{'clean' if report.ok else f'{len(report.problems)} PROBLEMS'}"
     )
-    shipped_ratio = mean(
-        a / b for a, b in zip(results["hub"]["api"], base_api, strict=True)
+
+    def ratio(variant: str, base: str) -> float:
+        pairs = zip(results[variant]["api"], results[base]["api"], strict=True)
+        return mean(a / b for a, b in pairs)
+
+    whole, hub_alone = ratio("hub", "none"), ratio("hub", "capture")
+    print(
+        f"the event stream's whole cost (hub / none): {whole:.2f}; the hub's own (hub / capture):"
+        f" {hub_alone:.2f}; target >= 0.80: {'met' if whole >= 0.8 else 'NOT met'} (whole),"
+        f" {'met' if hub_alone >= 0.8 else 'NOT met'} (hub)"
     )
-    met = "met" if shipped_ratio >= 0.8 else "NOT met"
-    print(f"target: API with the hub running >= 0.80 x the ledger alone: {met} "
-          f"({shipped_ratio:.2f})")
     return 0 if report.ok else 1
 
 

@@ -13,7 +13,9 @@ PostgreSQL can do a HOT update instead (no index writes). This runs
 
 and prints tps, the share of HOT updates, and B/A. Both run in one scratch database on the same
 server in the same run (absolute numbers drift on shared machines: read the ratio). The sweep's
-own cost with each index is printed too, over the same table.
+own cost with each index is printed too, over the same table. Then, with A, the shipped
+one-statement report against the same report inside BEGIN ... COMMIT (before migration 0006),
+alternating.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import asyncpg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from keen_stream.dal.database import KeenDatabase
+from keen_stream.dal.sessions import SQL as SESSION_SQL
 from keen_stream.migrate import upgrade
 from keen_stream.settings import Settings
 
@@ -76,7 +79,12 @@ async def populate(conn: asyncpg.Connection, sessions: int, ended: int) -> list[
     return [(r["user_id"], r["session_id"]) for r in rows]
 
 
-async def run(db: KeenDatabase, live: list[tuple[str, str]], clients: int, seconds: float) -> int:
+async def run(
+    db: KeenDatabase, live: list[tuple[str, str]], clients: int, seconds: float,
+    *, transaction: bool = False,
+) -> int:
+    """Progress reports for ``seconds``; ``transaction``: the same function inside BEGIN/COMMIT
+    (how a report ran before migration 0006: four messages instead of one)."""
     done = 0
     deadline = time.perf_counter() + seconds
 
@@ -85,8 +93,13 @@ async def run(db: KeenDatabase, live: list[tuple[str, str]], clients: int, secon
         i = n
         while time.perf_counter() < deadline:
             user_id, handle = live[i % len(live)]
-            await db.sessions.update_progress(user_id, handle, iterations=1, tool_calls=1,
-                                              tokens=100)
+            if transaction:
+                async with db.user_transaction(user_id) as conn:
+                    await conn.fetchrow(SESSION_SQL["progress"], user_id, handle, None, 1, 1,
+                                        100, 0, [], [], [])
+            else:
+                await db.sessions.update_progress(user_id, handle, iterations=1, tool_calls=1,
+                                                  tokens=100)
             done += 1
             i += clients
 
@@ -149,6 +162,20 @@ async def main() -> int:
         a, b = results.values()
         print(f"B/A throughput ratio: {b / a:.2f}  ({args.clients} clients, "
               f"{args.sessions} running sessions, {args.ended} ended)")
+        # One statement (shipped) vs the same report inside BEGIN ... COMMIT, index A.
+        await owner.execute("DROP INDEX idx_agent_sessions_running_activity")
+        await owner.execute(VARIANTS["A activity-keyed (shipped)"])
+        async with await KeenDatabase.connect(settings=settings, migrate=False) as db:
+            modes: dict[bool, list[float]] = {False: [], True: []}
+            for transaction in (False, True, False, True):
+                await owner.execute("VACUUM ANALYZE agent_sessions")
+                started = time.perf_counter()
+                done = await run(db, live, args.clients, args.seconds, transaction=transaction)
+                modes[transaction].append(done / (time.perf_counter() - started))
+                label = "A, BEGIN/report/COMMIT" if transaction else "A, one statement (shipped)"
+                print(f"{label:30} {modes[transaction][-1]:8.0f} progress updates/s")
+        one, four = (sum(v) / len(v) for v in modes.values())
+        print(f"one statement / BEGIN-report-COMMIT throughput ratio: {one / four:.2f}")
         await owner.close()
     finally:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
