@@ -266,7 +266,7 @@ class Client:
                 sent += 1
             return sent
         if not self.sender.write_many(fresh):
-            return 0
+            return len(frames) - len(fresh)  # those the resume point covered count as sent
         for frame in reversed(fresh):
             if frame.cursor is not None:
                 self.last_cursor = frame.cursor

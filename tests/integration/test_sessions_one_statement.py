@@ -10,6 +10,12 @@ borrower of the pooled connection.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import uuid
+from decimal import Decimal
+from urllib.parse import urlsplit, urlunsplit
+
 import asyncpg
 import pytest
 
@@ -18,6 +24,7 @@ from keen_stream.dal.models import User
 from keen_stream.dal.sessions import SQL
 from keen_stream.errors import NotFound, SessionAlreadyEnded
 from tests.conftest import make_settings, statements_sent
+from tests.integration.credits_support import fund
 
 CONTEXT = "SELECT current_setting('app.current_user_id', true) AS user_setting, current_user"
 
@@ -140,3 +147,35 @@ async def test_tenant_call_refuses_a_query_without_the_tenant_context(
 ) -> None:
     with pytest.raises(ValueError):
         await db.tenant_call(alice.id, "SELECT 1 WHERE $1::text IS NOT NULL")
+
+
+async def test_the_one_statement_calls_work_for_a_login_role_that_is_not_a_superuser(
+    fresh_dsn: str, pg_admin_dsn: str, db: KeenDatabase, alice: User
+) -> None:
+    """EXECUTE on the called function is checked as the login role, before the arguments
+    switch roles: a plain login role with (inherited) membership in both roles, as the first
+    migration grants it, can make all three kinds of call."""
+    role = f"keen_login_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+    admin = await asyncpg.connect(pg_admin_dsn)
+    await admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER INHERIT")
+    await admin.execute(f"GRANT keen_app, keen_system TO {role}")
+    try:
+        await start(db, alice, "plain")
+        await fund(db, alice, "10")
+        parts = urlsplit(fresh_dsn)
+        dsn = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+        async with await KeenDatabase.connect(settings=make_settings(dsn), migrate=False) as plain:
+            assert await plain.pool.fetchval("SELECT current_user") == role
+            session = await plain.sessions.update_progress(alice.id, "plain", iterations=3)
+            single = await plain.credits.deduct_credits(alice.id, Decimal("0.1"), None, "one")
+            together = await asyncio.gather(*(
+                plain.credits.deduct_credits(alice.id, Decimal("0.01"), None, f"b{i}")
+                for i in range(8)
+            ))
+            batches = plain.credits.batch_stats()["batches"]
+        assert session.iteration_count == 3
+        assert single.amount == Decimal("-0.5")
+        assert len(together) == 8 and batches >= 1  # some went through the batch (system_call)
+    finally:
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()

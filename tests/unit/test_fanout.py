@@ -18,15 +18,20 @@ class FakeSender:
         self.frames: list[Frame] = []
         self.writes = 0  # how many writes (system calls on a real transport) carried them
         self.backlog = 0
+        self.growing = False  # a peer that reads nothing: every write stays buffered
 
     def write(self, frame: Frame) -> bool:
         self.frames.append(frame)
         self.writes += 1
+        if self.growing:
+            self.backlog += len(frame.wire)
         return True
 
     def write_many(self, frames: list[Frame]) -> bool:
         self.frames.extend(frames)
         self.writes += 1
+        if self.growing:
+            self.backlog += sum(len(f.wire) for f in frames)
         return True
 
     def buffered(self) -> int:
@@ -140,6 +145,18 @@ def test_the_events_of_one_read_reach_each_client_in_one_write_in_order():
     fan.publish([event(8, alice), event(9, alice)])
     assert cursors(near) == [8, 9] and near.sender.writes == 2  # type: ignore[union-attr]
     assert not near.closing
+    # A peer that reads nothing crosses the limit inside a batch: closed right there, with the
+    # resume point of the last frame it was sent, the rest counted as dropped.
+    stuck = client(alice)
+    fan.add(stuck)
+    fan.subscribe(stuck, Subscription("mine"))
+    stuck.sender.growing = True  # type: ignore[union-attr]
+    stuck.sender.backlog = fan.limit - 40  # type: ignore[union-attr]
+    dropped = fan.stats.events_dropped
+    fan.publish([event(n, alice) for n in range(10, 14)])
+    assert cursors(stuck) == [10] and stuck.closing and stuck.close_code == CloseCode.TOO_SLOW
+    assert stuck.close_reason == "too slow; resume with since=110-10"
+    assert fan.stats.events_dropped - dropped == 3
 
 
 def test_a_client_over_its_buffer_is_closed_with_its_resume_point_and_others_continue():
