@@ -339,8 +339,8 @@ class FanOut:
         """Deliver released events, in order, to every matching client.
 
         When one read released several events, each client gets all of its frames in one
-        write (a system call per client per read, not per event: under load that is most of
-        the hub's cost per delivery, and what a broadcast of each message as it comes pays).
+        write: one system call per client per read instead of per event, for the clients that
+        receive several events of a read (admin monitors, bursts of one session tree).
         """
         stats = self.stats
         limit = self.limit

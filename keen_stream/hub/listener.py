@@ -51,8 +51,8 @@ class Wakeup:
     """A flag one task waits on with a timeout: one future and one timer per wait.
 
     ``asyncio.wait_for(event.wait(), t)`` wraps the wait in a new task per call; the listener
-    waits once per read, hundreds of times a second, and that wrapper was a tenth of the hub's
-    CPU per event (py-spy, benchmark with no deliveries).
+    waits once per read, hundreds of times a second, and that wrapper was about a tenth of the
+    hub's samples per event (py-spy, a benchmark run with nothing to deliver).
     """
 
     __slots__ = ("_flag", "_waiter")
