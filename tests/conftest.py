@@ -26,6 +26,7 @@ from keen_stream.dal.users import upsert_super_admin
 from keen_stream.embedded import EmbeddedPostgres
 from keen_stream.migrate import upgrade_async
 from keen_stream.settings import Settings
+from tests.pgcluster import OwnedPostgres, owned_postgres_available
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_EMAIL = "ahiya.butman@gmail.com"
@@ -117,7 +118,6 @@ async def fresh_dsn(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
         await conn.close()
 
 
-
 @pytest.fixture
 async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
     """A new database with nothing in it (for migrations from scratch), dropped afterwards."""
@@ -129,6 +129,32 @@ async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
     finally:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
+
+@pytest.fixture
+def owned_pg() -> Iterator[OwnedPostgres]:
+    """A private PostgreSQL server (started) that the test may stop, restart or crash."""
+    if not owned_postgres_available():
+        pytest.skip("needs PostgreSQL server binaries to start a private server")
+    cluster = OwnedPostgres.create()
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+async def owned_dsn(owned_pg: OwnedPostgres) -> str:
+    """A migrated database ``keen`` on the private server."""
+    conn = await asyncpg.connect(owned_pg.dsn("postgres"))
+    try:
+        await conn.execute("CREATE DATABASE keen")
+    finally:
+        await conn.close()
+    dsn = owned_pg.dsn("keen")
+    await upgrade_async(dsn)
+    return dsn
+
 
 @pytest.fixture
 def settings(fresh_dsn: str) -> Settings:
