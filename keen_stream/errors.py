@@ -94,6 +94,12 @@ class DuplicateUsername(Conflict):
     code = "duplicate_username"
 
 
+class CursorExpired(KeenError):
+    """The events after this stream cursor are no longer kept (retention): reload state."""
+
+    code = "since_expired"
+
+
 # --- authorization -------------------------------------------------------------------------
 class InsufficientPrivileges(KeenError):
     """Insufficient privileges for this operation."""

@@ -29,7 +29,7 @@ import asyncpg
 
 from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent, TailBatch
 from keen_stream.dal.validation import parse_uuid
-from keen_stream.errors import InvalidInput
+from keen_stream.errors import CursorExpired, InvalidInput
 
 if TYPE_CHECKING:
     from keen_stream.dal.database import KeenDatabase
@@ -67,14 +67,28 @@ SQL: Final = {
          WHERE e.xid < keen_stream_horizon()
          ORDER BY e.xid DESC, e.id DESC LIMIT 1""",
     # Runs as the user: RLS decides what they may see (their own rows; admins all). The explicit
-    # filters narrow it to the subscription; the range is (after, upto] in stream order.
+    # filters narrow it to the subscription; the range is (after, upto] in stream order. The
+    # retention watermark is read in the same snapshot: if it is not past ``after``, no event of
+    # the range had been pruned when the page was read, so the page is complete.
     "replay": f"""
-        SELECT {_EVENT_COLUMNS} FROM stream_events e
-         WHERE (e.xid, e.id) > ($1::xid8, $2::bigint) AND (e.xid, e.id) <= ($3::xid8, $4::bigint)
-           AND ($5::uuid IS NULL OR e.user_id = $5)
-           AND ($6::uuid[] IS NULL OR e.session_id = ANY($6) OR e.root_session_id = ANY($6))
-         ORDER BY e.xid, e.id LIMIT $7""",
+        SELECT w.pruned_xid, w.pruned_id, e.*
+          FROM stream_retention w LEFT JOIN LATERAL (
+              SELECT {_EVENT_COLUMNS} FROM stream_events e
+               WHERE (e.xid, e.id) > ($1::xid8, $2::bigint)
+                 AND (e.xid, e.id) <= ($3::xid8, $4::bigint)
+                 AND ($5::uuid IS NULL OR e.user_id = $5)
+                 AND ($6::uuid[] IS NULL OR e.session_id = ANY($6) OR e.root_session_id = ANY($6))
+               ORDER BY e.xid, e.id LIMIT $7) e ON true
+         ORDER BY e.xid, e.id""",
     "pruned_through": "SELECT pruned_xid, pruned_id FROM stream_retention",
+    # Both ends of what a resume can get: the retention watermark and the newest released event
+    # (NULL when nothing is kept), in one snapshot.
+    "bounds": """
+        SELECT w.pruned_xid, w.pruned_id, h.xid, h.id
+          FROM stream_retention w LEFT JOIN LATERAL (
+              SELECT e.xid, e.id FROM stream_events e
+               WHERE e.xid < keen_stream_horizon()
+               ORDER BY e.xid DESC, e.id DESC LIMIT 1) h ON true""",
     "prune": "SELECT keen_stream_prune($1::interval, $2)",
     "notify": "SELECT pg_notify($1, '')",
     "enter_system": "SET ROLE keen_system",
@@ -259,12 +273,18 @@ class EventDAO:
 
     async def head(self) -> Cursor:
         """The newest released cursor: a reader starting now continues from here."""
+        return (await self.bounds())[1]
+
+    async def bounds(self) -> tuple[Cursor, Cursor]:
+        """``(pruned_through, head)``: a resume from a cursor before the first has lost events;
+        one after the second was not issued by this database. With nothing kept, the head is
+        the watermark."""
         async with self._db.system_transaction() as conn:
-            row = await conn.fetchrow(SQL["head"])
-            if row is None:
-                row = await conn.fetchrow(SQL["pruned_through"])
-                return Cursor(row["pruned_xid"], row["pruned_id"]) if row else ORIGIN
-        return Cursor(row["xid"], row["id"])
+            row = await conn.fetchrow(SQL["bounds"])
+        pruned = ORIGIN if row is None else Cursor(row["pruned_xid"], row["pruned_id"])
+        if row is None or row["xid"] is None:
+            return pruned, pruned
+        return pruned, Cursor(row["xid"], row["id"])
 
     async def visible_sessions(
         self, user_id: uuid.UUID | str, session_ids: Sequence[uuid.UUID]
@@ -297,7 +317,9 @@ class EventDAO:
 
         ``scope``: ``mine`` (the user's own events), ``sessions`` (events of ``session_ids`` or
         of their sub-agents), ``all`` (everything RLS shows: all users for an admin).
-        Returns at most ``limit`` events; call again from the last cursor for more.
+        Returns at most ``limit`` events; call again from the last cursor for more. Raises
+        :class:`CursorExpired` when events after ``after`` have been pruned (retention): the
+        range cannot be given whole.
         """
         uid = parse_uuid(user_id, "user_id")
         if scope not in ("mine", "sessions", "all"):
@@ -312,7 +334,12 @@ class EventDAO:
             rows = await conn.fetch(
                 SQL["replay"], after.xid, after.id, upto.xid, upto.id, owner, sessions, limit
             )
-        return [event_from_row(r) for r in rows]
+        pruned = Cursor(rows[0]["pruned_xid"], rows[0]["pruned_id"]) if rows else ORIGIN
+        if after < pruned:
+            raise CursorExpired(
+                "events after this cursor were pruned", since=str(after), pruned=str(pruned)
+            )
+        return [event_from_row(r) for r in rows if r["id"] is not None]
 
     async def prune(self, keep: timedelta | None = None, *, batch: int = 1000) -> int:
         """Delete events older than ``keep`` (default: the configured retention), in batches of

@@ -8,6 +8,7 @@ that handling, so a client never sees a ``pong`` overtake its replayed events.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -15,15 +16,16 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import parse_qsl
 
+from keen_stream.dal.events import Scope as StreamScope
 from keen_stream.dal.models.connections import (
     ConnectionOpened,
     ConnectionStatus,
     SubscriptionChanged,
 )
-from keen_stream.dal.models.events import EVENT_TYPES, Cursor
+from keen_stream.dal.models.events import EVENT_TYPES, Cursor, StreamEvent
 from keen_stream.dal.models.users import TokenInfo
 from keen_stream.dal.tokens import PREFIXES, hash_token
-from keen_stream.errors import AuthenticationError, DatabaseUnavailable, KeenError
+from keen_stream.errors import AuthenticationError, CursorExpired, DatabaseUnavailable, KeenError
 from keen_stream.hub.fanout import NO_SUBSCRIPTION, Client, Frame, Sender, Subscription, make_sender
 from keen_stream.hub.protocol import (
     AuthFrame,
@@ -46,6 +48,8 @@ from keen_stream.hub.protocol import (
     unsubscribed_frame,
 )
 from keen_stream.hub.service import HubService
+
+logger = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -262,16 +266,28 @@ class Connection:
     async def _handle(self, text: str | bytes) -> None:
         try:
             frame = parse_client_frame(text)
+        except ProtocolError as exc:
+            self._refuse(exc)
+            return
+        try:
             await self._dispatch(frame)
         except ProtocolError as exc:
-            self.service.stats.frames_refused += 1
-            self._send(error_frame(exc.code, exc.message, exc.ref))
+            self._refuse(exc)
         except DatabaseUnavailable:
-            self._send(error_frame("unavailable", "the database is unavailable; retry"))
+            self._send(error_frame("unavailable", "the database is unavailable; retry", frame.id))
+        except CursorExpired as exc:
+            self._send(error_frame(exc.code, f"{exc.message}; reload state", frame.id))
+        except KeenError as exc:
+            logger.warning("%s: %s frame failed: %s", self.connection_id, frame.type, exc)
+            self._send(error_frame("internal_error", "the hub could not handle this", frame.id))
+
+    def _refuse(self, exc: ProtocolError) -> None:
+        self.service.stats.frames_refused += 1
+        self._send(error_frame(exc.code, exc.message, exc.ref))
 
     async def _dispatch(self, frame: ClientFrame) -> None:
         if isinstance(frame, PingFrame):
-            self._send(pong_frame(frame.id, self.service.fanout.cursor))
+            self._send(pong_frame(frame.id, self._position()))
         elif isinstance(frame, SubscribeFrame):
             await self._subscribe(frame)
         elif isinstance(frame, UnsubscribeFrame):
@@ -280,6 +296,12 @@ class Connection:
             raise ProtocolError(
                 "already_authenticated", "this connection is authenticated", frame.id
             )
+
+    def _position(self) -> Cursor:
+        """A safe resume point for this client: everything matching up to it has been sent."""
+        client = self.client
+        cursor = self.service.fanout.cursor
+        return cursor if client is None else max(cursor, client.last_cursor)
 
     async def _subscribe(self, frame: SubscribeFrame) -> None:
         client = self.client
@@ -308,64 +330,104 @@ class Connection:
         if client.closing:
             return
         subscription = Subscription(scope, sessions, types)
-        fanout = self.service.fanout
         if since is None:
-            fanout.subscribe(client, subscription)
+            self.service.fanout.subscribe(client, subscription)
             self._record_subscription(subscription)
-            self._send(self._subscribed(ref, subscription, fanout.cursor, recovered=True))
+            self._send(self._subscribed(ref, subscription, self._position(), recovered=True))
             return
-        upto = fanout.begin_replay(client)
+        await self._resume(client, ref, subscription, since)
+
+    async def _resume(
+        self, client: Client, ref: Any, subscription: Subscription, since: Cursor
+    ) -> None:
+        """``subscribe`` with ``since``: the missed events of the new subscription, then live.
+
+        The client's cursor must stay a safe resume point whatever fails, and ``recovered:
+        true`` is said only of a replay that is under way with nothing skipped:
+
+        1. Hold the current subscription's live frames and read what the resume needs (the
+           first page up to the fan-out's cursor, or the stream's bounds). If that fails,
+           nothing has changed: the held frames go out and the error is answered.
+        2. Switch, with no await in between: the held frames are dropped (the old
+           subscription ends at the hold's cursor), the new one is installed with its live
+           frames held, and the replay runs up to the fan-out's cursor now.
+        3. ``subscribed``, the replay page by page, then the held frames. If a page fails,
+           the subscription is removed and what was held is dropped: nothing after the last
+           replayed event was sent, so the client resumes from it.
+        """
+        fanout = self.service.fanout
+        events = self.service.db.events
+        user = client.user_id
+        scope: StreamScope = subscription.scope  # type: ignore[assignment]
+        sessions = list(subscription.sessions) or None
+        mark = fanout.hold(client)
+        first: list[StreamEvent] = []
+        reason: str | None = None
+        try:
+            if since < mark:
+                first = await events.replay(
+                    user, since, mark, scope=scope, session_ids=sessions, limit=_REPLAY_PAGE
+                )
+            elif since > mark:
+                # Ahead of this node: a cursor from a node further along (this one lags behind
+                # the database), or one this deployment never issued.
+                pruned, head = await events.bounds()
+                if since < pruned:
+                    reason = "since_expired"
+                elif since > head:
+                    reason = "since_unknown"
+        except CursorExpired:
+            reason = "since_expired"
+        except BaseException:
+            fanout.release(client)
+            raise
+        fanout.discard_held(client)
         fanout.subscribe(client, subscription)
         self._record_subscription(subscription)
-        try:
-            events = self.service.db.events
-            pruned = await events.pruned_through()
-            reason = "since_expired" if since < pruned else None
-            if reason is None and since > upto:
-                # Ahead of this node. Another node may have sent it (this one lags behind the
-                # database): then nothing is missing, and live frames up to `since` are skipped.
-                if since > await events.head():
-                    reason = "since_unknown"
-                else:
-                    client.last_cursor = since
-                    self._send(self._subscribed(ref, subscription, since, recovered=True))
-                    return
-            if reason is not None:
-                client.last_cursor = upto
-                self._send(
-                    self._subscribed(ref, subscription, upto, recovered=False, reason=reason)
+        upto = fanout.cursor
+        if reason is not None or since >= upto:
+            if reason is None:
+                client.last_cursor = since  # frames up to it were sent by the other node
+            else:
+                client.last_cursor = max(client.last_cursor, upto)
+            self._send(
+                self._subscribed(
+                    ref, subscription, client.last_cursor, recovered=reason is None, reason=reason
                 )
-                return
-            client.last_cursor = since
-            self._send(self._subscribed(ref, subscription, upto, recovered=True))
-            await self._replay(subscription, since, upto)
-        finally:
-            fanout.end_replay(client)
+            )
+            fanout.release(client)
+            return
+        client.last_cursor = since
+        self._send(self._subscribed(ref, subscription, upto, recovered=True))
+        after = first[-1].cursor if len(first) == _REPLAY_PAGE else max(since, mark)
+        try:
+            if self._send_replayed(subscription, first):
+                while after < upto and not client.closing:
+                    await self._drain()
+                    page = await events.replay(
+                        user, after, upto, scope=scope, session_ids=sessions, limit=_REPLAY_PAGE
+                    )
+                    if not self._send_replayed(subscription, page) or len(page) < _REPLAY_PAGE:
+                        break
+                    after = page[-1].cursor
+        except BaseException:
+            fanout.discard_held(client)
+            client.pending = None
+            fanout.subscribe(client, NO_SUBSCRIPTION)
+            self._record_subscription(NO_SUBSCRIPTION)
+            raise
+        fanout.release(client)
 
-    async def _replay(self, subscription: Subscription, since: Cursor, upto: Cursor) -> None:
+    def _send_replayed(self, subscription: Subscription, events: list[StreamEvent]) -> bool:
         client = self.client
         if client is None:
-            return
-        events_dao = self.service.db.events
-        after = since
-        while not client.closing:
-            events = await events_dao.replay(
-                client.user_id,
-                after,
-                upto,
-                scope=subscription.scope,  # type: ignore[arg-type]
-                session_ids=list(subscription.sessions) or None,
-                limit=_REPLAY_PAGE,
-            )
-            for event in events:
-                if subscription.allows(event.event_type) and client.may_see(event):
-                    if not self._send(event_frame(event), event.cursor):
-                        return
-                    self.service.stats.replayed += 1
-            if len(events) < _REPLAY_PAGE:
-                return
-            after = events[-1].cursor
-            await self._drain()
+            return False
+        for event in events:
+            if subscription.allows(event.event_type) and client.may_see(event):
+                if not self._send(event_frame(event), event.cursor):
+                    return False
+                self.service.stats.replayed += 1
+        return True
 
     async def _drain(self) -> None:
         """Let a big replay go out at the client's pace, within the same buffer limit."""

@@ -403,19 +403,28 @@ class FanOut:
             return
         pending.append(frame)
 
-    def begin_replay(self, client: Client) -> Cursor:
-        """Hold ``client``'s live frames from now on; returns the cursor the replay ends at."""
+    def hold(self, client: Client) -> Cursor:
+        """Hold ``client``'s live frames from now on (in order, bounded by ``pending_limit``)
+        instead of sending them; returns the cursor everything before them has reached."""
         client.pending = []
         return self.cursor
 
-    def end_replay(self, client: Client) -> None:
-        """Send the frames held during the replay (all newer than it), then go live."""
+    def release(self, client: Client) -> None:
+        """Send the frames held since :meth:`hold` (all newer than it), then go live."""
         held, client.pending = client.pending or [], None
         for frame in held:
             if frame.cursor is not None and frame.cursor <= client.last_cursor:
                 continue
             if client.send(frame, self.limit):
                 self.stats.events_delivered += 1
+
+    def discard_held(self, client: Client) -> None:
+        """Drop the frames held since :meth:`hold` (keep holding). For a resume: what was held
+        matched the subscription being replaced, or lies beyond a replay that failed; sending
+        it would move the client's cursor over events it has not received."""
+        if client.pending is not None:
+            self.stats.events_dropped += len(client.pending)
+            client.pending = []
 
 
 def _discard(index: dict[uuid.UUID, set[Client]], key: uuid.UUID, client: Client) -> None:

@@ -105,6 +105,13 @@ class HubService:
 
     # --- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
+        # The fan-out's cursor and the listener's start at the same place, the head of the
+        # stream, before any client connects: `ready` and `pong` report a real position, and a
+        # resume from before it is replayed (a fan-out cursor left at the origin took every
+        # `since` for one from a node further ahead, and replayed nothing).
+        head = await self.db.events.head()
+        self.fanout.cursor = head
+        self.listener.cursor = head
         node = await self.db.connections.register_node(self.listen_address)
         self.node_id = node.id
         s = self.settings

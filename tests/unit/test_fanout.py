@@ -182,18 +182,18 @@ def test_live_frames_wait_during_a_replay_and_follow_it_without_repeats():
     c = client(alice)
     fan.add(c)
     fan.publish([event(1, alice)])
-    upto = fan.begin_replay(c)
+    upto = fan.hold(c)
     assert upto == Cursor(101, 1)
     fan.subscribe(c, Subscription("mine"))
     fan.publish([event(2, alice), event(3, alice)])
     assert cursors(c) == []
     c.send(Frame("{}", Cursor(101, 1)), 1000)  # the replayed one
-    fan.end_replay(c)
+    fan.release(c)
     assert cursors(c) == [1, 2, 3]
     # Too many held frames: closed as too slow instead of buffering without bound.
     other = client(alice)
     fan.add(other)
-    fan.begin_replay(other)
+    fan.hold(other)
     fan.subscribe(other, Subscription("mine"))
     fan.publish([event(n, alice) for n in range(4, 9)])
     assert other.closing and other.close_code == CloseCode.TOO_SLOW
