@@ -191,6 +191,7 @@ class Connection:
         if not bypass:
             self.limiter = RateLimiter(settings.hub_rate_limit, settings.hub_rate_burst)
         service.fanout.add(client)
+        service.authenticated(client, self.send)
         now = datetime.now(UTC)
         service.recorder.opened(
             ConnectionOpened(
