@@ -91,6 +91,14 @@ class Settings(BaseSettings):
     hub_max_session_filters: int = Field(default=1000, ge=1)
     hub_ws_ping_interval: float = Field(default=20.0, gt=0)
     hub_close_timeout: float = Field(default=5.0, gt=0)  # then a stuck client's socket is cut
+    # Sockets (docs/architecture.md, "Hostile clients"). Every socket is a file descriptor and
+    # ~26 KB of memory; a stranger must not be able to hold them. 0 turns a cap off.
+    hub_handshake_timeout: float = Field(default=10.0, gt=0)  # to send a complete HTTP request
+    hub_max_connections: int = Field(default=10_000, ge=0)
+    # Behind a load balancer every client has the balancer's address: raise it or turn it off.
+    hub_max_connections_per_address: int = Field(default=256, ge=0)
+    # Sockets not (yet) authenticated, so strangers cannot take the whole budget.
+    hub_max_unauthenticated: int = Field(default=1_000, ge=0)
 
     # --- admin -----------------------------------------------------------------------------
     admin_email: str = "ahiya.butman@gmail.com"

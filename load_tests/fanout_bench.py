@@ -351,6 +351,11 @@ async def run_hub(
         "KEEN_DATABASE_URL": dsn,
         "KEEN_HUB_RATE_LIMIT": "1000",
         "KEEN_POOL_MAX_SIZE": "6",
+        # Every subscriber connects from 127.0.0.1, thousands at once: the socket caps are for
+        # strangers, not for this measurement.
+        "KEEN_HUB_MAX_CONNECTIONS": "0",
+        "KEEN_HUB_MAX_CONNECTIONS_PER_ADDRESS": "0",
+        "KEEN_HUB_MAX_UNAUTHENTICATED": "0",
     }
     hub = subprocess.Popen(  # noqa: ASYNC220
         [sys.executable, "-m", "keen_stream", "serve", "--host", "127.0.0.1", "--port", str(port)],

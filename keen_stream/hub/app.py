@@ -23,6 +23,7 @@ from keen_stream.dal.database import KeenDatabase
 from keen_stream.hub.connection import Receive, Scope, Send, serve_websocket
 from keen_stream.hub.metrics import registry_for
 from keen_stream.hub.service import HubService
+from keen_stream.hub.transport import ConnectionGuard
 from keen_stream.settings import Settings, get_settings
 
 
@@ -31,6 +32,15 @@ class HubApp:
 
     def __init__(self, starlette: Starlette) -> None:
         self.starlette = starlette
+
+    @property
+    def guard(self) -> ConnectionGuard | None:
+        """The socket guard of the uvicorn server running this app (set by ``uvicorn_config``)."""
+        return getattr(self.starlette.state, "guard", None)
+
+    @guard.setter
+    def guard(self, guard: ConnectionGuard) -> None:
+        self.starlette.state.guard = guard
 
     @property
     def service(self) -> HubService | None:
@@ -67,7 +77,7 @@ def create_app(
         try:
             await service.start()
             app.state.service = service
-            app.state.registry = registry_for(service)
+            app.state.registry = registry_for(service, getattr(app.state, "guard", None))
             if freeze_gc:
                 gc.collect()
                 gc.freeze()
@@ -84,6 +94,9 @@ def create_app(
             return JSONResponse({"status": "starting"}, status_code=503)
         database = await service.db.health()
         body: dict[str, Any] = {"database": database, **service.health()}
+        guard: ConnectionGuard | None = getattr(request.app.state, "guard", None)
+        if guard is not None:
+            body["sockets"] = guard.snapshot()
         ok = bool(database.get("ok")) and service.listener.connected and not service.stopping
         body["status"] = "ok" if ok else "degraded"
         return JSONResponse(body, status_code=200 if ok else 503)

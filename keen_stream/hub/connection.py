@@ -45,6 +45,7 @@ from keen_stream.hub.protocol import (
     pong_frame,
     ready_frame,
     subscribed_frame,
+    too_slow_reason,
     unsubscribed_frame,
 )
 from keen_stream.hub.service import HubService
@@ -194,6 +195,7 @@ class Connection:
         if not bypass:
             self.limiter = RateLimiter(settings.hub_rate_limit, settings.hub_rate_burst)
         service.fanout.add(client)
+        service.authenticated(client, self.send)
         now = datetime.now(UTC)
         service.recorder.opened(
             ConnectionOpened(
@@ -438,9 +440,7 @@ class Connection:
         deadline = time.monotonic() + _DRAIN_TIMEOUT
         while client.sender.buffered() > limit // 2 and not client.closing:
             if time.monotonic() > deadline:
-                client.close(
-                    CloseCode.TOO_SLOW, f"too slow; resume with since={client.last_cursor}"
-                )
+                client.close(CloseCode.TOO_SLOW, too_slow_reason(client.last_cursor))
                 return
             await asyncio.sleep(0.005)
 

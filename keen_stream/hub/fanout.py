@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent
-from keen_stream.hub.protocol import CloseCode, event_frame, ws_text_frame
+from keen_stream.hub.protocol import CloseCode, event_frame, too_slow_reason, ws_text_frame
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +239,7 @@ class Client:
         if cursor is not None and cursor <= self.last_cursor:
             return True  # already sent (or covered by the client's resume point)
         if self.sender.buffered() > limit:
-            self.close(CloseCode.TOO_SLOW, f"too slow; resume with since={self.last_cursor}")
+            self.close(CloseCode.TOO_SLOW, too_slow_reason(self.last_cursor))
             return False
         if not self.sender.write(frame):
             return False
@@ -399,7 +399,7 @@ class FanOut:
             return
         if len(pending) >= self.pending_limit:
             self.stats.events_dropped += 1
-            client.close(CloseCode.TOO_SLOW, f"too slow; resume with since={client.last_cursor}")
+            client.close(CloseCode.TOO_SLOW, too_slow_reason(client.last_cursor))
             return
         pending.append(frame)
 

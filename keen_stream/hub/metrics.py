@@ -14,11 +14,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 if TYPE_CHECKING:
     from keen_stream.hub.service import HubService
+    from keen_stream.hub.transport import ConnectionGuard
 
 
 class HubCollector:
-    def __init__(self, service: HubService) -> None:
+    def __init__(self, service: HubService, guard: ConnectionGuard | None = None) -> None:
         self._service = service
+        self._guard = guard
 
     def collect(self) -> Iterator[Metric]:
         service = self._service
@@ -76,10 +78,48 @@ class HubCollector:
             "From the last delivered event's transaction start to its release",
             value=listener.lag,
         )
+        if self._guard is not None:
+            yield from _socket_metrics(self._guard)
 
 
-def registry_for(service: HubService) -> CollectorRegistry:
+def _socket_metrics(guard: ConnectionGuard) -> Iterator[Metric]:
+    stats = guard.stats
+    yield GaugeMetricFamily(
+        "keen_hub_sockets", "Open sockets (HTTP and WebSocket, any state)", value=guard.open
+    )
+    yield GaugeMetricFamily(
+        "keen_hub_sockets_unauthenticated",
+        "Open sockets not authenticated (yet)",
+        value=guard.unauthenticated,
+    )
+    refused = CounterMetricFamily(
+        "keen_hub_sockets_refused",
+        "Sockets closed at accept for being over a cap (address, total, unauthenticated)",
+        labels=["cap"],
+    )
+    for cap, count in stats.refused.items():
+        refused.add_metric([cap], count)
+    yield refused
+    counters = {
+        "keen_hub_handshake_timeouts": (
+            "Connections cut for not sending a complete HTTP request in time",
+            stats.handshake_timeouts,
+        ),
+        "keen_hub_keepalive_timeouts": (
+            "Authenticated clients that stopped answering pings (closed 4008)",
+            stats.keepalive_timeouts,
+        ),
+        "keen_hub_sockets_cut": (
+            "Closing sockets aborted because the peer did not take the rest in time",
+            stats.cut,
+        ),
+    }
+    for name, (doc, value) in counters.items():
+        yield CounterMetricFamily(name, doc, value=value)
+
+
+def registry_for(service: HubService, guard: ConnectionGuard | None = None) -> CollectorRegistry:
     """A registry of this node's metrics only (not the process-global one: tests run many)."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(HubCollector(service))
+    registry.register(HubCollector(service, guard))
     return registry

@@ -58,6 +58,11 @@ def close_code_for(exc: KeenError) -> CloseCode:
     return CloseCode.INVALID_TOKEN
 
 
+def too_slow_reason(cursor: Cursor) -> str:
+    """The reason of a 4008 close: where the client resumes (``since``)."""
+    return f"too slow; resume with since={cursor}"
+
+
 #: Token statuses (keen_token_authenticate) that end a connection, with their close codes.
 STATUS_CLOSE: Final = {
     "unknown": CloseCode.INVALID_TOKEN,

@@ -24,7 +24,8 @@ from keen_stream.dal.models.connections import (
 )
 from keen_stream.hub.fanout import Client, FanOut, HubStats
 from keen_stream.hub.listener import EventListener
-from keen_stream.hub.protocol import STATUS_CLOSE, CloseCode
+from keen_stream.hub.protocol import STATUS_CLOSE, CloseCode, too_slow_reason
+from keen_stream.hub.transport import guarded_protocol
 from keen_stream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class HubService:
         self.started_at = time.time()
         self._tasks: list[asyncio.Task[Any]] = []
         self._closing: set[asyncio.Task[Any]] = set()
+        #: Connections closed because they stopped answering keepalive pings.
+        self._unresponsive: set[str] = set()
         self.stopping = False
         self.maintenance_errors = 0
 
@@ -211,6 +214,23 @@ class HubService:
                 client.close(CloseCode.PRIVILEGES_CHANGED, "privileges changed; reconnect")
 
     # --- called by connections ---------------------------------------------------------------
+    def authenticated(self, client: Client, send: Any) -> None:
+        """``client`` authenticated on the ASGI ``send``: its socket leaves the stranger cap, and a
+        keepalive timeout closes it as too slow (keen_stream/hub/transport.py)."""
+        proto = guarded_protocol(send)
+        if proto is None:
+            return
+
+        def unresponsive() -> None:
+            if client.closing:
+                return
+            # Not answering pings means not reading (or gone): the documented 4008 with the
+            # resume point, as when its buffer passes the limit.
+            self._unresponsive.add(client.connection_id)
+            client.close(CloseCode.TOO_SLOW, too_slow_reason(client.last_cursor))
+
+        proto.mark_authenticated(unresponsive)
+
     def request_close(self, client: Client, code: int, reason: str) -> None:
         """Client.close() lands here: run the close I/O in its own task (never on the hot path)."""
         if code == CloseCode.TOO_SLOW:
@@ -224,6 +244,9 @@ class HubService:
     def record_close(
         self, client: Client, code: int | None, reason: str | None, status: ConnectionStatus
     ) -> None:
+        if client.connection_id in self._unresponsive:
+            self._unresponsive.discard(client.connection_id)
+            status = "timed_out"
         self.recorder.closed(
             ConnectionClosed(
                 connection_id=client.connection_id,
