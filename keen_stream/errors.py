@@ -20,6 +20,8 @@ class KeenError(Exception):
     sqlstate: ClassVar[str | None] = None
     #: A short stable code for APIs and WebSocket error frames.
     code: ClassVar[str] = "internal_error"
+    #: True when the same call may succeed if simply made again (after a backoff).
+    retryable: ClassVar[bool] = False
 
     def __init__(self, message: str | None = None, **details: Any) -> None:
         self.message = message or (self.__doc__ or self.__class__.__name__).strip()
@@ -40,10 +42,27 @@ class UnsafeRoleError(ConfigurationError):
     code = "unsafe_role"
 
 
-class DatabaseUnavailable(KeenError):
+# --- the database itself ------------------------------------------------------------------
+# What the driver or the server raised that no domain error describes. ``details["sqlstate"]``
+# keeps the server's SQLSTATE when there was one; ``__cause__`` is the driver's exception.
+class DatabaseError(KeenError):
+    """The database failed unexpectedly."""
+
+    code = "database_error"
+
+
+class DatabaseUnavailable(DatabaseError):
     """The database cannot be reached."""
 
     code = "database_unavailable"
+    retryable = True
+
+
+class TransactionConflict(DatabaseError):
+    """The transaction lost a race with a concurrent one and was rolled back; make it again."""
+
+    code = "transaction_conflict"
+    retryable = True
 
 
 # --- input ---------------------------------------------------------------------------------

@@ -34,7 +34,14 @@ from keen_stream.dal.models.credits import (
 )
 from keen_stream.dal.pgerrors import from_fields, translating
 from keen_stream.dal.validation import MONEY_MAX, MONEY_QUANTUM, parse_money, parse_uuid
-from keen_stream.errors import InvalidAmount, InvalidIdentifier, InvalidInput, NotFound
+from keen_stream.errors import (
+    DatabaseError,
+    InvalidAmount,
+    InvalidIdentifier,
+    InvalidInput,
+    NotFound,
+    TransactionConflict,
+)
 
 if TYPE_CHECKING:
     from keen_stream.dal.database import KeenDatabase
@@ -169,10 +176,6 @@ class _Deduction(NamedTuple):
     handle: str | None
     description: str | None
     key: str | None
-
-
-#: An item that failed with these (deadlock, serialization failure) is retried alone.
-_RETRY_ALONE: Final = frozenset({"40P01", "40001"})
 
 
 def credits_for(claude_cost: Decimal, markup: Decimal) -> Decimal:
@@ -359,27 +362,27 @@ class CreditManager:
                 [d.description for d in ordered],
                 [d.key for d in ordered],
             )
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate not in _RETRY_ALONE:
-                raise
+        except TransactionConflict:
             # The batch lost a lock race outside any item (its key and budget pre-locks, e.g.
             # against keen_credit_expire_holds giving budgets back in another order): the
             # statement wrote nothing, and alone each call would have waited and gone on.
             return [await self._outcome_alone(d) for d in items]
         outcomes: list[CreditTransaction | BaseException] = [
-            RuntimeError("ledger: the batch returned no row for this deduction")
+            DatabaseError("ledger: the batch returned no row for this deduction")
         ] * len(items)
         for row in rows:
             at = order[row["ord"] - 1]
             if row["error_state"] is None:
                 outcomes[at] = CreditTransaction.model_validate({k: row[k] for k in TX_NAMES})
-            elif row["error_state"] in _RETRY_ALONE:
+                continue
+            error = from_fields(row["error_state"], row["error_message"], row["error_detail"],
+                                row["error_constraint"])
+            if isinstance(error, TransactionConflict):
                 # Lost a lock race with another kind of transaction (a session ending, say):
                 # only this item was undone; it runs again on its own.
                 outcomes[at] = await self._outcome_alone(items[at])
             else:
-                outcomes[at] = from_fields(row["error_state"], row["error_message"],
-                                           row["error_detail"], row["error_constraint"])
+                outcomes[at] = error
         return outcomes
 
     async def _outcome_alone(self, d: _Deduction) -> CreditTransaction | BaseException:

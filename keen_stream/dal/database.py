@@ -14,10 +14,10 @@ from typing import Any
 import asyncpg
 
 from keen_stream.dal.events import SIGNAL_SETTING, EventSignal
-from keen_stream.dal.pgerrors import translating
+from keen_stream.dal.pgerrors import connect_error, translating
 from keen_stream.dal.validation import parse_uuid
 from keen_stream.embedded import EmbeddedPostgres
-from keen_stream.errors import DatabaseUnavailable, UnsafeRoleError
+from keen_stream.errors import DatabaseError, DatabaseUnavailable, UnsafeRoleError
 from keen_stream.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -175,9 +175,10 @@ class KeenDatabase:
         except BaseException as exc:
             if embedded is not None:
                 embedded.stop()
-            if isinstance(exc, OSError | asyncpg.PostgresError):
-                raise DatabaseUnavailable(f"cannot connect to PostgreSQL: {exc}") from exc
-            raise
+            error = connect_error(exc)
+            if error is None:
+                raise
+            raise error from exc
         db = cls(pool, settings, dsn=dsn, embedded=embedded)
         try:
             await db.check_role_safety()
@@ -202,7 +203,7 @@ class KeenDatabase:
 
     async def check_role_safety(self, role: str = TENANT_ROLE) -> None:
         """Refuse tenant work if ``role`` could bypass RLS or a tenant table is unprotected."""
-        async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
+        async with self._transaction(None) as conn:
             row = await conn.fetchrow(_ROLE_SAFETY, role, list(TENANT_TABLES))
         if row is None:
             raise UnsafeRoleError(f"role {role} does not exist: run `keen-stream migrate`")
@@ -329,27 +330,37 @@ class KeenDatabase:
         # Stream-event triggers raise a NOTICE on our connections; after the commit (never
         # inside the transaction) the event readers get a coalesced wake-up (dal/events.py).
         signal = EventSignal()
-        try:
+        with translating():  # only the pool runs here: whatever it raises is the driver's
             acquire = self.pool.acquire(timeout=self.settings.pool_acquire_timeout)
             conn = await acquire.__aenter__()
-        except (OSError, TimeoutError, asyncpg.PostgresConnectionError) as exc:
-            raise DatabaseUnavailable(f"no database connection: {exc}") from exc
+        failed = True
         try:
             conn.add_log_listener(signal)
-            with translating():
+            with translating(conn):
                 if enter is None:  # user_call: the one statement is its own transaction
                     yield conn
                 else:
                     async with conn.transaction():
                         await conn.execute(enter, *args)
                         yield conn
-        except (asyncpg.PostgresConnectionError, asyncpg.ConnectionDoesNotExistError) as exc:
-            # Only the connection's own failures: an OSError raised by the caller's code is theirs.
-            raise DatabaseUnavailable(f"database connection lost: {exc}") from exc
+            failed = False
+        except DatabaseUnavailable:
+            # The connection may be half dead: asyncpg can read a killed backend's FATAL while
+            # idle and fail every later query with InternalClientError long before the socket
+            # closes. Never hand it out again.
+            with suppress(asyncpg.InterfaceError):
+                conn.terminate()
+            raise
         finally:
             # If the connection died, asyncpg has already released it (and its listeners).
             with suppress(asyncpg.InterfaceError):
                 conn.remove_log_listener(signal)
-            await acquire.__aexit__(None, None, None)
+            try:
+                with translating():  # the release may roll back or wait for a cancel
+                    await acquire.__aexit__(None, None, None)
+            except DatabaseError:
+                if not failed:
+                    raise
+                # Else the call's own error (or cancellation) is the one the caller must see.
         if signal.seen:
             self.events.after_commit()

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 import asyncpg
 
 from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent, TailBatch
+from keen_stream.dal.pgerrors import translating
 from keen_stream.dal.validation import parse_uuid
 from keen_stream.errors import CursorExpired, InvalidInput
 
@@ -254,18 +255,20 @@ class EventDAO:
         anyone else; the pool's connections use SET LOCAL only.
         """
         settings = self._db.settings
-        conn = await asyncpg.connect(
-            self._db.dsn,
-            timeout=settings.connect_timeout,
-            server_settings={
-                "application_name": application_name,
-                "statement_timeout": str(settings.statement_timeout_ms),
-            },
-        )
+        with translating():
+            conn = await asyncpg.connect(
+                self._db.dsn,
+                timeout=settings.connect_timeout,
+                server_settings={
+                    "application_name": application_name,
+                    "statement_timeout": str(settings.statement_timeout_ms),
+                },
+            )
         try:
             # Under a timeout like every other step: a connection that dies silently right
             # after connecting must not hang its reader (TCP alone can take minutes to notice).
-            await conn.execute(SQL["enter_system"], timeout=settings.connect_timeout)
+            with translating():
+                await conn.execute(SQL["enter_system"], timeout=settings.connect_timeout)
         except BaseException:
             conn.terminate()
             raise

@@ -1,15 +1,18 @@
-"""Turn asyncpg/PostgreSQL errors into keen_stream's domain errors.
+"""Turn asyncpg/PostgreSQL errors into keen_stream errors: a caller never sees the driver's.
 
 Server-side code raises custom SQLSTATEs (``KSxxx``); each :class:`KeenError` subclass that owns
-one declares it as ``sqlstate``. Constraint violations are mapped by constraint name.
+one declares it as ``sqlstate``. Constraint violations are mapped by constraint name. Everything
+else the driver raises is a :class:`~keen_stream.errors.DatabaseError`: unavailable (retry with
+a backoff), a transaction conflict (retry at once) or an unexpected server error.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Final
 
 import asyncpg
 
@@ -68,9 +71,70 @@ def translate(exc: asyncpg.PostgresError) -> KeenError | None:
     return None
 
 
+#: What the driver raises besides the socket's OSError (a TimeoutError is one): server errors,
+#: misuse of a closed connection, and protocol states it cannot handle (a killed backend's FATAL
+#: read while the connection was idle fails the next query with InternalClientError).
+DRIVER_ERRORS: Final = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError)
+
+# After these the same call may well succeed later: the connection or the server went away
+# (08 connection exception; 57P01-57P05 shutdown, crash, starting up, database dropped, idle
+# session timeout), the server is short of resources (53: connections, memory, disk), or the
+# statement gave up (57014 statement_timeout or a cancel, 55P03 lock_timeout); it rolled back.
+_UNAVAILABLE_CLASSES: Final = frozenset({"08", "53"})
+_UNAVAILABLE: Final = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "57014", "55P03"})
+# Serialization failure and deadlock: the transaction was rolled back because of a concurrent
+# one; PostgreSQL's advice is to run it again.
+_CONFLICTS: Final = frozenset({"40001", "40P01"})
+
+
+def classify(exc: BaseException) -> KeenError | None:
+    """The keen_stream error for ``exc`` if the driver raised it, else None.
+
+    An OSError (TimeoutError included) counts as the driver's: call this only on what came
+    from the driver (see :func:`translating`).
+    """
+    if isinstance(exc, asyncpg.PostgresError):
+        return translate(exc) or _server_error(exc)
+    if isinstance(exc, (*DRIVER_ERRORS, OSError)):
+        return errors.DatabaseUnavailable(f"database connection failed: {_describe(exc)}")
+    return None
+
+
+def connect_error(exc: BaseException) -> KeenError | None:
+    """What connecting (and migrating on connect) failed with, as a keen_stream error, or None.
+
+    Only the driver runs there, but the migrations run under SQLAlchemy, which wraps the
+    driver's errors: the first of the driver's in the chain of causes decides.
+    """
+    cause: BaseException | None = exc
+    while cause is not None and not isinstance(cause, KeenError):
+        error = classify(cause)
+        if error is not None:
+            return error
+        cause = cause.__cause__
+    return None
+
+
+def _server_error(exc: asyncpg.PostgresError) -> errors.DatabaseError:
+    sqlstate = getattr(exc, "sqlstate", None) or ""
+    text = _describe(exc)
+    if sqlstate in _CONFLICTS:
+        return errors.TransactionConflict(f"transaction conflict: {text}", sqlstate=sqlstate)
+    # FATAL ends the session whatever its SQLSTATE (e.g. 28P01 or 3D000 while connecting).
+    fatal = (getattr(exc, "severity_en", None) or getattr(exc, "severity", None)) in (
+        "FATAL", "PANIC")
+    if fatal or sqlstate in _UNAVAILABLE or sqlstate[:2] in _UNAVAILABLE_CLASSES:
+        return errors.DatabaseUnavailable(f"database unavailable: {text}", sqlstate=sqlstate)
+    return errors.DatabaseError(f"database error: {text}", sqlstate=sqlstate)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
 def from_fields(
     sqlstate: str, message: str, detail: str | None = None, constraint: str | None = None
-) -> Exception:
+) -> KeenError:
     """The error a statement would have raised, from fields a PL/pgSQL handler caught.
 
     ``GET STACKED DIAGNOSTICS`` in a batch function hands back an item's error as text; this
@@ -81,7 +145,7 @@ def from_fields(
     # them, as the server's own error message would (else e.g. constraint='' in the details).
     fields = {"C": sqlstate, "M": message, "D": detail or None, "n": constraint or None}
     exc = asyncpg.PostgresError.new({k: v for k, v in fields.items() if v is not None})
-    return translate(exc) or exc
+    return _classified(exc)
 
 
 def _details(exc: asyncpg.PostgresError) -> dict[str, Any]:
@@ -97,12 +161,37 @@ def _details(exc: asyncpg.PostgresError) -> dict[str, Any]:
 
 
 @contextmanager
-def translating() -> Iterator[None]:
-    """Re-raise known PostgreSQL errors as domain errors (``raise ... from exc``)."""
+def translating(conn: asyncpg.Connection | None = None) -> Iterator[None]:
+    """Re-raise the driver's errors in the block as keen_stream errors (``raise ... from exc``).
+
+    Without ``conn`` only the driver runs in the block, so an OSError or TimeoutError is its.
+    With ``conn`` the block also runs the caller's code: such an error is then the driver's only
+    if ``conn`` died (a caller's own, on a live connection, passes untouched, as does any error
+    that is not the driver's). A cancellation stays one, even when asyncpg then fails to roll
+    back on a dead connection (its InterfaceError would otherwise replace the CancelledError).
+    """
     try:
         yield
-    except asyncpg.PostgresError as exc:
-        domain = translate(exc)
-        if domain is None:
+    except DRIVER_ERRORS as exc:
+        if isinstance(exc.__context__, asyncio.CancelledError):
+            raise exc.__context__ from None
+        raise _classified(exc) from exc
+    except OSError as exc:
+        if conn is not None and not connection_lost(conn):
             raise
-        raise domain from exc
+        raise _classified(exc) from exc
+
+
+def _classified(exc: BaseException) -> KeenError:
+    error = classify(exc)
+    if error is None:  # pragma: no cover -- only called with the driver's errors
+        raise exc
+    return error
+
+
+def connection_lost(conn: asyncpg.Connection) -> bool:
+    """Whether ``conn`` (a pooled one included) is closed or already given back by asyncpg."""
+    try:
+        return bool(conn.is_closed())
+    except asyncpg.InterfaceError:  # the pool's proxy: asyncpg released it when it died
+        return True

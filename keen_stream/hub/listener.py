@@ -24,7 +24,7 @@ import asyncpg
 
 from keen_stream.dal.events import CHANNEL, SQL, EventDAO, read_released
 from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent
-from keen_stream.errors import DatabaseUnavailable
+from keen_stream.errors import DatabaseError
 from keen_stream.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -39,7 +39,7 @@ _CONNECTION_ERRORS = (
     # query on that connection fails with InternalClientError (not an InterfaceError).
     asyncpg.InternalClientError,
     asyncpg.PostgresError,
-    DatabaseUnavailable,
+    DatabaseError,  # the DAL's own calls (connect_reader) raise these, never asyncpg's
 )
 
 

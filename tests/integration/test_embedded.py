@@ -9,9 +9,9 @@ from tests.conftest import PASSWORD, make_settings
 
 
 async def test_connect_without_a_dsn_starts_migrates_and_reuses_embedded_postgres(
-    tmp_path: Path,
+    embedded_dir: Path,
 ) -> None:
-    settings = make_settings(None, embedded_dir=tmp_path / "pgdata")  # type: ignore[arg-type]
+    settings = make_settings(None, embedded_dir=embedded_dir)  # type: ignore[arg-type]
     db = await KeenDatabase.connect(settings=settings)
     try:
         health = await db.health()
@@ -19,7 +19,7 @@ async def test_connect_without_a_dsn_starts_migrates_and_reuses_embedded_postgre
         user = await db.users.create(email="e@example.com", username="embedded", password=PASSWORD)
     finally:
         await db.close()
-    assert (tmp_path / "pgdata" / "PG_VERSION").exists()
+    assert (embedded_dir / "PG_VERSION").exists()
 
     # a second start reuses the data directory: the user is still there
     db = await KeenDatabase.connect(settings=settings)
