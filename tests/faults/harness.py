@@ -12,15 +12,17 @@ the clients follow the stream, and compares what each client received with ``str
     await asyncio.gather(*(node.wait_healthy() for node in nodes))
     writer = Writer(db, [WriterUser(alice.id, "alice")], timeline=timeline)
     await writer.open_root(alice.id)
+    baseline = await head_cursor(owned_dsn)         # clients are entitled to what comes after
     client = ResumingClient("alice", [n.url for n in nodes], token, SubscriptionSpec("mine"),
-                            user_id=alice.id, is_admin=False, since=baseline, timeline=timeline)
+                            user_id=alice.id, is_admin=False, since=format_cursor(baseline),
+                            timeline=timeline)
     client.start()
     writer.start()
     ...                         # faults: terminate_backends, owned_pg.restart, node.stop/kill
     await writer.stop()
-    rows = await read_stream(owned_dsn)
+    rows = await read_stream(owned_dsn, after=baseline)
     await wait_caught_up([client], rows)
-    verdict = verify([client], rows, timeline=timeline)
+    verdict = verify([client], rows, faults=1, writer_errors=writer.errors)
     assert verdict.ok, verdict.report()
 
 The pieces:
@@ -28,11 +30,12 @@ The pieces:
 - :class:`HubNode`: one ``python -m keen_stream serve`` process on a fixed port (a restarted
   node keeps its URL), fast intervals through ``KEEN_*`` variables, health wait, SIGTERM,
   SIGKILL.
-- :func:`terminate_backends`, :func:`head_cursor`, :func:`read_stream`: the database side, as the
-  owned server's superuser.
-- :class:`Writer` and :func:`fund`: business writes through the DAL at a steady rate (sessions,
-  sub-agents, progress, deductions, completions), carrying on through outages and counting
-  every error by type; :meth:`Writer.burst` writes thousands of events quickly.
+- :func:`terminate_backends`, :func:`long_transaction`, :func:`head_cursor`,
+  :func:`read_stream`: the database side, as the owned server's superuser.
+- :class:`Writer`: business writes through the DAL at a steady rate (sessions, sub-agents,
+  progress, deductions, completions), carrying on through outages and counting every error by
+  type; :meth:`Writer.burst` writes thousands of events quickly. Users need credits first
+  (``tests/integration/credits_support.fund``).
 - :class:`ResumingClient`: a WebSocket client that follows docs/protocol.md and resumes with
   ``since`` after every close or failure, round-robin over the nodes, recording everything.
 - :func:`verify`: per client, entitled vs received: lost, duplicated, out of order, foreign,
@@ -369,12 +372,6 @@ async def head_cursor(dsn: str) -> Cursor | None:
 
 
 # --- the writer ---------------------------------------------------------------------------------
-async def fund(db: KeenDatabase, user_id: uuid.UUID, amount: Decimal) -> None:
-    """Give a user credits to spend: the one place this suite adds credits, so a change of the
-    billing entry point is one line here."""
-    await db.credits.add_credits(user_id, amount, description="fault-test funds")
-
-
 @dataclass(frozen=True, slots=True)
 class WriterUser:
     user_id: uuid.UUID

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 
 from keen_stream.dal.database import KeenDatabase
@@ -31,7 +30,6 @@ from tests.faults.harness import (
     Writer,
     WriterUser,
     format_cursor,
-    fund,
     head_cursor,
     long_transaction,
     parse_cursor,
@@ -40,6 +38,7 @@ from tests.faults.harness import (
     verify,
     wait_caught_up,
 )
+from tests.integration.credits_support import fund
 from tests.integration.hubkit import stream_token, wait_for
 from tests.pgcluster import OwnedPostgres, StopMode, requires_owned_postgres
 
@@ -267,7 +266,7 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
             users.append(await db.users.create(
                 email=f"fault{i}@example.com", username=f"fault_{i}", password=PASSWORD
             ))
-            await fund(db, users[-1].id, Decimal("1000"))
+            await fund(db, users[-1], "1000")
         writer = Writer(
             db,
             [WriterUser(u.id, f"u{i}") for i, u in enumerate(users)]
