@@ -55,7 +55,8 @@ BURST_DESCRIPTION = "burst call " + "x" * 189
 #: The hub's per-client send buffer. A replay waits for the client once more than half of it is
 #: queued, then writes a whole 1,000-event page (~0.75 MB): with the default 1 MiB that page can
 #: pass the limit and close a client that is not reading yet as too slow (4008) before the
-#: database stops. Fault 7 is about the database outage, so the nodes get room for a page.
+#: database stops (tests/integration/test_hub_replay_pacing.py). Fault 7 is about the
+#: database outage, so the nodes get room for a page.
 HUB_ENV = {"KEEN_HUB_SEND_BUFFER_LIMIT": str(3 * 1024 * 1024)}
 REPLAYED = "keen_hub_events_replayed_total"
 DATABASE = "keen"  # the owned_dsn fixture's database
