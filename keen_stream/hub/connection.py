@@ -275,11 +275,13 @@ class Connection:
             await self._dispatch(frame)
         except ProtocolError as exc:
             self._refuse(exc)
-        except DatabaseUnavailable:
-            self._send(error_frame("unavailable", "the database is unavailable; retry", frame.id))
         except CursorExpired as exc:
             self._send(error_frame(exc.code, f"{exc.message}; reload state", frame.id))
         except KeenError as exc:
+            if exc.retryable:  # the database is down, or a transaction lost a race: retry
+                message = "the database is unavailable; retry"
+                self._send(error_frame("unavailable", message, frame.id))
+                return
             logger.warning("%s: %s frame failed: %s", self.connection_id, frame.type, exc)
             self._send(error_frame("internal_error", "the hub could not handle this", frame.id))
 
