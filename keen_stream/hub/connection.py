@@ -405,13 +405,13 @@ class Connection:
         self._send(self._subscribed(ref, subscription, upto, recovered=True))
         after = first[-1].cursor if len(first) == _REPLAY_PAGE else max(since, mark)
         try:
-            if self._send_replayed(subscription, first):
+            if await self._send_replayed(subscription, first):
                 while after < upto and not client.closing:
-                    await self._drain()
                     page = await events.replay(
                         user, after, upto, scope=scope, session_ids=sessions, limit=_REPLAY_PAGE
                     )
-                    if not self._send_replayed(subscription, page) or len(page) < _REPLAY_PAGE:
+                    sent = await self._send_replayed(subscription, page)
+                    if not sent or len(page) < _REPLAY_PAGE:
                         break
                     after = page[-1].cursor
         except BaseException:
@@ -422,12 +422,19 @@ class Connection:
             raise
         fanout.release(client)
 
-    def _send_replayed(self, subscription: Subscription, events: list[StreamEvent]) -> bool:
+    async def _send_replayed(
+        self, subscription: Subscription, events: list[StreamEvent]
+    ) -> bool:
+        """Send replayed events at the client's pace: past half the send buffer, wait for it
+        to read (a page of large frames can be bigger than the whole buffer)."""
         client = self.client
         if client is None:
             return False
+        half = self.settings.hub_send_buffer_limit // 2
         for event in events:
             if subscription.allows(event.event_type) and client.may_see(event):
+                if client.sender.buffered() > half:
+                    await self._drain()
                 if not self._send(event_frame(event), event.cursor):
                     return False
                 self.service.stats.replayed += 1

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import pytest
-
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models.events import Cursor
 from tests.conftest import PASSWORD, make_settings
@@ -59,11 +57,6 @@ async def frames_until(client: Any, count: int) -> list[dict[str, Any]]:
     return [await client.recv(10) for _ in range(count)]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the hub sends `unavailable` without the request's id (connection.py _handle: "
-    "error_frame(...) without frame.id); docs/protocol.md echoes `id` in every reply",
-)
 async def test_an_unavailable_reply_carries_the_id_of_the_subscribe_it_answers(
     owned_pg: OwnedPostgres, owned_dsn: str
 ) -> None:
@@ -81,13 +74,6 @@ async def test_an_unavailable_reply_carries_the_id_of_the_subscribe_it_answers(
         await client.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a subscribe refused as `unavailable` stays registered (connection.py _subscribe "
-    "subscribes before reading the retention watermark and does not undo it on failure): live "
-    "events flow without the replay, the client's last cursor jumps over the missed ones, and "
-    "its retry with `since` then repeats them out of order",
-)
 async def test_a_subscribe_refused_as_unavailable_starts_nothing_and_its_retry_gets_every_event(
     owned_pg: OwnedPostgres, owned_dsn: str
 ) -> None:

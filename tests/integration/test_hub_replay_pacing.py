@@ -1,6 +1,6 @@
 """A ``since`` replay goes out at the client's pace (docs/architecture.md, "Fan-out").
 
-Found while building the fault scenario (tests/faults): a replay is written in 1,000-event
+Found while building the fault scenario (tests/faults): a replay was written in 1,000-event
 pages and waits for the client only between pages, once more than half of the send buffer is
 queued; a page bigger than half the buffer then passes the limit, and the hub closes a client
 that merely paused reading as too slow.
@@ -12,7 +12,6 @@ import asyncio
 import socket
 from decimal import Decimal
 
-import pytest
 from websockets.asyncio.client import connect
 
 from keen_stream.dal.database import KeenDatabase
@@ -26,13 +25,6 @@ LIMIT = 256 * 1024
 EVENTS = 2500
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="connection.py _replay writes a whole 1,000-event page between buffer checks "
-    "(_drain waits only for half the limit), so a page larger than half of "
-    "hub_send_buffer_limit passes it and the client is closed with 4008 after a short pause; "
-    "with ~1 KB session frames a page is the whole default 1 MiB",
-)
 async def test_a_client_that_pauses_during_its_replay_is_waited_for_not_closed_as_too_slow(
     db: KeenDatabase, fresh_dsn: str, alice: User
 ) -> None:
