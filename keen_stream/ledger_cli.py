@@ -1,4 +1,4 @@
-"""``keen-stream ledger ...``: prove the credit ledger, sweep expired holds.
+"""``keen-stream ledger ...``: prove the credit ledger, sweep expired holds, show or set the price.
 
 Picked up by ``keen_stream.cli`` through :func:`register`.
 """
@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from decimal import Decimal
+from typing import TYPE_CHECKING, TypeVar
 
 from keen_stream.dal.models.credits import LedgerReport
+from keen_stream.errors import NotFound
 from keen_stream.settings import Settings
+
+if TYPE_CHECKING:
+    from keen_stream.dal.database import KeenDatabase
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,6 +38,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = commands.add_parser("expire-holds", help="free credit holds past their expiry")
     p.add_argument("--limit", type=int, default=10_000)
     p.set_defaults(func=cmd_expire_holds)
+
+    p = commands.add_parser("markup", help="show the markup charges are priced at")
+    p.set_defaults(func=cmd_markup)
+
+    p = commands.add_parser(
+        "set-markup",
+        help="change the markup (an admin answers for it; recorded in audit_log)",
+        description="Credits per dollar of provider cost, from the next charge or hold on.",
+    )
+    p.add_argument("markup", help="e.g. 5.00 (0.01 to 99.99)")
+    p.add_argument("--reason", required=True, help="why, for the audit log")
+    p.add_argument("--admin-email", help="the acting admin (default: KEEN_ADMIN_EMAIL)")
+    p.set_defaults(func=cmd_set_markup)
 
 
 def format_report(report: LedgerReport) -> str:
@@ -52,30 +73,53 @@ def format_report(report: LedgerReport) -> str:
     return "\n".join(lines)
 
 
-def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+T = TypeVar("T")
+
+
+def _with_database(settings: Settings, action: Callable[[KeenDatabase], Awaitable[T]]) -> T:
+    """Connect, run ``action``, close: one command's whole life, in its own event loop."""
     from keen_stream.dal.database import KeenDatabase
 
-    async def run() -> LedgerReport:
+    async def run() -> T:
         db = await KeenDatabase.connect(settings=settings)
         try:
-            return await db.credits.verify_ledger()
+            return await action(db)
         finally:
             await db.close()
 
-    report = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
+    report = _with_database(settings, lambda db: db.credits.verify_ledger())
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def cmd_expire_holds(args: argparse.Namespace, settings: Settings) -> int:
-    from keen_stream.dal.database import KeenDatabase
+    expired = _with_database(settings, lambda db: db.credits.expire_holds(limit=args.limit))
+    print(f"expired {expired} holds")
+    return 0
 
-    async def run() -> int:
-        db = await KeenDatabase.connect(settings=settings)
-        try:
-            return await db.credits.expire_holds(limit=args.limit)
-        finally:
-            await db.close()
 
-    print(f"expired {asyncio.run(run())} holds")
+def cmd_markup(args: argparse.Namespace, settings: Settings) -> int:
+    markup = _with_database(settings, lambda db: db.billing.get_markup())
+    print(f"markup: {markup} credits per dollar of provider cost")
+    return 0
+
+
+def cmd_set_markup(args: argparse.Namespace, settings: Settings) -> int:
+    email = args.admin_email or settings.admin_email
+
+    async def set_markup(db: KeenDatabase) -> Decimal:
+        # Who answers for the change: the database checks they are an active admin.
+        async with db.system_transaction() as conn:
+            admin: uuid.UUID | None = await conn.fetchval(
+                "SELECT user_id FROM keen_login_lookup($1)", email
+            )
+        if admin is None:
+            raise NotFound(f"no user with email {email}")
+        return await db.billing.set_markup(admin, args.markup, reason=args.reason)
+
+    print(f"markup is now {_with_database(settings, set_markup)} (set by {email})")
     return 0

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -41,7 +40,21 @@ class Settings(BaseSettings):
     )
 
     # --- money -----------------------------------------------------------------------------
-    credit_markup: Decimal = Field(default=Decimal("5.00"), gt=0, max_digits=4, decimal_places=2)
+    # The markup is not a setting: it lives in the database (credit_pricing), changed by an admin
+    # through db.billing.set_markup or `keen-stream ledger set-markup`, audited (docs/ledger.md).
+    # KEEN_CREDIT_MARKUP used to set it; a deployment that still sets it is told so at startup
+    # instead of silently charging another price than it configured.
+    credit_markup: None = None
+
+    @field_validator("credit_markup", mode="before")
+    @classmethod
+    def _markup_moved(cls, value: object) -> None:
+        if value is not None:
+            raise ValueError(
+                "KEEN_CREDIT_MARKUP is no longer read: the markup lives in the database"
+                " (keen-stream ledger markup / set-markup)"
+            )
+        return None
 
     # Deductions from concurrent callers share a transaction when they have to wait anyway
     # (dal/batching.py): at most this many deduction statements run at once per process, and

@@ -64,8 +64,8 @@ OTHER_TRIGGERS = """
 LEDGER_DEBIT = "\\set aid random(1, {accounts})\n" + (
     SQL["deduct_call"]
     .replace("$1", "(SELECT user_id::text FROM bench_users WHERE aid = :aid)")
-    .replace("$2", str(COST)).replace("$3", "5.00").replace("$4", "NULL")
-    .replace("$5", "'bench'").replace("$6", "NULL")
+    .replace("$2", str(COST)).replace("$3", "NULL").replace("$4", "'bench'")
+    .replace("$5", "NULL")
     .replace("{", "{{").replace("}", "}}")
 ) + ";\n"
 
@@ -213,7 +213,7 @@ async def main() -> int:
 
             async def fund(user: uuid.UUID) -> None:
                 async with sem:
-                    await db.credits.add_credits(user, START_BALANCE, description="bench funds")
+                    await db.billing.purchase(user, START_BALANCE, description="bench funds")
 
             await asyncio.gather(*(fund(u) for u in users))
         finally:

@@ -165,7 +165,7 @@ async def main() -> int:
 
             async def fund(user: uuid.UUID) -> None:
                 async with gate:
-                    await db.credits.add_credits(user, ledger_bench.START_BALANCE, description="f")
+                    await db.billing.purchase(user, ledger_bench.START_BALANCE, description="f")
 
             await asyncio.gather(*(fund(u) for u in users))
             for round_no in range(1, args.rounds + 1):

@@ -9,6 +9,8 @@ for ``db`` gets a fresh ``CREATE DATABASE ... TEMPLATE`` copy (about 0.1 s) and 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.util
 import itertools
 import os
 import uuid
@@ -70,11 +72,43 @@ async def statements_sent(
         sent: list[str] = []
         async with single.pool.acquire() as conn:
             conn.add_query_logger(lambda record: sent.append(record.query))
+        await asyncio.sleep(0)
+        sent.clear()  # the reset of that borrow itself (code borrowing the pool directly)
         result = await action(single)
         await asyncio.sleep(0)  # query loggers are called soon after the query, not inside it
         return sent, result
     finally:
         await single.close()
+
+
+@functools.cache
+def _database_grants() -> list[str]:
+    """Migration 0007's database-level grants, from the migration itself."""
+    path = ROOT / "migrations" / "versions" / "0007_guarantees.py"
+    spec = importlib.util.spec_from_file_location("keen_migration_0007", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return list(module.DATABASE_GRANTS)
+
+
+async def copy_template(admin_dsn: str, name: str, template: str) -> None:
+    """Database ``name``, a copy of the migrated ``template``.
+
+    Database-level grants are not copied from a template: a copy has PUBLIC's TEMP back, and
+    the DAL refuses to start on it, so the migration's grants are applied to the copy.
+    """
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+    finally:
+        await admin.close()
+    copy = await asyncpg.connect(with_database(admin_dsn, name))
+    try:
+        for statement in _database_grants():
+            await copy.execute(statement)
+    finally:
+        await copy.close()
 
 
 @pytest.fixture(scope="session")
@@ -111,7 +145,7 @@ async def fresh_dsn(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[str]:
     name = f"keen_t_{os.getpid()}_{next(_counter)}"
     conn = await asyncpg.connect(pg_admin_dsn)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        await copy_template(pg_admin_dsn, name, template)
         yield with_database(pg_admin_dsn, name)
     finally:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -1,9 +1,10 @@
 """The credit ledger: ``db.credits``, a :class:`CreditManager`.
 
-Every balance change is one call to a SECURITY DEFINER function created by migration 0002
-(``keen_credit_deduct``, ``keen_credit_purchase``, ...). Each one validates, authorizes (the
+Every balance change is one call to a SECURITY DEFINER function created by migrations 0002 and
+0007 (``keen_credit_deduct``, ``keen_credit_reserve``, ...). Each one validates, authorizes (the
 caller's own account, or any account for an admin), checks and updates the balance, and appends
-the ledger row, in a single round trip: Python never reads a balance and writes it back.
+the ledger row, in a single round trip: Python never reads a balance and writes it back. The
+price (markup) is the server's; credits are minted only through ``db.billing`` (billing.py).
 
 Money is :class:`decimal.Decimal` end to end. The credit cost of a provider cost is defined once,
 by :func:`credits_for` here and ``keen_credits_for`` in SQL (the same rule; unit-tested).
@@ -33,7 +34,7 @@ from keen_stream.dal.models.credits import (
     TransactionType,
 )
 from keen_stream.dal.pgerrors import from_fields, translating
-from keen_stream.dal.validation import MONEY_MAX, MONEY_QUANTUM, parse_money, parse_uuid
+from keen_stream.dal.validation import MONEY_QUANTUM, parse_money, parse_uuid
 from keen_stream.errors import (
     DatabaseError,
     InvalidAmount,
@@ -67,60 +68,62 @@ HOLD_COLUMNS: Final = (
     "expires_at, idempotency_key, settled_claude_cost_usd, settled_credits, "
     "settled_transaction_id, created_at, resolved_at"
 )
+# The spend windows (migration 0007): what counts is what the ledger functions count, through
+# the same SQL functions (keen_spend_in_window, keen_credit_fits).
 _BALANCE_SELECT: Final = """
     SELECT a.user_id, a.id AS account_id, a.current_balance AS current, a.held_amount AS held,
            a.current_balance - a.held_amount AS available, a.lifetime_purchased,
            a.lifetime_spent, a.daily_limit, a.monthly_limit,
-           CASE WHEN a.spend_day = l.today THEN a.spent_day ELSE 0 END AS spent_today,
-           CASE WHEN a.spend_month = l.month THEN a.spent_month ELSE 0 END AS spent_this_month,
-           l.today, l.is_admin,
+           keen_spend_in_window(a.spent_day, a.spend_day_end, now()) AS spent_today,
+           keen_spend_in_window(a.spent_month, a.spend_month_end, now()) AS spent_this_month,
+           CASE WHEN now() < a.spend_day_end THEN a.spend_day_end END AS daily_window_end,
+           CASE WHEN now() < a.spend_month_end THEN a.spend_month_end END
+               AS monthly_window_end,
+           (now() AT TIME ZONE u.timezone)::date AS today, l.is_admin,
            a.unlimited_credits OR a.bypass_billing OR l.is_admin AS unlimited,
            a.auto_recharge_enabled, a.auto_recharge_threshold, a.auto_recharge_amount,
            a.last_sequence
       FROM credit_accounts a
       JOIN users u ON u.id = a.user_id
-     CROSS JOIN LATERAL (
-        SELECT (now() AT TIME ZONE u.timezone)::date AS today,
-               date_trunc('month', now() AT TIME ZONE u.timezone)::date AS month,
-               u.is_admin AND u.account_status = 'active' AS is_admin) l
+     CROSS JOIN LATERAL (SELECT u.is_admin AND u.account_status = 'active' AS is_admin) l
      WHERE a.user_id = $1"""
 
 SQL: Final = {
-    # $1 user, $2 claude cost, $3 markup, $4 session row id, $5 session handle, $6 description,
-    # $7 idempotency key. Inside a caller's user_transaction (deduct_in).
-    "deduct": f"SELECT {TX_COLUMNS} FROM keen_credit_deduct($1, $2, $3, $4, $5, $6, $7)",
+    # $1 user, $2 claude cost, $3 session row id, $4 session handle, $5 description,
+    # $6 idempotency key. Inside a caller's user_transaction (deduct_in).
+    "deduct": f"SELECT {TX_COLUMNS} FROM keen_credit_deduct($1, $2, $3, $4, $5, $6)",
     # The public deduction in one round trip (db.user_call): $1 the user (also the acting user),
-    # $2 claude cost, $3 markup, $4 session handle, $5 description, $6 idempotency key.
+    # $2 claude cost, $3 session handle, $4 description, $5 idempotency key.
     "deduct_call": f"SELECT {TX_COLUMNS} FROM keen_credit_deduct({USER_CALL_ARG},"
-    " $2, $3, NULL, $4, $5, $6)",
+    " $2, NULL, $3, $4, $5)",
     # Many callers' deductions in one statement (migration 0005): $1 users, $2 claude costs,
-    # $3 markup, $4 session handles, $5 descriptions, $6 idempotency keys (arrays, same length).
+    # $3 session handles, $4 descriptions, $5 idempotency keys (arrays, same length).
     # One row per item, by ``ord``: its error's fields, or its ledger row.
     "deduct_many": "SELECT ord, error_state, error_message, error_detail, error_constraint, "
     + ", ".join(f"(r.tx).{column}" for column in TX_NAMES)
-    + " FROM keen_credit_deduct_many($1, $2, $3, $4, $5, $6) r",
-    # $1 user, $2 amount, $3 markup, $4 description, $5 stripe payment intent, $6 key.
-    "purchase": f"SELECT {TX_COLUMNS} FROM keen_credit_purchase($1, $2, $3, $4, $5, $6)",
-    # $1 user, $2 transaction, $3 amount (NULL: all that is left), $4 reason, $5 key.
-    "refund": f"SELECT {TX_COLUMNS} FROM keen_credit_refund($1, $2, $3, $4, $5)",
-    # $1 user, $2 signed amount, $3 markup, $4 reason, $5 key.
-    "adjust": f"SELECT {TX_COLUMNS} FROM keen_credit_adjust($1, $2, $3, $4, $5)",
-    # $1 user, $2 estimated cost, $3 markup, $4 session row, $5 handle, $6 ttl, $7 desc., $8 key.
-    "reserve": f"SELECT {HOLD_COLUMNS} FROM keen_credit_reserve($1, $2, $3, $4, $5, $6, $7, $8)",
+    + " FROM keen_credit_deduct_many($1, $2, $3, $4, $5) r",
+    # $1 user, $2 estimated cost, $3 session row, $4 handle, $5 ttl, $6 description, $7 key.
+    "reserve": f"SELECT {HOLD_COLUMNS} FROM keen_credit_reserve($1, $2, $3, $4, $5, $6, $7)",
     "settle": f"SELECT {TX_COLUMNS} FROM keen_credit_settle($1, $2, $3)",
     "release": f"SELECT {HOLD_COLUMNS} FROM keen_credit_release($1)",
     "expire_holds": "SELECT keen_credit_expire_holds($1)",
     "balance": _BALANCE_SELECT,
+    # $2 the claude cost; the price is the server's. required is NULL when cost x markup
+    # leaves NUMERIC(18,6).
     "validate": f"""
         WITH b AS ({_BALANCE_SELECT}),
-        r AS (SELECT b.*, keen_credits_for($2, $3) AS required,
+        r AS (SELECT b.*, p.markup,
+                     CASE WHEN $2 * p.markup <= 999999999999.999999
+                          THEN keen_credits_for($2, p.markup) END AS required,
                      b.daily_limit - b.spent_today - b.held AS daily_remaining,
                      b.monthly_limit - b.spent_this_month - b.held AS monthly_remaining
-                FROM b)
+                FROM b, credit_pricing p)
         SELECT r.*, CASE
             WHEN r.unlimited THEN NULL
             WHEN r.available < r.required THEN 'insufficient_credits'
-            WHEN r.daily_remaining < r.required OR r.monthly_remaining < r.required
+            WHEN NOT keen_credit_fits(r.required, r.current, r.held, r.daily_limit,
+                                      r.spent_today, r.daily_window_end, r.monthly_limit,
+                                      r.spent_this_month, r.monthly_window_end, now())
                 THEN 'spending_limit_exceeded'
         END AS reason
         FROM r""",
@@ -183,8 +186,7 @@ def credits_for(claude_cost: Decimal, markup: Decimal) -> Decimal:
 
     Rounding up (never half-way, never to zero) means a charge is never below its exact price
     and any non-zero cost costs at least 0.000001 credits. The SQL twin is
-    ``keen_credits_for``; the ledger uses only that one, this one mirrors it for tests and for
-    refusing out-of-range results before the database sees them.
+    ``keen_credits_for``; the ledger uses only that one, this one mirrors it for tests.
     """
     return (claude_cost * markup).quantize(MONEY_QUANTUM, rounding=ROUND_CEILING)
 
@@ -268,16 +270,6 @@ class CreditManager:
         if self._deductions is not None:
             await self._deductions.drain()
 
-    @property
-    def markup(self) -> Decimal:
-        return self._db.settings.credit_markup
-
-    def _charge(self, claude_cost: Any, what: str) -> Decimal:
-        cost = parse_money(claude_cost, what)
-        if credits_for(cost, self.markup) > MONEY_MAX:
-            raise InvalidAmount(f"{what} x markup is out of range", field=what)
-        return cost
-
     # --- deductions --------------------------------------------------------------------------
     async def deduct_in(
         self,
@@ -300,12 +292,11 @@ class CreditManager:
         """
         uid = parse_uuid(user_id, "user_id")
         session = None if session_row_id is None else parse_uuid(session_row_id, "session_row_id")
-        cost = self._charge(claude_cost_usd, "claude_cost_usd")
+        cost = parse_money(claude_cost_usd, "claude_cost_usd")
         text = _text(description, "description")
         key = _key(idempotency_key)
         with translating():
-            row = await conn.fetchrow(SQL["deduct"], uid, cost, self.markup, session, None, text,
-                                      key)
+            row = await conn.fetchrow(SQL["deduct"], uid, cost, session, None, text, key)
         return _tx(row)
 
     async def deduct_credits(
@@ -325,7 +316,7 @@ class CreditManager:
         """
         item = _Deduction(
             parse_uuid(user_id, "user_id"),
-            self._charge(claude_cost_usd, "claude_cost_usd"),
+            parse_money(claude_cost_usd, "claude_cost_usd"),
             _handle(session_id),
             _text(description, "description"),
             _key(idempotency_key),
@@ -335,8 +326,8 @@ class CreditManager:
         return await self._deductions.submit(item)
 
     async def _deduct_one(self, d: _Deduction) -> CreditTransaction:
-        row = await self._db.user_call(d.user_id, SQL["deduct_call"], d.cost, self.markup,
-                                       d.handle, d.description, d.key)
+        row = await self._db.user_call(d.user_id, SQL["deduct_call"], d.cost, d.handle,
+                                       d.description, d.key)
         return _tx(row)
 
     async def _deduct_many(
@@ -357,7 +348,6 @@ class CreditManager:
                 SQL["deduct_many"],
                 [d.user_id for d in ordered],
                 [d.cost for d in ordered],
-                self.markup,
                 [d.handle for d in ordered],
                 [d.description for d in ordered],
                 [d.key for d in ordered],
@@ -391,73 +381,6 @@ class CreditManager:
         except Exception as exc:
             return exc
 
-    # --- purchases, refunds, adjustments -----------------------------------------------------
-    async def add_credits(
-        self,
-        user_id: uuid.UUID | str,
-        amount: Decimal,
-        *,
-        description: str,
-        stripe_payment_intent_id: str | None = None,
-        idempotency_key: str | None = None,
-        actor_id: uuid.UUID | str | None = None,
-    ) -> CreditTransaction:
-        """Record a purchase of ``amount`` credits (raises ``lifetime_purchased``).
-
-        A Stripe payment intent is credited at most once (a second use raises Conflict).
-        """
-        uid = parse_uuid(user_id, "user_id")
-        value = parse_money(amount, "amount")
-        text = _text(description, "description")
-        stripe = _text(stripe_payment_intent_id, "stripe_payment_intent_id", max_length=255,
-                       required=False)
-        key = _key(idempotency_key)
-        async with self._db.user_transaction(actor_id or uid) as conn:
-            row = await conn.fetchrow(SQL["purchase"], uid, value, self.markup, text, stripe, key)
-        return _tx(row)
-
-    async def refund(
-        self,
-        user_id: uuid.UUID | str,
-        transaction_id: uuid.UUID | str,
-        *,
-        amount: Decimal | None = None,
-        reason: str,
-        idempotency_key: str | None = None,
-        actor_id: uuid.UUID | str | None = None,
-    ) -> CreditTransaction:
-        """Give back (part of) a usage charge; never more than it charged, over all refunds.
-
-        ``amount=None`` refunds whatever is left. Refunds also give credits back to the session
-        budget the charge used; they do not restore spending-limit headroom.
-        """
-        uid = parse_uuid(user_id, "user_id")
-        tid = parse_uuid(transaction_id, "transaction_id")
-        value = None if amount is None else parse_money(amount, "amount")
-        text = _text(reason, "reason")
-        key = _key(idempotency_key)
-        async with self._db.user_transaction(actor_id or uid) as conn:
-            row = await conn.fetchrow(SQL["refund"], uid, tid, value, text, key)
-        return _tx(row)
-
-    async def adjust(
-        self,
-        admin_user_id: uuid.UUID | str,
-        user_id: uuid.UUID | str,
-        amount: Decimal,
-        *,
-        reason: str,
-        idempotency_key: str | None = None,
-    ) -> CreditTransaction:
-        """Admins only: a signed correction of ``user_id``'s balance (cannot eat held credits)."""
-        uid = parse_uuid(user_id, "user_id")
-        value = parse_money(amount, "amount", allow_negative=True)
-        text = _text(reason, "reason")
-        key = _key(idempotency_key)
-        async with self._db.user_transaction(admin_user_id) as conn:
-            row = await conn.fetchrow(SQL["adjust"], uid, value, self.markup, text, key)
-        return _tx(row)
-
     # --- holds -------------------------------------------------------------------------------
     async def reserve(
         self,
@@ -475,16 +398,14 @@ class CreditManager:
         as spent for the limits. Expires after ``ttl`` (at most a day) unless settled first.
         """
         uid = parse_uuid(user_id, "user_id")
-        cost = self._charge(estimated_claude_cost, "estimated_claude_cost")
+        cost = parse_money(estimated_claude_cost, "estimated_claude_cost")
         handle = _handle(session_id)
         if not isinstance(ttl, timedelta) or not timedelta(0) < ttl <= MAX_HOLD_TTL:
             raise InvalidInput("ttl must be a timedelta between 0 and 1 day", field="ttl")
         text = _text(description, "description")
         key = _key(idempotency_key)
         async with self._db.user_transaction(uid) as conn:
-            row = await conn.fetchrow(
-                SQL["reserve"], uid, cost, self.markup, None, handle, ttl, text, key
-            )
+            row = await conn.fetchrow(SQL["reserve"], uid, cost, None, handle, ttl, text, key)
         return _hold(row)
 
     async def settle(
@@ -573,11 +494,14 @@ class CreditManager:
         again, atomically.
         """
         uid = parse_uuid(user_id, "user_id")
-        cost = self._charge(required_claude_cost, "required_claude_cost")
+        cost = parse_money(required_claude_cost, "required_claude_cost")
         async with self._db.user_transaction(uid) as conn:
-            row = await conn.fetchrow(SQL["validate"], uid, cost, self.markup)
+            row = await conn.fetchrow(SQL["validate"], uid, cost)
         if row is None:
             raise NotFound("no credit account for this user")
+        if row["required"] is None:
+            raise InvalidAmount("required_claude_cost x markup is out of range",
+                                field="required_claude_cost")
         unlimited = row["unlimited"]
         shortfall = Decimal(0) if unlimited else max(Decimal(0), row["required"] - row["available"])
         return CreditValidation(
@@ -587,7 +511,7 @@ class CreditManager:
             required=row["required"],
             shortfall=shortfall.quantize(MONEY_QUANTUM),
             claude_cost=cost,
-            markup_multiplier=self.markup,
+            markup_multiplier=row["markup"],
             is_admin=row["is_admin"],
             unlimited=unlimited,
             daily_remaining=None if unlimited else _nonnegative(row["daily_remaining"]),

@@ -46,6 +46,10 @@ _ENTER_TENANT = (
     "SELECT set_config('role', 'keen_app', true), set_config('app.current_user_id', $1, true)"
 )
 _ENTER_SYSTEM = "SELECT set_config('role', 'keen_system', true)"
+# keen_billing: the only role that may mint credits or set the price (migration 0007).
+_ENTER_BILLING = (
+    "SELECT set_config('role', 'keen_billing', true), set_config('app.current_user_id', $1, true)"
+)
 #: The acting user of :meth:`KeenDatabase.user_call`, written as the called function's argument.
 USER_CALL_ARG = "set_config('app.current_user_id', $1, true)::uuid"
 #: The tenant context of :meth:`KeenDatabase.tenant_call`: the role, then the user, written as the
@@ -60,9 +64,21 @@ SELECT r.rolsuper, r.rolbypassrls,
            AND c.relnamespace = 'public'::regnamespace
            AND NOT (c.relrowsecurity AND c.relforcerowsecurity)) AS unprotected,
        (SELECT coalesce(array_agg(t), '{}') FROM unnest($2::text[]) AS t
-         WHERE to_regclass('public.' || t) IS NULL) AS missing
+         WHERE to_regclass('public.' || t) IS NULL) AS missing,
+       has_database_privilege(r.oid, current_database(), 'TEMPORARY') AS can_create_temp,
+       has_schema_privilege(r.oid, 'public', 'CREATE') AS can_create_in_public,
+       current_database() AS database
   FROM pg_roles r WHERE r.rolname = $1
 """
+
+#: Everything a borrower can leave on its session: DISCARD ALL without DEALLOCATE ALL (which
+#: would drop asyncpg's prepared statements) and DISCARD PLANS. SET SESSION AUTHORIZATION
+#: DEFAULT also ends a session-level SET ROLE, which RESET ALL leaves alone; RESET ALL goes
+#: back to the settings the connection started with (statement_timeout, keen.stream_signal).
+RESET_SESSION = (
+    "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES;"
+    " CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all()"
+)
 
 
 def _json_default(value: Any) -> Any:
@@ -77,22 +93,63 @@ def dumps(value: Any) -> str:
     return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
-async def release_connection(conn: asyncpg.Connection) -> None:
-    """Pool reset hook: asyncpg has already rolled back any open transaction.
-
-    asyncpg's default reset also sends ``RESET ALL; UNLISTEN *; CLOSE ALL;
-    pg_advisory_unlock_all()`` — one more round trip per transaction, about a fifth of a
-    deduction's cost. The DAL never leaves session state behind: the role and user are set with
-    ``set_config(..., true)`` (transaction-local), advisory locks are ``_xact_`` locks, and the
-    listener LISTENs on its own connection, not a pooled one. So there is nothing to reset;
-    ``test_settings_do_not_leak_to_the_next_pooled_transaction`` holds us to it. Code that
-    borrows ``db.pool`` directly must not ``SET`` session state either.
-    """
-
-
 async def init_connection(conn: asyncpg.Connection) -> None:
     for name in ("json", "jsonb"):
         await conn.set_type_codec(name, encoder=dumps, decoder=json.loads, schema="pg_catalog")
+
+
+class SessionReset:
+    """Nothing one borrower leaves on a pooled session reaches the next one.
+
+    SQL in a transaction context can leave temp tables, session-level settings (a
+    ``SET ROLE``, a ``search_path``), advisory locks, LISTENs and open cursors. asyncpg's own
+    reset on release costs one more round trip per borrow (about a fifth of a deduction) and
+    keeps temp tables and the role. So the DAL's transaction contexts send :data:`RESET_SESSION`
+    in the same message as their COMMIT or ROLLBACK, and the one-statement calls need none (a
+    statement we wrote, which sets nothing beyond its own transaction): both vouch for the
+    connection. The pool's reset hook resets every other borrow (code using ``db.pool``).
+    """
+
+    def __init__(self) -> None:
+        self._clean: set[int] = set()  # backend pids vouched for until their release
+
+    def vouch(self, conn: asyncpg.Connection) -> None:
+        self._clean.add(conn.get_server_pid())
+
+    async def on_connect(self, conn: asyncpg.Connection) -> None:
+        """The pool's ``init``: a new backend may reuse a pid vouched for on a dead one."""
+        self._clean.discard(conn.get_server_pid())
+        await init_connection(conn)
+
+    async def on_release(self, conn: asyncpg.Connection) -> None:
+        """The pool's ``reset`` (asyncpg has already rolled back an open transaction)."""
+        pid = conn.get_server_pid()
+        if pid in self._clean:
+            self._clean.discard(pid)
+        else:
+            await conn.execute(RESET_SESSION)
+
+    @asynccontextmanager
+    async def transaction(self, conn: asyncpg.Connection) -> AsyncIterator[None]:
+        """A transaction that ends with its COMMIT (or ROLLBACK) and the reset, one message.
+
+        It is asyncpg's, so ``conn.transaction()`` inside it still nests as a savepoint.
+        asyncpg cannot end a transaction with another statement than its own, so it is told
+        the transaction is over as its own commit() and rollback() tell it, first.
+        """
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            yield
+        except BaseException:
+            await self._end(tx, conn, f"ROLLBACK; {RESET_SESSION}")
+            raise
+        await self._end(tx, conn, f"COMMIT; {RESET_SESSION}")
+
+    async def _end(self, tx: Any, conn: asyncpg.Connection, query: str) -> None:
+        tx._connection._top_xact = None
+        await conn.execute(query)
+        self.vouch(conn)
 
 
 class KeenDatabase:
@@ -110,8 +167,10 @@ class KeenDatabase:
         *,
         dsn: str,
         embedded: EmbeddedPostgres | None = None,
+        session_reset: SessionReset | None = None,
     ) -> None:
         from keen_stream.dal.analytics import AnalyticsDAO
+        from keen_stream.dal.billing import BillingDAO
         from keen_stream.dal.connections import ConnectionDAO
         from keen_stream.dal.credits import CreditManager
         from keen_stream.dal.events import EventDAO
@@ -130,6 +189,8 @@ class KeenDatabase:
         self.credits = CreditManager(self)
         self.sessions = SessionDAO(self)
         self.analytics = AnalyticsDAO(self)
+        self.billing = BillingDAO(self)
+        self._session_reset = session_reset or SessionReset()
 
     # --- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -153,6 +214,7 @@ class KeenDatabase:
             dsn = embedded.start()
         if migrate is None:
             migrate = settings.auto_migrate if settings.auto_migrate is not None else bool(embedded)
+        session_reset = SessionReset()
         try:
             if migrate:
                 from keen_stream.migrate import upgrade_async
@@ -164,8 +226,8 @@ class KeenDatabase:
                 max_size=settings.pool_max_size,
                 max_inactive_connection_lifetime=settings.pool_max_inactive_lifetime,
                 timeout=settings.connect_timeout,
-                init=init_connection,
-                reset=release_connection,
+                init=session_reset.on_connect,
+                reset=session_reset.on_release,
                 server_settings={
                     "statement_timeout": str(settings.statement_timeout_ms),
                     "application_name": "keen_stream",
@@ -179,7 +241,7 @@ class KeenDatabase:
             if error is None:
                 raise
             raise error from exc
-        db = cls(pool, settings, dsn=dsn, embedded=embedded)
+        db = cls(pool, settings, dsn=dsn, embedded=embedded, session_reset=session_reset)
         try:
             await db.check_role_safety()
         except BaseException:
@@ -205,6 +267,7 @@ class KeenDatabase:
         """Refuse tenant work if ``role`` could bypass RLS or a tenant table is unprotected."""
         async with self._transaction(None) as conn:
             row = await conn.fetchrow(_ROLE_SAFETY, role, list(TENANT_TABLES))
+            self._session_reset.vouch(conn)  # one read of ours: nothing to reset
         if row is None:
             raise UnsafeRoleError(f"role {role} does not exist: run `keen-stream migrate`")
         problems = []
@@ -218,6 +281,16 @@ class KeenDatabase:
             problems.append(f"finds no tables {', '.join(row['missing'])} (run migrations)")
         if row["unprotected"]:
             problems.append(f"tables without forced RLS: {', '.join(row['unprotected'])}")
+        if row["can_create_temp"]:
+            # A database copied from a template, or restored without --create, has the
+            # default grant back: temp tables would be searched first by unqualified names.
+            database = row["database"]
+            problems.append(
+                f'can create temporary tables (run: REVOKE TEMPORARY ON DATABASE "{database}"'
+                f' FROM PUBLIC; GRANT TEMPORARY ON DATABASE "{database}" TO keen_system)'
+            )
+        if row["can_create_in_public"]:
+            problems.append("can create objects in schema public")
         if problems:
             raise UnsafeRoleError(f"{role} {'; '.join(problems)}; refusing tenant work")
 
@@ -227,6 +300,7 @@ class KeenDatabase:
         try:
             async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
                 version = await conn.fetchval("SELECT current_setting('server_version')")
+                self._session_reset.vouch(conn)
         except Exception as exc:  # health reports; it does not throw
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return {
@@ -254,6 +328,20 @@ class KeenDatabase:
     async def anonymous_transaction(self) -> AsyncIterator[asyncpg.Connection]:
         """A transaction as ``keen_app`` with no user: it sees no tenant row at all."""
         async with self._transaction(_ENTER_TENANT, "") as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def billing_transaction(
+        self, actor_id: uuid.UUID | str | None = None
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """A transaction as ``keen_billing``: purchases, refunds, adjustments, the price.
+
+        For the payment webhook and admin tools only (``db.billing``), never for tenant code.
+        ``actor_id`` is the admin acting, if any: the database checks that they are an active
+        admin and records them (adjustments and price changes require one).
+        """
+        actor = "" if actor_id is None else str(parse_uuid(actor_id, "actor_id"))
+        async with self._transaction(_ENTER_BILLING, actor) as conn:
             yield conn
 
     @asynccontextmanager
@@ -338,9 +426,10 @@ class KeenDatabase:
             conn.add_log_listener(signal)
             with translating(conn):
                 if enter is None:  # user_call: the one statement is its own transaction
+                    self._session_reset.vouch(conn)
                     yield conn
                 else:
-                    async with conn.transaction():
+                    async with self._session_reset.transaction(conn):
                         await conn.execute(enter, *args)
                         yield conn
             failed = False

@@ -18,6 +18,8 @@ MONEY_PLACES = 6
 MONEY_QUANTUM = Decimal(1).scaleb(-MONEY_PLACES)
 #: The largest value NUMERIC(18,6) holds.
 MONEY_MAX = Decimal("999999999999.999999")
+#: A markup (credits per dollar of provider cost) is NUMERIC(4,2): 0.01 to 99.99.
+MARKUP_QUANTUM = Decimal("0.01")
 
 
 def parse_uuid(value: Any, what: str = "id") -> uuid.UUID:
@@ -70,6 +72,15 @@ def parse_money(
     if abs(value) > MONEY_MAX:
         raise InvalidAmount(f"{what} is out of range", field=what)
     return value.quantize(MONEY_QUANTUM)
+
+
+def parse_markup(value: Any) -> Decimal:
+    """A markup as the ledger stores it (0.01 to 99.99, in hundredths), or InvalidAmount."""
+    markup = parse_money(value, "markup")
+    if markup >= 100 or markup != markup.quantize(MARKUP_QUANTUM):
+        raise InvalidAmount("markup must be between 0.01 and 99.99, in hundredths",
+                            field="markup")
+    return markup.quantize(MARKUP_QUANTUM)
 
 
 def build(model: type[M], data: M | None = None, **fields: Any) -> M:

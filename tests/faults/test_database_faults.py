@@ -27,6 +27,7 @@ from keen_stream.dal.models.events import ORIGIN
 from keen_stream.dal.users import upsert_super_admin
 from keen_stream.errors import KeenError
 from tests.conftest import ADMIN_EMAIL, PASSWORD, make_settings
+from tests.integration.credits_support import fund
 from tests.pgcluster import OwnedPostgres
 
 #: How long the DAL may take to serve a call again once the server is back.
@@ -34,11 +35,6 @@ RECOVERY_BOUND = 20.0
 #: A call that takes longer than this during a fault is hung, not failed.
 CALL_BOUND = 30.0
 _n = itertools.count()
-
-
-async def fund(db: KeenDatabase, user: User, amount: str) -> None:
-    """Put credits on ``user``'s account (the one place these tests buy credits)."""
-    await db.credits.add_credits(user.id, Decimal(amount), description="test funding")
 
 
 class Workload:

@@ -32,7 +32,8 @@ async def ledger_state(owner_conn: asyncpg.Connection) -> dict[str, Any]:
 
 
 async def fund(db: KeenDatabase, user: User, amount: str) -> None:
-    await db.credits.add_credits(user.id, Decimal(amount), description="test funds")
+    """A paid purchase, as the payment webhook records it (the billing context)."""
+    await db.billing.purchase(user.id, Decimal(amount), description="test funds")
 
 
 async def make_session(

@@ -49,18 +49,18 @@ async def funded(db, alice, owner_conn):
 async def test_bad_amounts_everywhere(db, alice, admin, owner_conn, funded, amount, error):
     calls = [
         lambda: db.credits.deduct_credits(alice.id, amount, None, "x"),
-        lambda: db.credits.add_credits(alice.id, amount, description="x"),
+        lambda: db.billing.purchase(alice.id, amount, description="x"),
         lambda: db.credits.reserve(alice.id, amount),
         lambda: db.credits.settle(funded["hold"], amount),
         lambda: db.credits.validate_sufficient_credits(alice.id, amount),
     ]
     if amount is not None:  # a refund's amount=None means "all that is left"
         calls.append(
-            lambda: db.credits.refund(alice.id, funded["usage"].id, amount=amount, reason="x")
+            lambda: db.billing.refund(alice.id, funded["usage"].id, amount=amount, reason="x")
         )
     negative = isinstance(amount, Decimal) and amount.is_finite() and amount < 0
     if not negative:  # adjustments are signed
-        calls.append(lambda: db.credits.adjust(admin.id, alice.id, amount, reason="x"))
+        calls.append(lambda: db.billing.adjust(admin.id, alice.id, amount, reason="x"))
     for call in calls:
         with pytest.raises(error):
             await call()
@@ -90,7 +90,7 @@ async def test_bad_or_unknown_user(db, owner_conn, funded, value, error):
     with pytest.raises(error):
         await db.credits.deduct_credits(value, D("1"), None, "x")
     with pytest.raises(error):
-        await db.credits.add_credits(value, D("1"), description="x")
+        await db.billing.purchase(value, D("1"), description="x")
     assert await ledger_state(owner_conn) == funded["before"]
 
 
@@ -165,33 +165,26 @@ async def test_settle_by_bare_id_needs_an_actor(db, funded):
 
 
 # The Python layer refuses all of this first; the functions refuse it again for any caller that
-# reaches them directly as keen_app (defence in depth).
+# reaches them directly (defence in depth): tenant code as keen_app, and the billing context.
 @pytest.mark.parametrize(
     ("query", "code"),
     [
-        ("SELECT id FROM keen_credit_deduct($1, 'NaN', 5, NULL, NULL, 'x', NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, 'Infinity', 5, NULL, NULL, 'x', NULL)",
-         "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, '-Infinity', 5, NULL, NULL, 'x', NULL)",
-         "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, 0, 5, NULL, NULL, 'x', NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, -1, 5, NULL, NULL, 'x', NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, 0.0000001, 5, NULL, NULL, 'x', NULL)",
-         "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, 1e13, 5, NULL, NULL, 'x', NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, NULL, 5, NULL, NULL, 'x', NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, 1, 0, NULL, NULL, 'x', NULL)", "KS400"),
-        ("SELECT id FROM keen_credit_deduct($1, 1, 'NaN', NULL, NULL, 'x', NULL)", "KS400"),
-        ("SELECT id FROM keen_credit_deduct($1, 1, 1.234, NULL, NULL, 'x', NULL)", "KS400"),
-        ("SELECT id FROM keen_credit_deduct($1, 1, 5, NULL, NULL, 'x', '')", "KS400"),
-        ("SELECT id FROM keen_credit_purchase($1, 'NaN', 5, 'x', NULL, NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_purchase($1, -5, 5, 'x', NULL, NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_refund($1, gen_random_uuid(), -1, 'x', NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_reserve($1, 'Infinity', 5, NULL, NULL, '1 minute', 'x',"
+        ("SELECT id FROM keen_credit_deduct($1, 'NaN', NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, 'Infinity', NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, '-Infinity', NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, 0, NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, -1, NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, 0.0000001, NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, 1e13, NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, NULL, NULL, NULL, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_deduct($1, 999999999999, NULL, NULL, 'x', NULL)",
+         "KS422"),  # x markup overflows
+        ("SELECT id FROM keen_credit_deduct($1, 1, NULL, NULL, 'x', '')", "KS400"),
+        ("SELECT id FROM keen_credit_reserve($1, 'Infinity', NULL, NULL, '1 minute', 'x',"
          " NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_reserve($1, 1, 5, NULL, NULL, '2 days', 'x', NULL)",
+        ("SELECT id FROM keen_credit_reserve($1, 1, NULL, NULL, '2 days', 'x', NULL)",
          "KS400"),
-        ("SELECT id FROM keen_credit_deduct($1, 1, 5, NULL, 'no_such', 'x', NULL)", "KS404"),
+        ("SELECT id FROM keen_credit_deduct($1, 1, NULL, 'no_such', 'x', NULL)", "KS404"),
     ],
 )
 async def test_functions_validate_for_direct_callers(db, alice, owner_conn, funded, query, code):
@@ -202,11 +195,32 @@ async def test_functions_validate_for_direct_callers(db, alice, owner_conn, fund
     assert await ledger_state(owner_conn) == funded["before"]
 
 
+@pytest.mark.parametrize(
+    ("query", "code"),
+    [
+        ("SELECT id FROM keen_credit_purchase($1, 'NaN', 'x', NULL, NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_purchase($1, -5, 'x', NULL, NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_purchase(CASE WHEN $1::uuid IS NULL THEN $1"
+         " ELSE gen_random_uuid() END, 5, 'x', NULL, NULL)", "KS404"),
+        ("SELECT id FROM keen_credit_refund($1, gen_random_uuid(), -1, 'x', NULL)", "KS422"),
+        ("SELECT id FROM keen_credit_refund($1, gen_random_uuid(), NULL, 'x', NULL)", "KS404"),
+    ],
+)
+async def test_billing_functions_validate_for_direct_callers(
+    db, alice, owner_conn, funded, query, code
+):
+    with pytest.raises(KeenError) as raised:
+        async with db.billing_transaction() as conn:
+            await conn.fetchval(query, alice.id)
+    assert raised.value.__cause__.sqlstate == code
+    assert await ledger_state(owner_conn) == funded["before"]
+
+
 async def test_anonymous_caller_reaches_no_account(db, alice, owner_conn, funded):
     with pytest.raises(NotFound):
         async with db.anonymous_transaction() as conn:
             await conn.fetchval(
-                "SELECT id FROM keen_credit_purchase($1, 5, 5, 'x', NULL, NULL)", alice.id
+                "SELECT id FROM keen_credit_deduct($1, 1, NULL, NULL, 'x', NULL)", alice.id
             )
     assert await ledger_state(owner_conn) == funded["before"]
 

@@ -32,7 +32,6 @@ from tests.conftest import UserFactory, make_settings
 from tests.integration.credits_support import account, fund, ledger_state, make_session
 
 D = Decimal
-MARKUP = D("5.00")
 
 
 @asynccontextmanager
@@ -192,7 +191,7 @@ async def test_tenants_cannot_run_a_batch(db: KeenDatabase, alice: User, bob: Us
     await fund(db, bob, "10")
     with pytest.raises(InsufficientPrivileges):
         async with db.user_transaction(alice.id) as conn:
-            await conn.fetch(SQL["deduct_many"], [bob.id], [D("1")], MARKUP, [None], ["x"],
+            await conn.fetch(SQL["deduct_many"], [bob.id], [D("1")], [None], ["x"],
                              [None])
     assert (await db.credits.get_balance(bob.id)).current == D("10")
 
@@ -203,7 +202,7 @@ async def test_each_item_acts_as_its_own_user_and_the_context_ends_with_the_stat
     await fund(db, alice, "10")
     await fund(db, bob, "10")
     rows = await db.system_call(
-        SQL["deduct_many"], [alice.id, bob.id], [D("0.2"), D("0.4")], MARKUP, [None, None],
+        SQL["deduct_many"], [alice.id, bob.id], [D("0.2"), D("0.4")], [None, None],
         ["a", "b"], [None, None])
     assert [(r["ord"], r["error_state"], r["user_id"], r["amount"]) for r in rows] == [
         (1, None, alice.id, D("-1")), (2, None, bob.id, D("-2"))]
@@ -225,7 +224,7 @@ async def test_malformed_batches_are_refused_and_write_nothing(
     users = [alice.id] * max(size, 1)
     costs = [D("0.1")] * size  # lengths differ when size is 0
     with pytest.raises(InvalidInput):
-        await db.system_call(SQL["deduct_many"], users, costs, MARKUP, [None] * len(users),
+        await db.system_call(SQL["deduct_many"], users, costs, [None] * len(users),
                              ["x"] * len(users), [None] * len(users))
     assert await ledger_state(owner_conn) == before
 

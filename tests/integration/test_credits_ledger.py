@@ -54,7 +54,7 @@ async def test_unlimited_account_gets_bypass_rows_too(db, alice, owner_conn):
 
 
 async def test_regular_user_gets_5x_markup(db: KeenDatabase, alice: User):
-    await db.credits.add_credits(alice.id, D("100.0"), description="purchase")
+    await db.billing.purchase(alice.id, D("100.0"), description="purchase")
 
     tx = await db.credits.deduct_credits(alice.id, D("2.00"), None, "Regular user test")
 
@@ -68,24 +68,17 @@ async def test_regular_user_gets_5x_markup(db: KeenDatabase, alice: User):
     assert balance.current == D("90") and balance.lifetime_spent == D("10")
 
 
-async def test_markup_comes_from_settings_and_is_recorded(fresh_dsn, alice):
-    from tests.conftest import make_settings
-
-    other = await KeenDatabase.connect(
-        settings=make_settings(fresh_dsn, credit_markup=D("2.50")), migrate=False
-    )
-    try:
-        await other.credits.add_credits(alice.id, D("10"), description="buy")
-        tx = await other.credits.deduct_credits(alice.id, D("0.000001"), None, "tie")
-    finally:
-        await other.close()
+async def test_the_markup_is_the_servers_and_recorded(db, alice, admin):
+    await db.billing.set_markup(admin.id, D("2.50"), reason="a cheaper month")
+    await db.billing.purchase(alice.id, D("10"), description="buy")
+    tx = await db.credits.deduct_credits(alice.id, D("0.000001"), None, "tie")
     # 0.0000025 rounds up to the micro-credit.
     assert tx.amount == D("-0.000003")
     assert tx.keen_markup_multiplier == D("2.50")
 
 
 async def test_concurrent_double_spend_exactly_one_succeeds(db, alice, owner_conn):
-    await db.credits.add_credits(alice.id, D("10.0"), description="purchase")
+    await db.billing.purchase(alice.id, D("10.0"), description="purchase")
 
     results = await asyncio.gather(
         db.credits.deduct_credits(alice.id, D("1.50"), None, "session1"),  # 7.50 credits
@@ -195,7 +188,7 @@ async def test_same_key_different_parameters_conflicts(db, alice, owner_conn):
     with pytest.raises(IdempotencyConflict):
         await db.credits.deduct_credits(alice.id, D("1"), None, "other", idempotency_key="k1")
     with pytest.raises(IdempotencyConflict):  # keys are per account, across operation types
-        await db.credits.add_credits(alice.id, D("1"), description="call", idempotency_key="k1")
+        await db.billing.purchase(alice.id, D("1"), description="call", idempotency_key="k1")
     assert await ledger_state(owner_conn) == before
 
 
@@ -220,22 +213,22 @@ async def test_concurrent_retries_with_one_key_charge_once(db, alice, owner_conn
 
 
 async def test_idempotent_purchase_refund_and_adjust(db, alice, admin, owner_conn):
-    p1 = await db.credits.add_credits(alice.id, D("20"), description="buy", idempotency_key="p")
-    p2 = await db.credits.add_credits(alice.id, D("20"), description="buy", idempotency_key="p")
+    p1 = await db.billing.purchase(alice.id, D("20"), description="buy", idempotency_key="p")
+    p2 = await db.billing.purchase(alice.id, D("20"), description="buy", idempotency_key="p")
     assert p1 == p2
     usage = await db.credits.deduct_credits(alice.id, D("1"), None, "call")
-    r1 = await db.credits.refund(alice.id, usage.id, reason="bad", idempotency_key="r")
-    r2 = await db.credits.refund(alice.id, usage.id, reason="bad", idempotency_key="r")
+    r1 = await db.billing.refund(alice.id, usage.id, reason="bad", idempotency_key="r")
+    r2 = await db.billing.refund(alice.id, usage.id, reason="bad", idempotency_key="r")
     assert r1 == r2
-    a1 = await db.credits.adjust(admin.id, alice.id, D("3"), reason="fix", idempotency_key="a")
-    a2 = await db.credits.adjust(admin.id, alice.id, D("3"), reason="fix", idempotency_key="a")
+    a1 = await db.billing.adjust(admin.id, alice.id, D("3"), reason="fix", idempotency_key="a")
+    a2 = await db.billing.adjust(admin.id, alice.id, D("3"), reason="fix", idempotency_key="a")
     assert a1 == a2
     assert (await account(owner_conn, alice))["current_balance"] == D("23")
 
 
 # --- purchases, refunds, adjustments --------------------------------------------------------
 async def test_purchase_raises_lifetime_purchased(db, alice, owner_conn):
-    tx = await db.credits.add_credits(
+    tx = await db.billing.purchase(
         alice.id, D("12.345678"), description="stripe", stripe_payment_intent_id="pi_1"
     )
     assert tx.transaction_type == "purchase" and tx.stripe_payment_intent_id == "pi_1"
@@ -244,10 +237,10 @@ async def test_purchase_raises_lifetime_purchased(db, alice, owner_conn):
 
 
 async def test_a_stripe_payment_is_credited_once(db, alice, owner_conn):
-    await db.credits.add_credits(alice.id, D("5"), description="a", stripe_payment_intent_id="pi")
+    await db.billing.purchase(alice.id, D("5"), description="a", stripe_payment_intent_id="pi")
     before = await ledger_state(owner_conn)
     with pytest.raises(Conflict):
-        await db.credits.add_credits(
+        await db.billing.purchase(
             alice.id, D("5"), description="a", stripe_payment_intent_id="pi"
         )
     assert await ledger_state(owner_conn) == before
@@ -257,19 +250,19 @@ async def test_refunds_never_exceed_the_charge(db, alice, owner_conn):
     await fund(db, alice, "100")
     usage = await db.credits.deduct_credits(alice.id, D("2"), None, "call")  # 10 credits
 
-    part = await db.credits.refund(alice.id, usage.id, amount=D("4"), reason="partial")
+    part = await db.billing.refund(alice.id, usage.id, amount=D("4"), reason="partial")
     assert part.amount == D("4") and part.refunded_transaction_id == usage.id
     assert part.balance_after == D("94")
     before = await ledger_state(owner_conn)
     with pytest.raises(InvalidAmount) as raised:
-        await db.credits.refund(alice.id, usage.id, amount=D("6.000001"), reason="too much")
+        await db.billing.refund(alice.id, usage.id, amount=D("6.000001"), reason="too much")
     assert raised.value.details["refundable"] == "6.000000"
     assert await ledger_state(owner_conn) == before
 
-    rest = await db.credits.refund(alice.id, usage.id, reason="the rest")
+    rest = await db.billing.refund(alice.id, usage.id, reason="the rest")
     assert rest.amount == D("6")
     with pytest.raises(InvalidAmount):
-        await db.credits.refund(alice.id, usage.id, reason="again")
+        await db.billing.refund(alice.id, usage.id, reason="again")
     row = await account(owner_conn, alice)
     assert row["current_balance"] == D("100") and row["lifetime_spent"] == 0
 
@@ -278,7 +271,7 @@ async def test_concurrent_refunds_of_one_charge_stay_within_it(db, alice, owner_
     await fund(db, alice, "100")
     usage = await db.credits.deduct_credits(alice.id, D("2"), None, "call")  # 10 credits
     results = await asyncio.gather(
-        *(db.credits.refund(alice.id, usage.id, amount=D("3"), reason="r") for _ in range(5)),
+        *(db.billing.refund(alice.id, usage.id, amount=D("3"), reason="r") for _ in range(5)),
         return_exceptions=True,
     )
     ok = [r for r in results if not isinstance(r, BaseException)]
@@ -288,26 +281,26 @@ async def test_concurrent_refunds_of_one_charge_stay_within_it(db, alice, owner_
 
 
 async def test_only_usage_can_be_refunded(db, alice):
-    purchase = await db.credits.add_credits(alice.id, D("5"), description="buy")
+    purchase = await db.billing.purchase(alice.id, D("5"), description="buy")
     with pytest.raises(InvalidInput):
-        await db.credits.refund(alice.id, purchase.id, reason="no")
+        await db.billing.refund(alice.id, purchase.id, reason="no")
 
 
 async def test_adjust_is_admin_only_and_signed(db, alice, bob, admin, owner_conn):
     await fund(db, alice, "10")
     before = await ledger_state(owner_conn)
     with pytest.raises(InsufficientPrivileges):
-        await db.credits.adjust(bob.id, alice.id, D("5"), reason="gift to a friend")
+        await db.billing.adjust(bob.id, alice.id, D("5"), reason="gift to a friend")
     with pytest.raises(InsufficientPrivileges):
-        await db.credits.adjust(alice.id, alice.id, D("5"), reason="gift to myself")
+        await db.billing.adjust(alice.id, alice.id, D("5"), reason="gift to myself")
     assert await ledger_state(owner_conn) == before
 
-    up = await db.credits.adjust(admin.id, alice.id, D("2.5"), reason="goodwill")
-    down = await db.credits.adjust(admin.id, alice.id, D("-12.5"), reason="clawback")
+    up = await db.billing.adjust(admin.id, alice.id, D("2.5"), reason="goodwill")
+    down = await db.billing.adjust(admin.id, alice.id, D("-12.5"), reason="clawback")
     assert (up.amount, down.amount, down.balance_after) == (D("2.5"), D("-12.5"), D(0))
     assert down.metadata == {"admin_user_id": str(admin.id)}
     with pytest.raises(InsufficientCredits):
-        await db.credits.adjust(admin.id, alice.id, D("-0.000001"), reason="below zero")
+        await db.billing.adjust(admin.id, alice.id, D("-0.000001"), reason="below zero")
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -388,9 +381,12 @@ async def test_daily_spend_resets_on_a_new_day(db, alice, owner_conn):
     await fund(db, alice, "100")
     await db.credits.set_spending_limits(alice.id, daily_limit=D("5"), monthly_limit=D("8"))
     await db.credits.deduct_credits(alice.id, D("1"), None, "today")
-    # Yesterday's spend, as the counters would hold it once the day has passed.
+    # Yesterday's spend, as the counters would hold it once the day has passed: the window
+    # ended at the start of today (UTC, alice's zone).
     await owner_conn.execute(
-        "UPDATE credit_accounts SET spend_day = spend_day - 1 WHERE user_id = $1", alice.id
+        "UPDATE credit_accounts"
+        "   SET spend_day_end = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
+        " WHERE user_id = $1", alice.id
     )
     assert (await db.credits.get_balance(alice.id)).spent_today == 0
     await db.credits.deduct_credits(alice.id, D("0.6"), None, "new day")  # 3 credits
@@ -477,10 +473,8 @@ async def test_money_functions_refuse_another_users_account(db, alice, bob, owne
     hold = await db.credits.reserve(alice.id, D("0.1"))
     before = await ledger_state(owner_conn)
     calls = [
-        ("SELECT id FROM keen_credit_deduct($1, 1, 5, NULL, NULL, 'x', NULL)", alice.id),
-        ("SELECT id FROM keen_credit_purchase($1, 1, 5, 'x', NULL, NULL)", alice.id),
-        ("SELECT id FROM keen_credit_refund($1, $2, NULL, 'x', NULL)", alice.id, usage.id),
-        ("SELECT id FROM keen_credit_reserve($1, 1, 5, NULL, NULL, '1 minute', 'x', NULL)",
+        ("SELECT id FROM keen_credit_deduct($1, 1, NULL, NULL, 'x', NULL)", alice.id),
+        ("SELECT id FROM keen_credit_reserve($1, 1, NULL, NULL, '1 minute', 'x', NULL)",
          alice.id),
         ("SELECT id FROM keen_credit_settle($1, 1, NULL)", hold.id),
         ("SELECT id FROM keen_credit_release($1)", hold.id),
@@ -489,17 +483,17 @@ async def test_money_functions_refuse_another_users_account(db, alice, bob, owne
         with pytest.raises(NotFound):
             async with db.user_transaction(bob.id) as conn:
                 await conn.fetchrow(query, *args)
-    # bob naming himself but refunding alice's charge: still not his.
+    # A refund naming bob for alice's charge: not his (the billing context checks it too).
     with pytest.raises(NotFound):
-        await db.credits.refund(bob.id, usage.id, reason="steal")
+        await db.billing.refund(bob.id, usage.id, reason="steal")
     with pytest.raises(NotFound):
         await db.credits.settle(hold, D("0.1"), actor_id=bob.id)
     assert await ledger_state(owner_conn) == before
 
 
 async def test_an_admin_may_act_on_any_account(db, alice, admin):
-    tx = await db.credits.add_credits(alice.id, D("5"), description="comp", actor_id=admin.id)
-    assert tx.user_id == alice.id
+    tx = await db.billing.purchase(alice.id, D("5"), description="comp", actor_id=admin.id)
+    assert tx.user_id == alice.id and tx.metadata == {"admin_user_id": str(admin.id)}
     assert (await db.credits.get_balance(alice.id, actor_id=admin.id)).current == D("5")
 
 
@@ -547,7 +541,7 @@ async def test_unknown_user_or_account(db, alice, owner_conn):
     with pytest.raises(NotFound):
         await db.credits.get_balance(nobody)
     with pytest.raises(NotFound):
-        await db.credits.refund(alice.id, uuid.uuid4(), reason="x")
+        await db.billing.refund(alice.id, uuid.uuid4(), reason="x")
     with pytest.raises(NotFound):
         await db.credits.settle(uuid.uuid4(), D("1"), actor_id=alice.id)
     # A user whose account row is gone.
@@ -555,5 +549,5 @@ async def test_unknown_user_or_account(db, alice, owner_conn):
     with pytest.raises(NotFound):
         await db.credits.deduct_credits(alice.id, D("1"), None, "x")
     with pytest.raises(NotFound):
-        await db.credits.add_credits(alice.id, D("1"), description="x")
+        await db.billing.purchase(alice.id, D("1"), description="x")
     assert await owner_conn.fetchval("SELECT count(*) FROM credit_transactions") == 0

@@ -21,7 +21,6 @@ from tests.conftest import make_settings, statements_sent
 from tests.integration.credits_support import account, fund, ledger_state
 
 D = Decimal
-MARKUP = D("5.00")
 CONTEXT = "SELECT current_setting('app.current_user_id', true) AS user_setting, current_user"
 
 
@@ -45,12 +44,12 @@ async def test_the_function_takes_the_acting_user_from_the_statement(
         # caller who is nobody. So the successful call below got its user from the statement.
         without_context = SQL["deduct_call"].replace(USER_CALL_ARG, "$1::uuid")
         with pytest.raises(asyncpg.PostgresError) as refused:
-            await conn.fetchrow(without_context, str(alice.id), D("1"), MARKUP, None, "x", None)
+            await conn.fetchrow(without_context, str(alice.id), D("1"), None, "x", None)
         assert refused.value.sqlstate == "KS404"
         assert await ledger_state(owner_conn) == before
 
         row = await conn.fetchrow(
-            SQL["deduct_call"], str(alice.id), D("1"), MARKUP, None, "with context", None
+            SQL["deduct_call"], str(alice.id), D("1"), None, "with context", None
         )
         assert (row["user_id"], row["amount"], row["balance_after"]) == (alice.id, D("-5"), D("5"))
     finally:
@@ -64,13 +63,13 @@ async def test_the_acting_user_ends_with_the_statement(
     conn = await asyncpg.connect(fresh_dsn)
     try:
         login = await conn.fetchval("SELECT current_user")
-        await conn.fetchrow(SQL["deduct_call"], str(alice.id), D("1"), MARKUP, None, "ok", None)
+        await conn.fetchrow(SQL["deduct_call"], str(alice.id), D("1"), None, "ok", None)
         after = await conn.fetchrow(CONTEXT)
         assert (after["user_setting"] or "", after["current_user"]) == ("", login)
 
         # A refused call (nothing written) leaves nothing behind either.
         with pytest.raises(asyncpg.PostgresError) as refused:
-            await conn.fetchrow(SQL["deduct_call"], str(alice.id), D("100"), MARKUP, None, "no",
+            await conn.fetchrow(SQL["deduct_call"], str(alice.id), D("100"), None, "no",
                                 None)
         assert refused.value.sqlstate == "KS402"
         after = await conn.fetchrow(CONTEXT)

@@ -43,7 +43,8 @@ async def test_sql_and_python_round_identically(owner_conn):
 
 
 async def test_the_ledger_charges_what_the_rule_says(db, alice):
-    await db.credits.add_credits(alice.id, D("100"), description="buy")
+    await db.billing.purchase(alice.id, D("100"), description="buy")
+    markup = await db.billing.get_markup()
     for cost in (D("0.000001"), D("0.123457"), D("3.333333")):
         tx = await db.credits.deduct_credits(alice.id, cost, None, "x")
-        assert tx.amount == -credits_for(cost, db.settings.credit_markup)
+        assert tx.amount == -credits_for(cost, markup)

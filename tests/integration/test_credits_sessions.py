@@ -129,7 +129,7 @@ async def test_refunds_give_budget_back(db, alice, owner_conn):
     await fund(db, alice, "100")
     root = await make_session(owner_conn, alice, budget="10")
     usage = await db.credits.deduct_credits(alice.id, D("2"), root["session_id"], "10")
-    await db.credits.refund(alice.id, usage.id, amount=D("4"), reason="partly bad")
+    await db.billing.refund(alice.id, usage.id, amount=D("4"), reason="partly bad")
     assert await budget_used(owner_conn, root["id"]) == D("6")
 
 

@@ -29,7 +29,7 @@ async def test_concurrent_deductions_refunds_and_purchases_stay_exact(
     rng = random.Random(seed)
     users = [await make_user() for _ in range(3)]
     for user in users:
-        await db.credits.add_credits(user.id, D("25"), description="opening")
+        await db.billing.purchase(user.id, D("25"), description="opening")
     usages: list[CreditTransaction] = []
     done: dict[object, CreditTransaction] = {}
     refused: list[BaseException] = []
@@ -47,7 +47,7 @@ async def test_concurrent_deductions_refunds_and_purchases_stay_exact(
                 assert tx.amount == -credits_for(cost, D("5"))
                 usages.append(tx)
             elif kind == "purchase":
-                tx = await db.credits.add_credits(
+                tx = await db.billing.purchase(
                     user.id, money(rng, 1, 20_000_000), description=f"op {n}"
                 )
             elif kind == "refund":
@@ -56,7 +56,7 @@ async def test_concurrent_deductions_refunds_and_purchases_stay_exact(
                         break
                     await asyncio.sleep(0.005)
                 charge = rng.choice(usages)
-                tx = await db.credits.refund(
+                tx = await db.billing.refund(
                     charge.user_id, charge.id, amount=money(rng, 1, 3_000_000), reason=f"op {n}"
                 )
             else:
@@ -104,13 +104,13 @@ async def test_concurrent_deductions_refunds_and_purchases_stay_exact(
 async def test_idempotent_retries_race_across_accounts_and_operations(db, make_user, owner_conn):
     users = [await make_user() for _ in range(2)]
     for user in users:
-        await db.credits.add_credits(user.id, D("100"), description="opening")
+        await db.billing.purchase(user.id, D("100"), description="opening")
     calls = []
     for user in users:
         for i in range(5):
             calls += [
                 db.credits.deduct_credits(user.id, D("0.3"), None, "d", idempotency_key=f"d{i}"),
-                db.credits.add_credits(user.id, D("1"), description="p", idempotency_key=f"p{i}"),
+                db.billing.purchase(user.id, D("1"), description="p", idempotency_key=f"p{i}"),
             ] * 3
     random.Random(7).shuffle(calls)
     results = await asyncio.gather(*calls)

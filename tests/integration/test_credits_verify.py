@@ -33,12 +33,12 @@ async def some_activity(db, alice, bob, admin) -> None:
     await fund(db, alice, "50")
     await fund(db, bob, "5")
     usage = await db.credits.deduct_credits(alice.id, D("1"), None, "call")
-    await db.credits.refund(alice.id, usage.id, amount=D("2"), reason="partial")
+    await db.billing.refund(alice.id, usage.id, amount=D("2"), reason="partial")
     await db.credits.deduct_credits(admin.id, D("3"), None, "bypass")
     hold = await db.credits.reserve(alice.id, D("1"))
     await db.credits.settle(hold, D("0.4"))
     await db.credits.reserve(bob.id, D("0.5"))  # left active
-    await db.credits.adjust(admin.id, bob.id, D("-1"), reason="fix")
+    await db.billing.adjust(admin.id, bob.id, D("-1"), reason="fix")
 
 
 def test_ledger_verify_is_registered():

@@ -24,7 +24,7 @@ async def _eventually(check, within: float = 10.0) -> None:
 async def test_hub_sweeps_idle_sessions_expires_holds_and_refreshes_the_dashboard(
     db: KeenDatabase, fresh_dsn: str, owner_conn: asyncpg.Connection, alice: User
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("50"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("50"), description="top-up")
     await db.sessions.create_session(
         alice.id,
         SessionCreate(session_id="idle-one", vision="v", working_directory="/w", git_branch="m"),

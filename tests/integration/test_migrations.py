@@ -100,6 +100,15 @@ async def test_roles_are_safe_after_migration(empty_dsn: str) -> None:
         assert owned == 0
         system = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'keen_system'")
         assert system["rolbypassrls"] and not system["rolcanlogin"] and not system["rolsuper"]
+        billing = await conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'keen_billing'")
+        assert not (billing["rolbypassrls"] or billing["rolcanlogin"] or billing["rolsuper"])
+        # 0007: no temporary objects for tenants (they would be searched first); the system
+        # role keeps TEMP for the dashboard's concurrent refresh.
+        temp = await conn.fetchrow(
+            "SELECT has_database_privilege('keen_app', current_database(), 'TEMP') AS app,"
+            "       has_database_privilege('keen_system', current_database(), 'TEMP') AS system"
+        )
+        assert (temp["app"], temp["system"]) == (False, True)
         # no SECURITY DEFINER function is left executable by PUBLIC
         public_definers = await conn.fetch(
             """SELECT p.proname FROM pg_proc p

@@ -73,7 +73,7 @@ async def test_complete_admin_session_lifecycle_with_bypass(
 async def test_completion_charges_cost_times_markup_with_the_end_state(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("100"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     s = await db.sessions.create_session(alice.id, new("paid"))
     done = await db.sessions.complete_session(
         alice.id, "paid", success=True, claude_cost=Decimal("2.000001"))
@@ -89,7 +89,7 @@ async def test_completion_charges_cost_times_markup_with_the_end_state(
 async def test_double_completion_charges_once_and_returns_the_stored_result(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("100"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("twice"))
     first = await db.sessions.complete_session(
         alice.id, "twice", success=True, claude_cost=Decimal("1.5"))
@@ -104,7 +104,7 @@ async def test_double_completion_charges_once_and_returns_the_stored_result(
 async def test_concurrent_completions_charge_once(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("100"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("race"))
     results = await asyncio.gather(*(
         db.sessions.complete_session(alice.id, "race", success=True, claude_cost=Decimal("3"))
@@ -117,7 +117,7 @@ async def test_concurrent_completions_charge_once(
 async def test_a_different_outcome_on_an_ended_session_is_refused(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("100"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("ended"))
     await db.sessions.complete_session(alice.id, "ended", success=True, claude_cost=Decimal(1))
     before = dict(await row(owner_conn, "ended"))
@@ -141,7 +141,7 @@ async def test_a_different_outcome_on_an_ended_session_is_refused(
 async def test_fail_and_cancel_charge_what_was_spent(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("10"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("10"), description="top-up")
     await db.sessions.create_session(alice.id, new("f"))
     await db.sessions.create_session(alice.id, new("c"))
     await db.sessions.create_session(alice.id, new("free"))
@@ -167,7 +167,7 @@ async def test_fail_and_cancel_charge_what_was_spent(
 async def test_a_refused_charge_leaves_the_session_running_and_nothing_booked(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("4"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("4"), description="top-up")
     await db.sessions.create_session(alice.id, new("broke"))
     before = dict(await row(owner_conn, "broke"))
     with pytest.raises(InsufficientCredits):
@@ -175,7 +175,7 @@ async def test_a_refused_charge_leaves_the_session_running_and_nothing_booked(
             alice.id, "broke", success=True, claude_cost=Decimal(1))  # 5 credits
     assert dict(await row(owner_conn, "broke")) == before
     assert await charges(owner_conn, "broke") == []
-    await db.credits.add_credits(alice.id, Decimal("1"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("1"), description="top-up")
     done = await db.sessions.complete_session(
         alice.id, "broke", success=True, claude_cost=Decimal(1))
     assert done.keen_cost_credits == Decimal(5)
@@ -203,7 +203,7 @@ async def test_a_refused_charge_leaves_the_session_running_and_nothing_booked(
 async def test_bad_completion_input_is_refused_and_changes_nothing(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection, fields: dict
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("100"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("in"))
     before = dict(await row(owner_conn, "in"))
     with pytest.raises(InvalidInput):
@@ -215,7 +215,7 @@ async def test_bad_completion_input_is_refused_and_changes_nothing(
 async def test_a_timed_out_session_cannot_be_completed(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("100"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("late"))
     await owner_conn.execute(
         "UPDATE agent_sessions SET last_activity_at = now() - interval '1 day'"
@@ -230,7 +230,7 @@ async def test_a_timed_out_session_cannot_be_completed(
 async def test_a_root_budget_caps_the_whole_tree(
     db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("1000"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("1000"), description="top-up")
     await db.sessions.create_session(alice.id, new("swarm"))
     await db.sessions.set_budget(alice.id, "swarm", Decimal("12"))
     await db.sessions.create_session(alice.id, new("swarm.1", "swarm"))

@@ -54,7 +54,7 @@ async def test_ending_a_session_with_costs_the_ledger_did_not_charge_is_refused(
 async def test_the_dao_end_still_records_the_ledger_charge(
     db: KeenDatabase, owner_conn: Owner, alice: User
 ) -> None:
-    await db.credits.add_credits(alice.id, Decimal("100"), description="top-up")
+    await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await _session(db, alice, "dao-end")
     ended = await db.sessions.complete_session(
         alice.id, "dao-end", SessionCompletion(success=True, claude_cost=Decimal("2.000000"))

@@ -23,7 +23,7 @@ from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.dal.sessions import SQL
 from keen_stream.dal.users import upsert_super_admin
-from tests.conftest import ADMIN_EMAIL, PASSWORD, make_settings, with_database
+from tests.conftest import ADMIN_EMAIL, PASSWORD, copy_template, make_settings, with_database
 
 USERS = 40
 ROOTS_PER_USER = 60  # each root gets 2 children and 2 grandchildren: 5 sessions per tree
@@ -103,7 +103,7 @@ async def plan_db(pg_admin_dsn: str, template_dsn: str) -> AsyncIterator[KeenDat
     name = f"keen_plans_{os.getpid()}"
     admin_conn = await asyncpg.connect(pg_admin_dsn)
     try:
-        await admin_conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{template}"')
+        await copy_template(pg_admin_dsn, name, template)
         dsn = with_database(pg_admin_dsn, name)
         owner = await asyncpg.connect(dsn)
         try:

@@ -83,9 +83,14 @@ class CreditBalance(_Model):
     lifetime_spent: Decimal
     daily_limit: Decimal | None
     monthly_limit: Decimal | None
-    #: Spent in the current day / month of the user's time zone.
+    #: Spent in the current daily / monthly window: it ends at the user's local midnight
+    #: (first of the month), or later after a change of time zone (docs/ledger.md).
     spent_today: Decimal
     spent_this_month: Decimal
+    #: When the open windows end (None: no window open, nothing counts yet).
+    daily_window_end: datetime | None
+    monthly_window_end: datetime | None
+    #: The user's local date.
     today: date
     unlimited: bool
     is_admin: bool
