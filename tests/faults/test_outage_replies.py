@@ -61,8 +61,10 @@ async def test_an_unavailable_reply_carries_the_id_of_the_subscribe_it_answers(
     owned_pg: OwnedPostgres, owned_dsn: str
 ) -> None:
     async with hub_with_user(owned_dsn) as (db, hub, user_id):
-        since = await db.events.head()
+        since = await progress(db, user_id)
+        missed = await progress(db, user_id)  # so the resume has to read the database
         client = await open_client(hub.url, await stream_token(db, user_id))
+        await wait_for(lambda: hub.service.fanout.cursor >= missed, "the node published it")
         await asyncio.to_thread(owned_pg.stop, "fast")
         try:
             await client.send({"type": "subscribe", "id": "r1", "since": str(since)})

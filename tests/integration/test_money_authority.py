@@ -9,24 +9,26 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-import asyncpg
 import pytest
 
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
-from keen_stream.errors import InsufficientPrivileges, InvalidAmount, InvalidInput
+from keen_stream.errors import DatabaseError, InsufficientPrivileges, InvalidAmount, InvalidInput
 from tests.integration.credits_support import account, fund, ledger_state
 
 D = Decimal
 
-#: What "tenant code cannot call it" looks like: no EXECUTE, or no such function at all.
-REFUSED = (InsufficientPrivileges, asyncpg.UndefinedFunctionError)
+#: SQLSTATE of "no such function" (the signature that took a markup is gone).
+UNDEFINED_FUNCTION = "42883"
 
 
 async def _refused(db: KeenDatabase, actor: User, query: str, *args: object) -> None:
-    with pytest.raises(REFUSED):
+    """What "tenant code cannot call it" looks like: no EXECUTE, or no such function at all."""
+    with pytest.raises((InsufficientPrivileges, DatabaseError)) as refused:
         async with db.user_transaction(actor.id) as conn:
             await conn.fetchrow(query, *args)
+    if not isinstance(refused.value, InsufficientPrivileges):
+        assert refused.value.details.get("sqlstate") == UNDEFINED_FUNCTION, refused.value
 
 
 # --- the price ------------------------------------------------------------------------------
