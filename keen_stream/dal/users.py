@@ -96,7 +96,8 @@ class UserDAO:
         def verify() -> bool:
             try:
                 return self.hasher.verify(password_hash, password)
-            except (VerificationError, InvalidHashError):
+            # UnicodeEncodeError: a lone surrogate (JSON allows one) is nobody's password.
+            except (VerificationError, InvalidHashError, UnicodeEncodeError):
                 return False
 
         return await asyncio.to_thread(verify)
