@@ -287,6 +287,16 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
         super().connection_lost(exc)
 
     def keepalive_timeout(self) -> None:
+        timeout = self.ping_timeout
+        if (self.read_paused and timeout is not None
+                and not (self.close_sent or self.transport.is_closing())):
+            # uvicorn stops reading while a received frame waits for the hub (flow control),
+            # and the hub handles a client's frames one at a time, a resume's whole replay
+            # inside its subscribe: the pong may be sitting unread. Not the client's fault;
+            # wait again (a replay that stalls on a client that does not read ends in 4008
+            # by its own rule).
+            self.pong_timer = self.loop.call_later(timeout, self.keepalive_timeout)
+            return
         handler = self._on_keepalive_timeout
         if handler is None or self.close_sent or self.transport.is_closing():
             super().keepalive_timeout()

@@ -26,11 +26,6 @@ PING = 0.5  # protocol ping interval and timeout of this hub
 SLOW_REPLAY = 6 * PING  # a replay page that takes a while (a big page, a busy database)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review1: while a replay runs, a client frame pauses uvicorn's reading, so the "
-    "client's pongs are not seen and a reading client is closed 4008 by the keepalive",
-)
 async def test_a_client_that_pings_during_a_slow_replay_is_not_closed_as_too_slow(
     db: KeenDatabase, fresh_dsn: str, alice: User, monkeypatch: pytest.MonkeyPatch
 ) -> None:
