@@ -43,17 +43,22 @@ NODE_COLUMNS: Final = (
 FLUSH_CHUNK: Final = 100
 
 SQL: Final = {
-    # Batches arrive as one JSON array each (rows of different shapes, one parameter).
+    # Batches arrive as one JSON array each (rows of different shapes, one parameter). Between
+    # a connection's authentication and the flush its token may have been deleted (a tenant may
+    # delete its own) or its user (by an admin): the row is recorded without the token, or not
+    # at all, instead of failing the whole batch on a foreign key, batch after batch.
     "open": """
         INSERT INTO websocket_connections (connection_id, user_id, token_id, client_ip, user_agent,
             client_type, admin_connection, can_view_all_sessions, hub_node_id, connected_at,
             last_ping_at)
-        SELECT v.connection_id, v.user_id, v.token_id, v.client_ip, v.user_agent, v.client_type,
+        SELECT v.connection_id, v.user_id, t.id, v.client_ip, v.user_agent, v.client_type,
                v.admin_connection, v.can_view_all_sessions, v.hub_node_id, v.connected_at,
                v.connected_at
           FROM jsonb_to_recordset($1::jsonb) AS v(connection_id text, user_id uuid, token_id uuid,
                client_ip inet, user_agent text, client_type text, admin_connection boolean,
                can_view_all_sessions boolean, hub_node_id uuid, connected_at timestamptz)
+          JOIN users u ON u.id = v.user_id
+          LEFT JOIN auth_tokens t ON t.id = v.token_id
         ON CONFLICT (connection_id) DO NOTHING""",
     # session_id (the seed's single-session column) is set when exactly one session is watched.
     "subscriptions": """

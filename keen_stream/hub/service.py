@@ -22,6 +22,7 @@ from keen_stream.dal.models.connections import (
     ConnectionStatus,
     SubscriptionChanged,
 )
+from keen_stream.errors import KeenError
 from keen_stream.hub.fanout import Client, FanOut, HubStats
 from keen_stream.hub.listener import EventListener
 from keen_stream.hub.protocol import STATUS_CLOSE, CloseCode, too_slow_reason
@@ -72,7 +73,14 @@ class ConnectionRecorder:
         )
         try:
             await self._db.connections.flush(batch)
-        except Exception:
+        except KeenError as exc:
+            if not exc.retryable:
+                # Writing it again would fail the same way, every interval, with everyone's
+                # newer records queued behind it: drop this batch (it is only bookkeeping).
+                count = len(opened) + len(subs) + len(pings) + len(closed)
+                logger.error("dropped %d connection records that cannot be written: %s",
+                             count, exc)
+                raise
             # Keep what failed, without overwriting anything newer.
             self._opened = {**opened, **self._opened}
             self._subs = {**subs, **self._subs}
