@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal
 
@@ -111,13 +111,63 @@ def event_from_row(row: asyncpg.Record) -> StreamEvent:
     )
 
 
-async def read_released(
-    conn: asyncpg.Connection, after: Cursor, limit: int, *, wait: float | None = None
-) -> TailBatch:
-    """The next ``limit`` released events after ``after`` (a reader's own connection)."""
-    rows = await conn.fetch(SQL["tail"], after.xid, after.id, limit, timeout=wait)
-    events = [event_from_row(r) for r in rows if r["id"] is not None]
-    return TailBatch(events=events, horizon=rows[0]["horizon"], pending=rows[0]["pending"])
+class StreamReader:
+    """A dedicated connection that tails the outbox (the hub's listener holds one).
+
+    Never pooled: its LISTEN must outlive transactions, and it runs as ``keen_system`` for its
+    whole life (a session-level ``SET ROLE`` is safe on a connection nobody else gets). Every
+    call runs under ``timeout``: a connection that died silently never fires asyncpg's
+    termination callback, and only a round trip that does not come back tells. Errors are
+    keen_stream's (``DatabaseUnavailable`` and the like), as everywhere in the DAL.
+    """
+
+    __slots__ = ("_conn", "_timeout")
+
+    def __init__(self, conn: asyncpg.Connection, timeout: float) -> None:
+        self._conn = conn
+        self._timeout = timeout
+
+    @property
+    def backend_pid(self) -> int:
+        return int(self._conn.get_server_pid())
+
+    async def listen(self, on_wakeup: Callable[[], None], on_lost: Callable[[], None]) -> None:
+        """Call ``on_wakeup`` for every NOTIFY on the stream's channel and ``on_lost`` when the
+        connection ends (when asyncpg notices)."""
+        self._conn.add_termination_listener(lambda _conn: on_lost())
+        with translating():
+            await asyncio.wait_for(
+                self._conn.add_listener(CHANNEL, lambda *_args: on_wakeup()), self._timeout
+            )
+
+    async def head(self) -> Cursor:
+        """The newest released cursor (the origin when nothing is kept)."""
+        with translating():
+            row = await self._conn.fetchrow(SQL["head"], timeout=self._timeout)
+        return ORIGIN if row is None else Cursor(row["xid"], row["id"])
+
+    async def read(self, after: Cursor, limit: int) -> TailBatch:
+        """The next ``limit`` released events after ``after``, and where the horizon is."""
+        with translating():
+            rows = await self._conn.fetch(
+                SQL["tail"], after.xid, after.id, limit, timeout=self._timeout
+            )
+        events = [event_from_row(r) for r in rows if r["id"] is not None]
+        return TailBatch(events=events, horizon=rows[0]["horizon"], pending=rows[0]["pending"])
+
+    async def probe(self) -> None:
+        """One round trip: raises DatabaseUnavailable if it does not come back in time."""
+        with translating():
+            await self._conn.fetchval(SQL["probe"], timeout=self._timeout)
+
+    def terminate(self) -> None:
+        """Drop the connection at once (its state is unknown: never politely)."""
+        if not self._conn.is_closed():
+            self._conn.terminate()
+
+    async def close(self) -> None:
+        with translating():
+            await self._conn.close()
 
 
 class EventSignal:
@@ -247,13 +297,10 @@ class EventDAO:
         await self.notifier.close()
 
     async def connect_reader(
-        self, application_name: str = "keen_stream_listener"
-    ) -> asyncpg.Connection:
-        """A dedicated connection (never pooled: LISTEN must outlive transactions) as keen_system.
-
-        Session-level ``SET ROLE`` is safe here because the connection is never handed to
-        anyone else; the pool's connections use SET LOCAL only.
-        """
+        self, application_name: str = "keen_stream_listener", *, call_timeout: float | None = None
+    ) -> StreamReader:
+        """A :class:`StreamReader`: a dedicated connection as keen_system; its calls run under
+        ``call_timeout`` (default: the connect timeout)."""
         settings = self._db.settings
         with translating():
             conn = await asyncpg.connect(
@@ -272,7 +319,8 @@ class EventDAO:
         except BaseException:
             conn.terminate()
             raise
-        return conn
+        timeout = settings.connect_timeout if call_timeout is None else call_timeout
+        return StreamReader(conn, timeout)
 
     async def head(self) -> Cursor:
         """The newest released cursor: a reader starting now continues from here."""

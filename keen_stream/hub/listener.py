@@ -20,28 +20,12 @@ import random
 import time
 from collections.abc import Callable
 
-import asyncpg
-
-from keen_stream.dal.events import CHANNEL, SQL, EventDAO, read_released
-from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent
+from keen_stream.dal.events import EventDAO, StreamReader
+from keen_stream.dal.models.events import Cursor, StreamEvent
 from keen_stream.errors import DatabaseError
 from keen_stream.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-_CONNECTION_ERRORS = (
-    OSError,
-    TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    # A killed backend sends its FATAL before it closes the socket; under load the close can
-    # arrive much later. asyncpg reads the FATAL while idle as a protocol error, and the next
-    # query on that connection fails with InternalClientError (not an InterfaceError).
-    asyncpg.InternalClientError,
-    asyncpg.PostgresError,
-    DatabaseError,  # the DAL's own calls (connect_reader) raise these, never asyncpg's
-)
-
 
 class ConnectionLost(Exception):
     """The listener's connection ended (termination callback or failed probe)."""
@@ -131,14 +115,16 @@ class EventListener:
         """Run until cancelled: connect, tail, and on any loss reconnect with backoff."""
         attempt = 0
         while True:
-            conn: asyncpg.Connection | None = None
+            reader: StreamReader | None = None
             self._delivered = False
             try:
-                conn = await self._events.connect_reader()
-                await self._tail(conn)
+                reader = await self._events.connect_reader(
+                    call_timeout=self._settings.listener_probe_timeout
+                )
+                await self._tail(reader)
             except asyncio.CancelledError:
                 raise
-            except (*_CONNECTION_ERRORS, ConnectionLost) as exc:
+            except (DatabaseError, ConnectionLost) as exc:
                 logger.warning("event listener lost its connection: %s", exc or type(exc).__name__)
             except Exception:
                 # This task is the node's only reader: if it ended, delivery would stop for good
@@ -147,8 +133,8 @@ class EventListener:
             finally:
                 self.connected = False
                 self.backend_pid = None
-                if conn is not None and not conn.is_closed():
-                    conn.terminate()
+                if reader is not None:
+                    reader.terminate()
             self.reconnects += 1
             # The backoff starts over only after a read was delivered on that connection: a
             # failure that repeats right after every connect (a bad event, a broken reader)
@@ -159,26 +145,22 @@ class EventListener:
             attempt += 1
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
-    async def _tail(self, conn: asyncpg.Connection) -> None:
+    async def _tail(self, reader: StreamReader) -> None:
         settings = self._settings
         lost = asyncio.Event()
 
-        def on_terminate(_conn: object) -> None:
+        def on_lost() -> None:
             lost.set()
             self._wake.set()
 
-        def on_notify(*_args: object) -> None:
+        def on_wakeup() -> None:
             self.notifications += 1
             self._wake.set()
 
-        conn.add_termination_listener(on_terminate)
-        timeout = settings.listener_probe_timeout
-        # LISTEN is a round trip too: a connection that died silently must not hang it.
-        await asyncio.wait_for(conn.add_listener(CHANNEL, on_notify), timeout)
+        await reader.listen(on_wakeup, on_lost)
         if self.cursor is None:
-            row = await conn.fetchrow(SQL["head"], timeout=timeout)
-            self.cursor = ORIGIN if row is None else Cursor(row["xid"], row["id"])
-        self.backend_pid = conn.get_server_pid()
+            self.cursor = await reader.head()
+        self.backend_pid = reader.backend_pid
         self.connected = True
         loop = asyncio.get_running_loop()
         next_probe = loop.time() + settings.listener_probe_interval
@@ -187,7 +169,7 @@ class EventListener:
             if lost.is_set():
                 raise ConnectionLost("terminated")
             self._wake.clear()
-            batch = await read_released(conn, self.cursor, self._batch_size, wait=timeout)
+            batch = await reader.read(self.cursor, self._batch_size)
             self.reads += 1
             self.last_read_at = time.time()
             moved = batch.horizon != self.horizon or bool(batch.events)
@@ -214,13 +196,8 @@ class EventListener:
                 retry = settings.listener_retry_poll
             now = loop.time()
             if now >= next_probe:
-                await self._probe(conn, timeout)
+                await reader.probe()
                 next_probe = loop.time() + settings.listener_probe_interval
                 continue
             await self._wake.wait(min(wait, next_probe - now))
 
-    async def _probe(self, conn: asyncpg.Connection, limit: float) -> None:
-        try:
-            await conn.fetchval(SQL["probe"], timeout=limit)
-        except TimeoutError as exc:
-            raise ConnectionLost(f"liveness probe got no answer in {limit} s") from exc

@@ -15,7 +15,6 @@ import httpx
 import pytest
 
 from keen_stream.dal.database import KeenDatabase
-from keen_stream.dal.events import read_released
 from keen_stream.dal.models.events import ORIGIN, Cursor
 from keen_stream.errors import InvalidInput, NotFound
 from keen_stream.migrate import downgrade, upgrade
@@ -217,7 +216,7 @@ async def test_tail_waits_for_the_oldest_running_transaction(db, fresh_dsn, owne
     await new_session(db, alice, "b")
     reader = await db.events.connect_reader("test_reader")
     try:
-        batch = await read_released(reader, ORIGIN, 100)
+        batch = await reader.read(ORIGIN, 100)
         assert len(batch.events) == 2 and not batch.pending
         cursor = batch.events[-1].cursor
         tx = owner_conn.transaction()
@@ -226,10 +225,10 @@ async def test_tail_waits_for_the_oldest_running_transaction(db, fresh_dsn, owne
             "UPDATE agent_sessions SET tool_calls_count = 7 WHERE id = $1", a.id
         )
         await db.sessions.update_progress(alice.id, "b", iterations=1)
-        batch = await read_released(reader, cursor, 100)
+        batch = await reader.read(cursor, 100)
         assert batch.events == [] and batch.pending  # committed, but held behind the open one
         await tx.commit()
-        batch = await read_released(reader, cursor, 100)
+        batch = await reader.read(cursor, 100)
         assert [e.event_type for e in batch.events] == ["session.progress"] * 2
         assert batch.events[0].session_id == a.id and not batch.pending
     finally:
@@ -246,7 +245,7 @@ async def test_a_transaction_in_another_database_does_not_hold_the_stream(db, pg
         await new_session(db, alice, "a")
         reader = await db.events.connect_reader("test_reader")
         try:
-            batch = await read_released(reader, ORIGIN, 100)
+            batch = await reader.read(ORIGIN, 100)
         finally:
             await reader.close()
         assert len(batch.events) == 1

@@ -12,7 +12,6 @@ from websockets.asyncio.client import connect
 
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.events import SQL as EVENT_SQL
-from keen_stream.dal.events import read_released
 from keen_stream.dal.models import User
 from keen_stream.dal.models.events import ORIGIN
 from tests.integration.hubkit import (
@@ -401,7 +400,7 @@ async def test_resuming_on_a_node_that_lags_behind_skips_what_the_client_already
         head = await db.events.head()
         reader = await db.events.connect_reader("test_reader")
         try:
-            old = (await read_released(reader, ORIGIN, 10)).events
+            old = (await reader.read(ORIGIN, 10)).events
         finally:
             await reader.close()
         # As if this node had not yet published the last two events (another node had).

@@ -18,7 +18,7 @@ import asyncpg
 import pytest
 
 from keen_stream.dal.database import KeenDatabase
-from keen_stream.dal.events import SQL, read_released
+from keen_stream.dal.events import SQL, StreamReader
 from keen_stream.dal.models.events import Cursor
 
 EVENTS = 20_000
@@ -52,7 +52,7 @@ async def tail_cost(reader: asyncpg.Connection, after: Cursor) -> tuple[int, boo
         f"EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {SQL['tail']}", after.xid, after.id, 1000
     )
     [doc] = json.loads(text)
-    batch = await read_released(reader, after, 1000)
+    batch = await StreamReader(reader, 10.0).read(after, 1000)
     return buffers(doc["Plan"]), batch.pending
 
 
@@ -61,8 +61,10 @@ async def test_a_tail_read_does_not_scan_the_outbox(
     db: KeenDatabase, owner_conn: asyncpg.Connection, fresh_dsn: str, plans: str
 ) -> None:
     await fill(owner_conn)
-    reader = await db.events.connect_reader()
+    # A raw connection as the listener's role (EXPLAIN and plan settings on it).
+    reader = await asyncpg.connect(fresh_dsn)
     try:
+        await reader.execute("SET ROLE keen_system")
         await reader.execute(f"SET plan_cache_mode = {plans}")
         head = await reader.fetchrow(SQL["head"])
         at_head = Cursor(head["xid"], head["id"])
@@ -80,12 +82,12 @@ async def test_a_tail_read_does_not_scan_the_outbox(
             cost, pending = await tail_cost(reader, at_head)
             assert pending
             assert cost <= MAX_BUFFERS, f"{cost} buffers for a read with rows waiting"
-            batch = await read_released(reader, at_head, 1000)
+            batch = await StreamReader(reader, 10.0).read(at_head, 1000)
             assert batch.events == []  # the committed row waits for the older transaction
         finally:
             await holder.execute("ROLLBACK")
             await holder.close()
-        batch = await read_released(reader, at_head, 1000)
+        batch = await StreamReader(reader, 10.0).read(at_head, 1000)
         assert len(batch.events) == 1 and not batch.pending
     finally:
         await reader.close()
