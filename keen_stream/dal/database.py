@@ -71,13 +71,30 @@ SELECT r.rolsuper, r.rolbypassrls,
   FROM pg_roles r WHERE r.rolname = $1
 """
 
+#: The SQLSTATE of :data:`STATEMENTS_LEFT`.
+SESSION_NOT_RESETTABLE = "KS503"
+#: Prepared statements are session state the reset cannot clear: DEALLOCATE ALL would drop
+#: asyncpg's own, which it runs by name. PREPARE and DEALLOCATE need no privilege, so a
+#: borrower's SQL can put its own statement under the name of one asyncpg cached, and the next
+#: borrower would run it in its own context. A statement prepared by SQL (``from_sql``) is
+#: never the DAL's: the connection is closed instead of being handed out again. (A borrower
+#: that only DEALLOCATEs one of asyncpg's leaves nothing to run: the next use fails with 26000,
+#: and that connection is closed then, see pgerrors.)
+STATEMENTS_LEFT = f"""
+DO $$ BEGIN
+    IF EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql) THEN
+        RAISE EXCEPTION 'a borrower left SQL-level prepared statements on the session'
+            USING ERRCODE = '{SESSION_NOT_RESETTABLE}';
+    END IF;
+END $$"""
 #: Everything a borrower can leave on its session: DISCARD ALL without DEALLOCATE ALL (which
 #: would drop asyncpg's prepared statements) and DISCARD PLANS. SET SESSION AUTHORIZATION
 #: DEFAULT also ends a session-level SET ROLE, which RESET ALL leaves alone; RESET ALL goes
 #: back to the settings the connection started with (statement_timeout, keen.stream_signal).
+#: Then the one thing it cannot reset, checked last (so a refusal comes after everything else).
 RESET_SESSION = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES;"
-    " CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all()"
+    f" CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); {STATEMENTS_LEFT}"
 )
 
 
@@ -122,7 +139,11 @@ class SessionReset:
         await init_connection(conn)
 
     async def on_release(self, conn: asyncpg.Connection) -> None:
-        """The pool's ``reset`` (asyncpg has already rolled back an open transaction)."""
+        """The pool's ``reset`` (asyncpg has already rolled back an open transaction).
+
+        A refusal (:data:`STATEMENTS_LEFT`) reaches the releaser, and asyncpg terminates the
+        connection instead of pooling it.
+        """
         pid = conn.get_server_pid()
         if pid in self._clean:
             self._clean.discard(pid)
@@ -148,7 +169,15 @@ class SessionReset:
 
     async def _end(self, tx: Any, conn: asyncpg.Connection, query: str) -> None:
         tx._connection._top_xact = None
-        await conn.execute(query)
+        try:
+            await conn.execute(query)
+        except asyncpg.PostgresError as exc:
+            if exc.sqlstate != SESSION_NOT_RESETTABLE:
+                raise  # the COMMIT's own failure (or the reset's): the caller's to see
+            # The transaction ended as asked; only the session is unfit to be pooled.
+            logger.warning("closing a pooled connection: %s", exc)
+            conn.terminate()
+            return
         self.vouch(conn)
 
 

@@ -62,6 +62,10 @@ def translate(exc: asyncpg.PostgresError) -> KeenError | None:
         | asyncpg.UntranslatableCharacterError,
     ):
         return errors.InvalidInput(message, constraint=constraint)
+    if type(exc) is asyncpg.DataError:
+        # Raised by the driver itself: an argument it cannot encode for its parameter's type
+        # (a str where an integer goes, a lone surrogate in a text).
+        return errors.InvalidInput(message)
     if isinstance(exc, asyncpg.UniqueViolationError):
         return errors.Conflict(message, constraint=constraint)
     if isinstance(exc, asyncpg.ForeignKeyViolationError):
@@ -87,6 +91,20 @@ _UNAVAILABLE: Final = frozenset({"57P01", "57P02", "57P03", "57P04", "57P05", "5
 _CONFLICTS: Final = frozenset({"40001", "40P01"})
 
 
+# The driver refusing what the caller asked of it, on a live connection: a result type it
+# cannot decode, a feature it or the server lacks, a bad client setting. The database is fine
+# and retrying repeats the refusal, so these are not an outage (and keep their connection).
+_DRIVER_REFUSALS: Final = (
+    asyncpg.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+    asyncpg.ClientConfigurationError,
+)
+# A prepared statement the driver cached is gone from the session (a borrower's DEALLOCATE):
+# every later use of that statement on this connection fails, so the connection is useless
+# and must be closed; the same call on another connection succeeds.
+_STATEMENT_LOST: Final = "26000"
+
+
 def classify(exc: BaseException) -> KeenError | None:
     """The keen_stream error for ``exc`` if the driver raised it, else None.
 
@@ -95,6 +113,8 @@ def classify(exc: BaseException) -> KeenError | None:
     """
     if isinstance(exc, asyncpg.PostgresError):
         return translate(exc) or _server_error(exc)
+    if isinstance(exc, _DRIVER_REFUSALS):
+        return errors.DatabaseError(f"the driver refused the call: {_describe(exc)}")
     if isinstance(exc, (*DRIVER_ERRORS, OSError)):
         return errors.DatabaseUnavailable(f"database connection failed: {_describe(exc)}")
     return None
@@ -123,6 +143,10 @@ def _server_error(exc: asyncpg.PostgresError) -> errors.DatabaseError:
     # FATAL ends the session whatever its SQLSTATE (e.g. 28P01 or 3D000 while connecting).
     fatal = (getattr(exc, "severity_en", None) or getattr(exc, "severity", None)) in (
         "FATAL", "PANIC")
+    if sqlstate == _STATEMENT_LOST:
+        return errors.DatabaseUnavailable(
+            f"the connection lost a prepared statement and is closed: {text}", sqlstate=sqlstate
+        )
     if fatal or sqlstate in _UNAVAILABLE or sqlstate[:2] in _UNAVAILABLE_CLASSES:
         return errors.DatabaseUnavailable(f"database unavailable: {text}", sqlstate=sqlstate)
     return errors.DatabaseError(f"database error: {text}", sqlstate=sqlstate)
@@ -175,6 +199,10 @@ def translating(conn: asyncpg.Connection | None = None) -> Iterator[None]:
     except DRIVER_ERRORS as exc:
         if isinstance(exc.__context__, asyncio.CancelledError):
             raise exc.__context__ from None
+        if type(exc) is asyncpg.InterfaceError and conn is not None and not connection_lost(conn):
+            # Plain InterfaceError on a live connection is misuse ("another operation is in
+            # progress"), not an outage: the caller's bug, and the connection is fine.
+            raise errors.DatabaseError(f"the driver refused the call: {_describe(exc)}") from exc
         raise _classified(exc) from exc
     except OSError as exc:
         if conn is not None and not connection_lost(conn):

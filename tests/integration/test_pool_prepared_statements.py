@@ -6,7 +6,8 @@ privilege at all, so SQL in one tenant's transaction, as ``keen_app`` (no ``RESE
 put its own statement under the name of one the DAL prepared: the next borrower of the
 connection then runs it in its own context. This is the case the docs' "hard boundary" (a
 login role of its own for code that runs tenant SQL, docs/schema.md) does not cover either:
-the tenants of that pool run each other's statements.
+the tenants of that pool run each other's statements. The reset now refuses a session with
+SQL-level prepared statements, and the connection is closed instead of pooled.
 """
 
 from __future__ import annotations
@@ -16,16 +17,12 @@ import pytest
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.dal.users import SQL as USER_SQL
+from keen_stream.errors import DatabaseError
 from tests.integration.test_pool_hygiene import single
 
 __all__ = ["single"]  # the fixture, shared with the other pool tests
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review1: the pool reset keeps SQL-level prepared statements; a tenant replaces a "
-    "statement asyncpg cached and the next borrower (another tenant) runs it",
-)
 async def test_a_tenant_cannot_plant_a_statement_the_next_borrower_runs(
     single: KeenDatabase, alice: User, bob: User, owner_conn
 ) -> None:
@@ -49,3 +46,20 @@ async def test_a_tenant_cannot_plant_a_statement_the_next_borrower_runs(
     assert await owner_conn.fetchval(
         "SELECT display_name FROM users WHERE id = $1", bob.id
     ) != "written by alice"
+
+
+async def test_a_statement_a_tenant_deallocated_costs_one_retryable_call_not_the_connection(
+    single: KeenDatabase, alice: User, bob: User
+) -> None:
+    """DEALLOCATE alone leaves nothing to run: the next use fails (26000), retryable, and that
+    connection is closed, so the retry, and every later borrower, works."""
+    await single.users.get(bob.id)
+    async with single.user_transaction(alice.id) as conn:
+        name = await conn.fetchval(
+            "SELECT name FROM pg_prepared_statements WHERE statement = $1", USER_SQL["get"]
+        )
+        await conn.execute(f'DEALLOCATE "{name}"')
+    with pytest.raises(DatabaseError) as raised:
+        await single.users.get(bob.id)
+    assert raised.value.retryable
+    assert (await single.users.get(bob.id)).id == bob.id

@@ -74,6 +74,33 @@ def test_an_unexpected_server_error_keeps_its_sqlstate_and_is_not_retryable(
     assert "unexpected" in error.message
 
 
+@pytest.mark.parametrize(
+    "exc",
+    [
+        asyncpg.UnsupportedClientFeatureError("cannot decode a text-format field"),
+        asyncpg.exceptions.UnsupportedServerFeatureError("no such feature"),
+        asyncpg.ClientConfigurationError("bad setting"),
+    ],
+    ids=type,
+)
+def test_the_driver_refusing_a_call_is_not_an_outage(exc: Exception) -> None:
+    error = classify(exc)
+    assert type(error) is errors.DatabaseError
+    assert not error.retryable
+
+
+def test_a_prepared_statement_lost_from_the_session_is_retryable() -> None:
+    """The connection is useless (the DAL closes it); the call succeeds on another one."""
+    error = classify(server_error("26000", 'prepared statement "__asyncpg_stmt_1__" is gone'))
+    assert type(error) is errors.DatabaseUnavailable
+    assert error.retryable
+
+
+def test_an_argument_the_driver_cannot_encode_is_invalid_input() -> None:
+    assert type(classify(asyncpg.DataError("invalid input for query argument $1"))) is (
+        errors.InvalidInput)
+
+
 def test_every_database_error_is_one_hierarchy_under_keen_error() -> None:
     for cls in (errors.DatabaseUnavailable, errors.TransactionConflict):
         assert issubclass(cls, errors.DatabaseError)

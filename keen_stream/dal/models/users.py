@@ -45,6 +45,16 @@ class UserCreate(_Model):
 
     _tz = field_validator("timezone")(_check_timezone)
 
+    @field_validator("password")
+    @classmethod
+    def _encodable(cls, value: SecretStr) -> SecretStr:
+        # JSON can carry a lone surrogate ("\\ud800") that no encoding, argon2's included, takes.
+        try:
+            value.get_secret_value().encode()
+        except UnicodeEncodeError:
+            raise ValueError("the password is not valid Unicode") from None
+        return value
+
     @field_validator("email")
     @classmethod
     def _lower_email(cls, value: str) -> str:
