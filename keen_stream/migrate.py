@@ -1,7 +1,9 @@
 """Run Alembic migrations from code (``keen-stream migrate``, tests, embedded startup).
 
-The advisory lock that keeps two migrators apart lives in ``migrations/env.py`` so that the plain
-``alembic`` CLI takes it too.
+The migrations ship inside the package (``keen_stream/migrations``: ``env.py``, ``versions/``),
+so an installed wheel migrates without the source tree. The advisory lock that keeps two
+migrators apart lives in ``keen_stream/migrations/env.py`` so that the plain ``alembic`` CLI
+takes it too.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ from keen_stream.errors import ConfigurationError
 # processes are kept apart by the advisory lock in env.py.)
 _ALEMBIC = threading.Lock()
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+#: Package data, not a subpackage (no ``__init__.py``): Alembic loads env.py and the revisions
+#: by path. A real directory: keen_stream is not importable from a zip.
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
 def alembic_config(dsn: str) -> Config:
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise ConfigurationError(
-            f"migrations not found at {MIGRATIONS_DIR}; install keen_stream from its source tree "
-            "(pip install -e .)"
+            f"migrations not found at {MIGRATIONS_DIR}: this installation of keen_stream is "
+            "incomplete (its package data is missing); reinstall it from the wheel"
         )
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))

@@ -26,7 +26,7 @@ from keen_stream.dal.database import KeenDatabase, init_connection
 from keen_stream.dal.models import User
 from keen_stream.dal.users import upsert_super_admin
 from keen_stream.embedded import EmbeddedPostgres
-from keen_stream.migrate import upgrade_async
+from keen_stream.migrate import MIGRATIONS_DIR, upgrade_async
 from keen_stream.settings import Settings
 from tests.pgcluster import OwnedPostgres, owned_postgres_available
 
@@ -84,7 +84,7 @@ async def statements_sent(
 @functools.cache
 def _database_grants() -> list[str]:
     """Migration 0007's database-level grants, from the migration itself."""
-    path = ROOT / "migrations" / "versions" / "0007_guarantees.py"
+    path = MIGRATIONS_DIR / "versions" / "0007_guarantees.py"
     spec = importlib.util.spec_from_file_location("keen_migration_0007", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

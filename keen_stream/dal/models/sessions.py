@@ -25,7 +25,7 @@ STATUSES: Final[tuple[str, ...]] = ("running", "completed", "failed", "cancelled
 SESSION_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
 _SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
-# Mirrored by CHECK constraints in migrations/versions/0003_sessions.py.
+# Mirrored by CHECK constraints in keen_stream/migrations/versions/0003_sessions.py.
 MAX_VISION: Final = 100_000
 MAX_PATH: Final = 4096
 MAX_BRANCH: Final = 255
