@@ -8,13 +8,24 @@ these classes, so a caller never has to look at asyncpg exceptions.
 
 from __future__ import annotations
 
+import inspect
 from contextlib import suppress
+from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
 
+# What a typed attribute's annotation says its value is, and how a detail becomes one. Server-side
+# raisers send DETAIL as JSON, where money and times are strings.
+_CONVERSIONS: dict[str, Any] = {"Decimal": Decimal, "datetime": datetime.fromisoformat}
+
 
 class KeenError(Exception):
-    """keen_stream error."""
+    """keen_stream error.
+
+    ``details`` holds everything the raiser said (the hub sends it in error frames). The
+    attributes a class annotates (``shortfall: Decimal | None``) are the typed view of the
+    details of the same name: converted to the annotated type, None when absent.
+    """
 
     #: Custom SQLSTATE raised by server-side code for this error, if any.
     sqlstate: ClassVar[str | None] = None
@@ -22,9 +33,27 @@ class KeenError(Exception):
     code: ClassVar[str] = "internal_error"
     #: True when the same call may succeed if simply made again (after a backoff).
     retryable: ClassVar[bool] = False
+    #: The typed attributes (name -> conversion), from the annotations of the class and its bases.
+    _typed: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        typed = dict(cls._typed)
+        for name, annotation in inspect.get_annotations(cls).items():
+            text = str(annotation)
+            if not text.startswith("ClassVar"):
+                typed[name] = next(
+                    (convert for kind, convert in _CONVERSIONS.items() if kind in text), None)
+        cls._typed = typed
 
     def __init__(self, message: str | None = None, **details: Any) -> None:
         self.message = message or (self.__doc__ or self.__class__.__name__).strip()
+        for name, convert in self._typed.items():
+            value = details.get(name)
+            if convert is not None and isinstance(value, str):
+                with suppress(InvalidOperation, ValueError):
+                    value = details[name] = convert(value)
+            setattr(self, name, value)
         self.details = details
         super().__init__(self.message)
 
@@ -71,6 +100,8 @@ class InvalidInput(KeenError, ValueError):
 
     code = "invalid_input"
     sqlstate = "KS400"
+    #: The argument (or model field) that is not valid, when one is to blame.
+    field: str | None
 
 
 class InvalidIdentifier(InvalidInput):
@@ -177,42 +208,44 @@ class ImmutableRecord(KeenError):
 
 
 # --- credit ledger -------------------------------------------------------------------------
-class _MoneyDetails(KeenError):
-    """Server-side raisers send money in DETAIL as JSON strings; they become Decimals here."""
-
-    money_fields: ClassVar[tuple[str, ...]] = ()
-
-    def __init__(self, message: str | None = None, **details: Any) -> None:
-        for key in self.money_fields:
-            value = details.get(key)
-            if isinstance(value, str):
-                with suppress(InvalidOperation):
-                    details[key] = Decimal(value)
-        super().__init__(message, **details)
-
-
-class InsufficientCredits(_MoneyDetails):
+class InsufficientCredits(KeenError):
     """Not enough available credits for this charge."""
 
     code = "insufficient_credits"
     sqlstate = "KS402"
-    money_fields = ("balance", "available", "held", "required", "shortfall")
+    balance: Decimal | None
+    held: Decimal | None
+    #: balance - held
+    available: Decimal | None
+    required: Decimal | None
+    #: required - available: what a purchase must add at least.
+    shortfall: Decimal | None
 
 
-class SpendingLimitExceeded(_MoneyDetails):
+class SpendingLimitExceeded(KeenError):
     """This charge would exceed the account's daily or monthly spending limit."""
 
     code = "spending_limit_exceeded"
     sqlstate = "KS461"
-    money_fields = ("limit", "spent", "held", "required")
+    #: 'day' or 'month'
+    period: str | None
+    limit: Decimal | None
+    #: Spent in the open window, and held by active holds.
+    spent: Decimal | None
+    held: Decimal | None
+    required: Decimal | None
+    #: When the open window ends (None: no window is open).
+    window_end: datetime | None
 
 
-class SessionBudgetExceeded(_MoneyDetails):
+class SessionBudgetExceeded(KeenError):
     """This charge would exceed the credit budget of the session tree."""
 
     code = "session_budget_exceeded"
     sqlstate = "KS462"
-    money_fields = ("budget", "used", "required")
+    budget: Decimal | None
+    used: Decimal | None
+    required: Decimal | None
 
 
 class IdempotencyConflict(Conflict):
@@ -220,6 +253,7 @@ class IdempotencyConflict(Conflict):
 
     code = "idempotency_conflict"
     sqlstate = "KS412"
+    idempotency_key: str | None
 
 
 class HoldNotActive(Conflict):
@@ -227,21 +261,37 @@ class HoldNotActive(Conflict):
 
     code = "hold_not_active"
     sqlstate = "KS410"
+    hold_id: str | None
+    #: What the hold is now: settled, released or expired.
+    status: str | None
 
 
 # --- agent sessions ------------------------------------------------------------------------
-class SessionExists(Conflict):
-    """A session with this session_id already exists."""
+class _SessionError(KeenError):
+    #: The caller's handle of the session (``agent_sessions.session_id`` in the schema).
+    session_handle: str | None
+
+    def __init__(self, message: str | None = None, **details: Any) -> None:
+        # The server-side raisers name the handle by its column, session_id.
+        if isinstance(details.get("session_id"), str):
+            details["session_handle"] = details.pop("session_id")
+        super().__init__(message, **details)
+
+
+class SessionExists(_SessionError, Conflict):
+    """A session with this handle already exists."""
 
     code = "session_exists"
     sqlstate = "KS441"
 
 
-class SessionAlreadyEnded(Conflict):
+class SessionAlreadyEnded(_SessionError, Conflict):
     """The session has already ended with a different outcome."""
 
     code = "session_already_ended"
     sqlstate = "KS442"
+    #: How it ended.
+    status: str | None
 
 
 class SessionDepthExceeded(InvalidInput):
@@ -249,3 +299,5 @@ class SessionDepthExceeded(InvalidInput):
 
     code = "session_depth_exceeded"
     sqlstate = "KS443"
+    depth: int | None
+    max_depth: int | None

@@ -119,7 +119,7 @@ def cmd_set_markup(args: argparse.Namespace, settings: Settings) -> int:
             )
         if admin is None:
             raise NotFound(f"no user with email {email}")
-        return await db.billing.set_markup(admin, args.markup, reason=args.reason)
+        return await db.billing.set_markup(args.markup, reason=args.reason, actor_id=admin)
 
     print(f"markup is now {_with_database(settings, set_markup)} (set by {email})")
     return 0

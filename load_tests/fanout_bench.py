@@ -217,7 +217,7 @@ async def setup(dsn: str, users: int, subscribers: int) -> tuple[list[str], list
             )
             await db.sessions.create_session(
                 user.id,
-                session_id=f"bench-{u}",
+                session_handle=f"bench-{u}",
                 vision="bench",
                 working_directory="/bench",
                 git_branch="main",

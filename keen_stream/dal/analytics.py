@@ -155,13 +155,13 @@ class AnalyticsDAO:
         self._db = db
 
     async def get_admin_analytics(
-        self, admin_user_id: uuid.UUID | str, time_range: TimeRange = "day"
+        self, time_range: TimeRange = "day", *, actor_id: uuid.UUID | str
     ) -> AdminAnalytics:
         """Platform metrics over the trailing day, week (7 days) or month (30 days).
 
-        Raises InsufficientPrivileges unless the database says the user may view analytics.
+        Raises InsufficientPrivileges unless the database says ``actor_id`` may view analytics.
         """
-        uid = parse_uuid(admin_user_id, "admin_user_id")
+        uid = parse_uuid(actor_id, "actor_id")
         window = TIME_RANGES.get(time_range) if isinstance(time_range, str) else None
         if window is None:
             raise InvalidInput("time_range must be 'day', 'week' or 'month'", field="time_range")
@@ -169,12 +169,12 @@ class AnalyticsDAO:
             row = await conn.fetchrow(SQL["admin_analytics"], window)
         return analytics_from_row(time_range, row)
 
-    async def get_dashboard(self, admin_user_id: uuid.UUID | str) -> list[DashboardHour]:
+    async def get_dashboard(self, *, actor_id: uuid.UUID | str) -> list[DashboardHour]:
         """The hourly dashboard view as of its last refresh.
 
-        Raises InsufficientPrivileges unless the database says the user may view analytics.
+        Raises InsufficientPrivileges unless the database says ``actor_id`` may view analytics.
         """
-        uid = parse_uuid(admin_user_id, "admin_user_id")
+        uid = parse_uuid(actor_id, "actor_id")
         async with self._db.user_transaction(uid) as conn:
             rows = await conn.fetch(SQL["dashboard"])
         return [DashboardHour.model_validate(dict(r)) for r in rows]
@@ -194,11 +194,11 @@ class AnalyticsDAO:
         return DailyAnalytics.model_validate(dict(row))
 
     async def get_daily_analytics(
-        self, admin_user_id: uuid.UUID | str, first: date, last: date
+        self, first: date, last: date, *, actor_id: uuid.UUID | str
     ) -> list[DailyAnalytics]:
         """Stored daily rows from ``first`` to ``last`` inclusive. InsufficientPrivileges if not
         allowed (rather than the empty list RLS alone would give)."""
-        uid = parse_uuid(admin_user_id, "admin_user_id")
+        uid = parse_uuid(actor_id, "actor_id")
         for value, what in ((first, "first"), (last, "last")):
             if not isinstance(value, date) or isinstance(value, datetime):
                 raise InvalidInput(f"{what} must be a date", field=what)

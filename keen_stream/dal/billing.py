@@ -4,7 +4,7 @@ Tenant code cannot mint credits or choose what a charge costs: the functions beh
 methods (migration 0007) are executable only by the role ``keen_billing``, which the DAL takes
 only in :meth:`KeenDatabase.billing_transaction`. This is the entry point of code the
 deployment trusts with money: the payment webhook (after checking the provider's signature) and
-admin tools. An acting admin (``actor_id`` / ``admin_user_id``) is checked by the database and
+admin tools. An acting admin (``actor_id``) is checked by the database and
 recorded on the ledger row; adjustments and price changes require one. docs/ledger.md has the
 model.
 """
@@ -15,9 +15,15 @@ import uuid
 from decimal import Decimal
 from typing import TYPE_CHECKING, Final
 
-from keen_stream.dal.credits import TX_COLUMNS, _key, _text, _tx
+from keen_stream.dal.credits import TX_COLUMNS, _tx
 from keen_stream.dal.models.credits import CreditTransaction
-from keen_stream.dal.validation import parse_markup, parse_money, parse_uuid
+from keen_stream.dal.validation import (
+    parse_idempotency_key,
+    parse_markup,
+    parse_money,
+    parse_text,
+    parse_uuid,
+)
 
 if TYPE_CHECKING:
     from keen_stream.dal.database import KeenDatabase
@@ -58,10 +64,10 @@ class BillingDAO:
         """
         uid = parse_uuid(user_id, "user_id")
         value = parse_money(amount, "amount")
-        text = _text(description, "description")
-        stripe = _text(stripe_payment_intent_id, "stripe_payment_intent_id", max_length=255,
+        text = parse_text(description, "description")
+        stripe = parse_text(stripe_payment_intent_id, "stripe_payment_intent_id", max_length=255,
                        required=False)
-        key = _key(idempotency_key)
+        key = parse_idempotency_key(idempotency_key)
         async with self._db.billing_transaction(actor_id) as conn:
             row = await conn.fetchrow(SQL["purchase"], uid, value, text, stripe, key)
         return _tx(row)
@@ -84,27 +90,28 @@ class BillingDAO:
         uid = parse_uuid(user_id, "user_id")
         tid = parse_uuid(transaction_id, "transaction_id")
         value = None if amount is None else parse_money(amount, "amount")
-        text = _text(reason, "reason")
-        key = _key(idempotency_key)
+        text = parse_text(reason, "reason")
+        key = parse_idempotency_key(idempotency_key)
         async with self._db.billing_transaction(actor_id) as conn:
             row = await conn.fetchrow(SQL["refund"], uid, tid, value, text, key)
         return _tx(row)
 
     async def adjust(
         self,
-        admin_user_id: uuid.UUID | str,
         user_id: uuid.UUID | str,
         amount: Decimal,
         *,
         reason: str,
+        actor_id: uuid.UUID | str,
         idempotency_key: str | None = None,
     ) -> CreditTransaction:
-        """An admin's signed correction of ``user_id``'s balance (cannot eat held credits)."""
+        """An admin's (``actor_id``) signed correction of ``user_id``'s balance (cannot eat
+        held credits)."""
         uid = parse_uuid(user_id, "user_id")
         value = parse_money(amount, "amount", allow_negative=True)
-        text = _text(reason, "reason")
-        key = _key(idempotency_key)
-        async with self._db.billing_transaction(admin_user_id) as conn:
+        text = parse_text(reason, "reason")
+        key = parse_idempotency_key(idempotency_key)
+        async with self._db.billing_transaction(actor_id) as conn:
             row = await conn.fetchrow(SQL["adjust"], uid, value, text, key)
         return _tx(row)
 
@@ -115,15 +122,15 @@ class BillingDAO:
         return markup
 
     async def set_markup(
-        self, admin_user_id: uuid.UUID | str, markup: Decimal, *, reason: str
+        self, markup: Decimal, *, reason: str, actor_id: uuid.UUID | str
     ) -> Decimal:
         """Change the price from the next charge or hold on (a hold keeps its own).
 
-        An admin only; every change is in ``audit_log`` (old and new markup, the reason, the
-        admin, the role).
+        An admin (``actor_id``) only; every change is in ``audit_log`` (old and new markup, the
+        reason, the admin, the role).
         """
         value = parse_markup(markup)
-        text = _text(reason, "reason")
-        async with self._db.billing_transaction(admin_user_id) as conn:
+        text = parse_text(reason, "reason")
+        async with self._db.billing_transaction(actor_id) as conn:
             changed: Decimal = await conn.fetchval(SQL["set_markup"], value, text)
         return changed

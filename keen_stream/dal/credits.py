@@ -12,7 +12,6 @@ by :func:`credits_for` here and ``keen_credits_for`` in SQL (the same rule; unit
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import timedelta
@@ -34,11 +33,18 @@ from keen_stream.dal.models.credits import (
     TransactionType,
 )
 from keen_stream.dal.pgerrors import from_fields, translating
-from keen_stream.dal.validation import MONEY_QUANTUM, parse_money, parse_uuid
+from keen_stream.dal.validation import (
+    MONEY_QUANTUM,
+    parse_count,
+    parse_idempotency_key,
+    parse_money,
+    parse_session_handle,
+    parse_text,
+    parse_uuid,
+)
 from keen_stream.errors import (
     DatabaseError,
     InvalidAmount,
-    InvalidIdentifier,
     InvalidInput,
     NotFound,
     TransactionConflict,
@@ -51,7 +57,6 @@ if TYPE_CHECKING:
 MAX_HOLD_TTL: Final = timedelta(days=1)
 DEFAULT_HOLD_TTL: Final = timedelta(minutes=10)
 MAX_HISTORY_PAGE: Final = 1000
-_SESSION_HANDLE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 _TYPES: Final = frozenset(TransactionType.__args__)  # type: ignore[attr-defined]
 _UNSET: Any = object()
 
@@ -136,7 +141,7 @@ SQL: Final = {
          ORDER BY sequence_number DESC
          LIMIT $4""",
     "transaction": f"SELECT {TX_COLUMNS} FROM credit_transactions WHERE id = $1 AND user_id = $2",
-    "hold": f"SELECT {HOLD_COLUMNS} FROM credit_holds WHERE id = $1",
+    "hold": f"SELECT {HOLD_COLUMNS} FROM credit_holds WHERE id = $1 AND user_id = $2",
     "holds": f"""
         SELECT {HOLD_COLUMNS} FROM credit_holds
          WHERE user_id = $1 AND ($2::text IS NULL OR status = $2)
@@ -199,43 +204,8 @@ def _hold(row: asyncpg.Record) -> Hold:
     return Hold.model_validate(dict(row))
 
 
-def _storable(value: str) -> bool:
-    """PostgreSQL text holds no NUL and only encodable characters. Checked here, per call: in
-    a batch (``_deduct_many``) one caller's unsendable string would fail every item's bind."""
-    if "\x00" in value:
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:  # a lone surrogate
-        return False
-    return True
-
-
-def _text(value: Any, what: str, *, max_length: int = 1000, required: bool = True) -> str | None:
-    if value is None and not required:
-        return None
-    if (not isinstance(value, str) or len(value) > max_length
-            or (required and not value.strip()) or not _storable(value)):
-        raise InvalidInput(f"{what} must be a non-empty string of at most {max_length}"
-                           " characters", field=what)
-    return value
-
-
-def _key(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not _storable(value):
-        raise InvalidInput("idempotency_key must be a string of 1 to 255 characters",
-                           field="idempotency_key")
-    return value
-
-
 def _handle(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not _SESSION_HANDLE.fullmatch(value):
-        raise InvalidIdentifier("session_id is not a valid session handle", field="session_id")
-    return value
+    return None if value is None else parse_session_handle(value)
 
 
 class CreditManager:
@@ -277,13 +247,14 @@ class CreditManager:
         user_id: uuid.UUID | str,
         claude_cost_usd: Decimal,
         *,
-        session_row_id: uuid.UUID | None,
+        session_id: uuid.UUID | str | None,
         description: str,
         idempotency_key: str | None = None,
     ) -> CreditTransaction:
         """Charge ``claude_cost_usd`` x markup inside a transaction the caller already holds.
 
-        ``conn`` must be a ``user_transaction`` of ``user_id`` (or of an admin). Admin and
+        ``conn`` must be a ``user_transaction`` of ``user_id`` (or of an admin); ``session_id``
+        is the session's row id (``AgentSession.id``), or None. Admin and
         unlimited accounts get an ``admin_bypass`` row (amount 0, balance unchanged, cost kept).
         Raises InsufficientCredits, SpendingLimitExceeded, SessionBudgetExceeded, NotFound
         (unknown user or session, or someone else's), IdempotencyConflict or InvalidAmount.
@@ -291,10 +262,10 @@ class CreditManager:
         in a savepoint (``async with conn.transaction():``) to carry on after a refusal.
         """
         uid = parse_uuid(user_id, "user_id")
-        session = None if session_row_id is None else parse_uuid(session_row_id, "session_row_id")
+        session = None if session_id is None else parse_uuid(session_id, "session_id")
         cost = parse_money(claude_cost_usd, "claude_cost_usd")
-        text = _text(description, "description")
-        key = _key(idempotency_key)
+        text = parse_text(description, "description")
+        key = parse_idempotency_key(idempotency_key)
         with translating():
             row = await conn.fetchrow(SQL["deduct"], uid, cost, session, None, text, key)
         return _tx(row)
@@ -303,23 +274,23 @@ class CreditManager:
         self,
         user_id: uuid.UUID | str,
         claude_cost_usd: Decimal,
-        session_id: str | None,
+        session_handle: str | None,
         description: str,
         *,
         idempotency_key: str | None = None,
     ) -> CreditTransaction:
         """Charge a model call: ``amount`` = -(cost x markup). See :meth:`deduct_in`.
 
-        ``session_id`` is the session's handle (``agent_sessions.session_id``), or None.
+        ``session_handle`` is the session's handle (``AgentSession.session_handle``), or None.
         One round trip: the function call is the whole (implicit) transaction, acting as
         ``user_id`` (``KeenDatabase.user_call``).
         """
         item = _Deduction(
             parse_uuid(user_id, "user_id"),
             parse_money(claude_cost_usd, "claude_cost_usd"),
-            _handle(session_id),
-            _text(description, "description"),
-            _key(idempotency_key),
+            _handle(session_handle),
+            parse_text(description, "description"),
+            parse_idempotency_key(idempotency_key),
         )
         if self._deductions is None:
             return await self._deduct_one(item)
@@ -385,25 +356,26 @@ class CreditManager:
     async def reserve(
         self,
         user_id: uuid.UUID | str,
-        estimated_claude_cost: Decimal,
+        claude_cost_usd: Decimal,
         *,
-        session_id: str | None = None,
+        session_handle: str | None = None,
         ttl: timedelta = DEFAULT_HOLD_TTL,
         description: str = "model call",
         idempotency_key: str | None = None,
     ) -> Hold:
-        """Reserve estimated cost x markup from the available balance until settled/released.
+        """Reserve the estimated ``claude_cost_usd`` x markup from the available balance until
+        settled or released.
 
         Checked like a deduction (balance, spending limits, session budget); active holds count
         as spent for the limits. Expires after ``ttl`` (at most a day) unless settled first.
         """
         uid = parse_uuid(user_id, "user_id")
-        cost = parse_money(estimated_claude_cost, "estimated_claude_cost")
-        handle = _handle(session_id)
+        cost = parse_money(claude_cost_usd, "claude_cost_usd")
+        handle = _handle(session_handle)
         if not isinstance(ttl, timedelta) or not timedelta(0) < ttl <= MAX_HOLD_TTL:
             raise InvalidInput("ttl must be a timedelta between 0 and 1 day", field="ttl")
-        text = _text(description, "description")
-        key = _key(idempotency_key)
+        text = parse_text(description, "description")
+        key = parse_idempotency_key(idempotency_key)
         async with self._db.user_transaction(uid) as conn:
             row = await conn.fetchrow(SQL["reserve"], uid, cost, None, handle, ttl, text, key)
         return _hold(row)
@@ -411,12 +383,12 @@ class CreditManager:
     async def settle(
         self,
         hold: Hold | uuid.UUID | str,
-        actual_claude_cost: Decimal,
+        claude_cost_usd: Decimal,
         *,
         description: str | None = None,
         actor_id: uuid.UUID | str | None = None,
     ) -> CreditTransaction:
-        """Charge the actual cost (at the hold's markup) and free the rest of the hold.
+        """Charge the actual ``claude_cost_usd`` and free the rest of the hold.
 
         Idempotent: settling again with the same cost returns the same transaction (another
         cost raises IdempotencyConflict). Up to the reserved credits it always succeeds. Above
@@ -425,8 +397,8 @@ class CreditManager:
         HoldNotActive (the sweep frees it).
         """
         hold_id, actor = _hold_actor(hold, actor_id)
-        cost = parse_money(actual_claude_cost, "actual_claude_cost")
-        text = _text(description, "description", required=False)
+        cost = parse_money(claude_cost_usd, "claude_cost_usd")
+        text = parse_text(description, "description", required=False)
         async with self._db.user_transaction(actor) as conn:
             row = await conn.fetchrow(SQL["settle"], hold_id, cost, text)
         return _tx(row)
@@ -446,28 +418,37 @@ class CreditManager:
         A maintenance job (system transaction). Run it every few seconds to a minute; until it
         runs, an expired hold still counts against the available balance.
         """
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= 100_000:
-            raise InvalidInput("limit must be between 1 and 100000", field="limit")
+        limit = parse_count(limit, "limit", 100_000, minimum=1)
         async with self._db.system_transaction() as conn:
             return int(await conn.fetchval(SQL["expire_holds"], limit))
 
     async def get_hold(
-        self, hold_id: uuid.UUID | str, *, actor_id: uuid.UUID | str
+        self,
+        user_id: uuid.UUID | str,
+        hold_id: uuid.UUID | str,
+        *,
+        actor_id: uuid.UUID | str | None = None,
     ) -> Hold:
+        uid = parse_uuid(user_id, "user_id")
         hid = parse_uuid(hold_id, "hold_id")
-        async with self._db.user_transaction(actor_id) as conn:
-            row = await conn.fetchrow(SQL["hold"], hid)
+        async with self._db.user_transaction(actor_id or uid) as conn:
+            row = await conn.fetchrow(SQL["hold"], hid, uid)
         if row is None:
             raise NotFound("no such hold")
         return _hold(row)
 
     async def list_holds(
-        self, user_id: uuid.UUID | str, *, status: str | None = None, limit: int = 100
+        self,
+        user_id: uuid.UUID | str,
+        *,
+        status: str | None = None,
+        limit: int = 100,
+        actor_id: uuid.UUID | str | None = None,
     ) -> list[Hold]:
         uid = parse_uuid(user_id, "user_id")
         if status is not None and status not in ("active", "settled", "released", "expired"):
             raise InvalidInput(f"unknown hold status {status!r}", field="status")
-        async with self._db.user_transaction(uid) as conn:
+        async with self._db.user_transaction(actor_id or uid) as conn:
             rows = await conn.fetch(SQL["holds"], uid, status, _page(limit))
         return [_hold(r) for r in rows]
 
@@ -486,22 +467,26 @@ class CreditManager:
         return CreditBalance.model_validate(dict(row))
 
     async def validate_sufficient_credits(
-        self, user_id: uuid.UUID | str, required_claude_cost: Decimal
+        self,
+        user_id: uuid.UUID | str,
+        claude_cost_usd: Decimal,
+        *,
+        actor_id: uuid.UUID | str | None = None,
     ) -> CreditValidation:
-        """Would a call costing ``required_claude_cost`` be charged right now? (Read-only.)
+        """Would a call costing ``claude_cost_usd`` be charged right now? (Read-only.)
 
         Counts active holds and the spending limits. Only advice: the deduction itself checks
         again, atomically.
         """
         uid = parse_uuid(user_id, "user_id")
-        cost = parse_money(required_claude_cost, "required_claude_cost")
-        async with self._db.user_transaction(uid) as conn:
+        cost = parse_money(claude_cost_usd, "claude_cost_usd")
+        async with self._db.user_transaction(actor_id or uid) as conn:
             row = await conn.fetchrow(SQL["validate"], uid, cost)
         if row is None:
             raise NotFound("no credit account for this user")
         if row["required"] is None:
-            raise InvalidAmount("required_claude_cost x markup is out of range",
-                                field="required_claude_cost")
+            raise InvalidAmount("claude_cost_usd x markup is out of range",
+                                field="claude_cost_usd")
         unlimited = row["unlimited"]
         shortfall = Decimal(0) if unlimited else max(Decimal(0), row["required"] - row["available"])
         return CreditValidation(
@@ -510,7 +495,7 @@ class CreditManager:
             available_balance=row["available"],
             required=row["required"],
             shortfall=shortfall.quantize(MONEY_QUANTUM),
-            claude_cost=cost,
+            claude_cost_usd=cost,
             markup_multiplier=row["markup"],
             is_admin=row["is_admin"],
             unlimited=unlimited,
@@ -546,11 +531,15 @@ class CreditManager:
         return [_tx(r) for r in rows]
 
     async def get_transaction(
-        self, user_id: uuid.UUID | str, transaction_id: uuid.UUID | str
+        self,
+        user_id: uuid.UUID | str,
+        transaction_id: uuid.UUID | str,
+        *,
+        actor_id: uuid.UUID | str | None = None,
     ) -> CreditTransaction:
         uid = parse_uuid(user_id, "user_id")
         tid = parse_uuid(transaction_id, "transaction_id")
-        async with self._db.user_transaction(uid) as conn:
+        async with self._db.user_transaction(actor_id or uid) as conn:
             row = await conn.fetchrow(SQL["transaction"], tid, uid)
         if row is None:
             raise NotFound("no such transaction")
@@ -604,12 +593,17 @@ class CreditManager:
             return await self._balance(conn, uid)
 
     async def list_auto_recharge_requests(
-        self, user_id: uuid.UUID | str, *, status: str | None = None, limit: int = 100
+        self,
+        user_id: uuid.UUID | str,
+        *,
+        status: str | None = None,
+        limit: int = 100,
+        actor_id: uuid.UUID | str | None = None,
     ) -> list[AutoRechargeRequest]:
         uid = parse_uuid(user_id, "user_id")
         if status is not None and status not in ("requested", "fulfilled", "failed", "cancelled"):
             raise InvalidInput(f"unknown request status {status!r}", field="status")
-        async with self._db.user_transaction(uid) as conn:
+        async with self._db.user_transaction(actor_id or uid) as conn:
             rows = await conn.fetch(SQL["recharge_requests"], uid, status, _page(limit))
         return [AutoRechargeRequest.model_validate(dict(r)) for r in rows]
 
@@ -642,9 +636,7 @@ def _hold_actor(
 
 
 def _page(limit: Any) -> int:
-    if not isinstance(limit, int) or isinstance(limit, bool) or not 1 <= limit <= MAX_HISTORY_PAGE:
-        raise InvalidInput(f"limit must be between 1 and {MAX_HISTORY_PAGE}", field="limit")
-    return limit
+    return parse_count(limit, "limit", MAX_HISTORY_PAGE, minimum=1)
 
 
 def _limit(value: Any, what: str) -> Decimal | None:

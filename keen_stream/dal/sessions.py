@@ -1,10 +1,11 @@
 """Agent sessions: create, progress, end (with its charge), lists, trees, roll-ups, the sweep.
 
-Every method addresses a session by its handle (``session_id``, the string the agent core
-chose). Writes run as the owning user under RLS and also say ``user_id = $1``, so even an admin
-changes only their own sessions here; reads are filtered by RLS alone (a user sees their own
-sessions, an admin everyone's). The schema guards the rest (migration 0003): derived columns,
-the parent rule, the "ended is final" rule and monotonic counters hold whoever writes.
+Every method addresses a session by its handle (``session_handle``, the string the agent
+core chose; the schema's ``agent_sessions.session_id`` column). Writes run as the owning user
+under RLS and also say ``user_id = $1``, so even an admin changes only their own sessions
+here; reads are filtered by RLS alone (a user sees their own sessions, an admin everyone's).
+The schema guards the rest (migration 0003): derived columns, the parent rule, the "ended is
+final" rule and monotonic counters hold whoever writes.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import uuid
 from collections import defaultdict
 from datetime import timedelta
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Unpack
 
 import asyncpg
 
@@ -23,14 +24,21 @@ from keen_stream.dal.models.sessions import (
     STATUSES,
     AgentSession,
     SessionCompletion,
+    SessionCompletionFields,
     SessionCreate,
+    SessionCreateFields,
     SessionNode,
     SessionRollup,
     SessionTree,
     parse_paths,
-    parse_session_handle,
 )
-from keen_stream.dal.validation import build, parse_money, parse_uuid
+from keen_stream.dal.validation import (
+    build,
+    parse_count,
+    parse_money,
+    parse_session_handle,
+    parse_uuid,
+)
 from keen_stream.errors import InvalidInput, NotFound, SessionAlreadyEnded
 
 if TYPE_CHECKING:
@@ -143,15 +151,10 @@ SQL: Final = {
 
 
 def session_from_row(row: asyncpg.Record) -> AgentSession:
-    return AgentSession.model_validate(dict(row))
-
-
-def _count(value: Any, what: str, maximum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidInput(f"{what} must be an integer", field=what)
-    if not 0 <= value <= maximum:
-        raise InvalidInput(f"{what} must be between 0 and {maximum}", field=what)
-    return value
+    values = dict(row)
+    # The schema's column (the seed's name) is the caller's handle: session_handle in the API.
+    values["session_handle"] = values.pop("session_id")
+    return AgentSession.model_validate(values)
 
 
 class SessionDAO:
@@ -162,9 +165,12 @@ class SessionDAO:
 
     # --- commands ---------------------------------------------------------------------------
     async def create_session(
-        self, user_id: uuid.UUID | str, data: SessionCreate | None = None, **fields: Any
+        self,
+        user_id: uuid.UUID | str,
+        data: SessionCreate | None = None,
+        **fields: Unpack[SessionCreateFields],
     ) -> AgentSession:
-        """Start a session (a root, or a sub-agent under ``parent_session_id``).
+        """Start a session (a root, or a sub-agent under ``parent_session_handle``).
 
         The database sets ``session_depth`` (parent's + 1), ``root_session_id`` (a root's own
         id), and ``is_admin_session`` / ``bypass_credit_deduction`` from the owner's account.
@@ -177,8 +183,8 @@ class SessionDAO:
             row = await conn.fetchrow(
                 SQL["create"],
                 uid,
-                new.session_id,
-                new.parent_session_id,
+                new.session_handle,
+                new.parent_session_handle,
                 new.git_branch,
                 new.vision,
                 new.working_directory,
@@ -190,7 +196,7 @@ class SessionDAO:
     async def update_progress(
         self,
         user_id: uuid.UUID | str,
-        session_id: str,
+        session_handle: str,
         *,
         phase: str | None = None,
         iterations: int = 0,
@@ -206,29 +212,29 @@ class SessionDAO:
         Bumps ``last_activity_at``. Raises NotFound, SessionAlreadyEnded, InvalidInput.
         """
         uid = parse_uuid(user_id, "user_id")
-        handle = parse_session_handle(session_id)
+        handle = parse_session_handle(session_handle)
         if phase is not None and phase not in PHASES:
             raise InvalidInput(f"phase must be one of {', '.join(PHASES)}", field="phase")
         args = (
-            _count(iterations, "iterations", _INT_MAX),
-            _count(tool_calls, "tool_calls", _INT_MAX),
-            _count(tokens, "tokens", _BIGINT_MAX),
-            _count(context_tokens, "context_tokens", _BIGINT_MAX),
+            parse_count(iterations, "iterations", _INT_MAX),
+            parse_count(tool_calls, "tool_calls", _INT_MAX),
+            parse_count(tokens, "tokens", _BIGINT_MAX),
+            parse_count(context_tokens, "context_tokens", _BIGINT_MAX),
             parse_paths(files_created, "files_created"),
             parse_paths(files_modified, "files_modified"),
             parse_paths(files_deleted, "files_deleted"),
         )
         row = await self._db.tenant_call(uid, SQL["progress"], handle, phase, *args)
         if row is None:
-            raise NotFound("no such session", session_id=handle)
+            raise NotFound("no such session", session_handle=handle)
         return session_from_row(row)
 
     async def complete_session(
         self,
         user_id: uuid.UUID | str,
-        session_id: str,
+        session_handle: str,
         completion: SessionCompletion | None = None,
-        **fields: Any,
+        **fields: Unpack[SessionCompletionFields],
     ) -> AgentSession:
         """End a session as ``completed`` (``success=True``) or ``failed`` and charge its cost.
 
@@ -240,68 +246,68 @@ class SessionDAO:
         """
         done = build(SessionCompletion, completion, **fields)
         status = "completed" if done.success else "failed"
-        return await self._end(user_id, session_id, status, done)
+        return await self._end(user_id, session_handle, status, done)
 
     async def fail_session(
         self,
         user_id: uuid.UUID | str,
-        session_id: str,
+        session_handle: str,
         *,
         error_message: str,
-        claude_cost: Decimal | int | str = Decimal(0),
+        claude_cost_usd: Decimal | int | str = Decimal(0),
         completion_report: dict[str, Any] | None = None,
     ) -> AgentSession:
         """End a session as ``failed``, charging what it cost so far (see complete_session)."""
         done = build(
             SessionCompletion,
             success=False,
-            claude_cost=claude_cost,
+            claude_cost_usd=claude_cost_usd,
             error_message=error_message,
             completion_report=completion_report,
         )
-        return await self._end(user_id, session_id, "failed", done)
+        return await self._end(user_id, session_handle, "failed", done)
 
     async def cancel_session(
         self,
         user_id: uuid.UUID | str,
-        session_id: str,
+        session_handle: str,
         *,
-        claude_cost: Decimal | int | str = Decimal(0),
+        claude_cost_usd: Decimal | int | str = Decimal(0),
         reason: str | None = None,
     ) -> AgentSession:
         """End a session as ``cancelled``, charging what it cost so far (see complete_session)."""
         done = build(
-            SessionCompletion, success=False, claude_cost=claude_cost, error_message=reason
+            SessionCompletion, success=False, claude_cost_usd=claude_cost_usd, error_message=reason
         )
-        return await self._end(user_id, session_id, "cancelled", done)
+        return await self._end(user_id, session_handle, "cancelled", done)
 
     async def _end(
-        self, user_id: uuid.UUID | str, session_id: str, status: str, done: SessionCompletion
+        self, user_id: uuid.UUID | str, session_handle: str, status: str, done: SessionCompletion
     ) -> AgentSession:
         uid = parse_uuid(user_id, "user_id")
-        handle = parse_session_handle(session_id)
+        handle = parse_session_handle(session_handle)
         async with self._db.user_transaction(uid) as conn:
             row = await conn.fetchrow(SQL["lock_own"], uid, handle)
             if row is None:
-                raise NotFound("no such session", session_id=handle)
+                raise NotFound("no such session", session_handle=handle)
             if row["execution_status"] != "running":
                 stored = (row["execution_status"], row["success"], row["claude_cost_usd"])
-                if stored == (status, status == "completed", done.claude_cost):
+                if stored == (status, status == "completed", done.claude_cost_usd):
                     return session_from_row(row)
                 raise SessionAlreadyEnded(
                     f"session {handle} has already ended ({row['execution_status']})",
-                    session_id=handle,
+                    session_handle=handle,
                     status=row["execution_status"],
                 )
             credits = Decimal(0)
-            if done.claude_cost > 0:
+            if done.claude_cost_usd > 0:
                 # Keyed by the row id: even a path that skipped the lock above could not charge
                 # the same session's end twice.
                 charge = await self._db.credits.deduct_in(
                     conn,
                     uid,
-                    done.claude_cost,
-                    session_row_id=row["id"],
+                    done.claude_cost_usd,
+                    session_id=row["id"],
                     description=f"agent session {handle} ({status})",
                     idempotency_key=f"session-end:{row['id']}",
                 )
@@ -311,7 +317,7 @@ class SessionDAO:
                 row["id"],
                 status,
                 status == "completed",
-                done.claude_cost,
+                done.claude_cost_usd,
                 credits,
                 done.error_message,
                 done.completion_report,
@@ -324,7 +330,7 @@ class SessionDAO:
     async def set_budget(
         self,
         user_id: uuid.UUID | str,
-        root_session_id: str,
+        root_session_handle: str,
         credit_budget: Decimal | int | str | None,
     ) -> AgentSession:
         """Cap the credits a root session's whole subtree may charge or hold (None: no cap).
@@ -333,7 +339,7 @@ class SessionDAO:
         running root session takes a budget, and never one below what it has already used.
         """
         uid = parse_uuid(user_id, "user_id")
-        handle = parse_session_handle(root_session_id, "root_session_id")
+        handle = parse_session_handle(root_session_handle, "root_session_handle")
         budget = None if credit_budget is None else parse_money(credit_budget, "credit_budget")
         async with self._db.user_transaction(uid) as conn:
             row = await conn.fetchrow(SQL["set_budget"], uid, handle, budget)
@@ -341,10 +347,10 @@ class SessionDAO:
                 return session_from_row(row)
             kind = await conn.fetchrow(SQL["own_kind"], uid, handle)
         if kind is None:
-            raise NotFound("no such session", session_id=handle)
+            raise NotFound("no such session", session_handle=handle)
         if not kind["is_root"]:
             raise InvalidInput(
-                "a budget can be set on a root session only", field="root_session_id"
+                "a budget can be set on a root session only", field="root_session_handle"
             )
         raise InvalidInput(
             f"credit_budget is below what the session has already used ({kind['budget_used']})",
@@ -352,14 +358,14 @@ class SessionDAO:
         )
 
     # --- queries ----------------------------------------------------------------------------
-    async def get_session(self, user_id: uuid.UUID | str, session_id: str) -> AgentSession:
+    async def get_session(self, user_id: uuid.UUID | str, session_handle: str) -> AgentSession:
         """A session as ``user_id`` sees it (their own; an admin any). NotFound otherwise."""
         uid = parse_uuid(user_id, "user_id")
-        handle = parse_session_handle(session_id)
+        handle = parse_session_handle(session_handle)
         async with self._db.user_transaction(uid) as conn:
             row = await conn.fetchrow(SQL["get"], handle)
         if row is None:
-            raise NotFound("no such session", session_id=handle)
+            raise NotFound("no such session", session_handle=handle)
         return session_from_row(row)
 
     async def get_user_sessions(
@@ -378,16 +384,14 @@ class SessionDAO:
         uid = parse_uuid(user_id, "user_id")
         if status is not None and status not in STATUSES:
             raise InvalidInput(f"status must be one of {', '.join(STATUSES)}", field="status")
-        limit = _count(limit, "limit", MAX_PAGE)
-        if limit == 0:
-            raise InvalidInput("limit must be at least 1", field="limit")
+        limit = parse_count(limit, "limit", MAX_PAGE, minimum=1)
         cursor = None if before is None else parse_session_handle(before, "before")
         async with self._db.user_transaction(uid) as conn:
             bound: tuple[Any, Any] = (None, None)
             if cursor is not None:
                 found = await conn.fetchrow(SQL["cursor"], cursor)
                 if found is None:
-                    raise NotFound("no such session", session_id=cursor)
+                    raise NotFound("no such session", session_handle=cursor)
                 bound = (found["start_time"], found["id"])
             # Two statements instead of "user_id = $1 OR is_admin": each keeps its own index.
             if await conn.fetchval(SQL["is_admin"]):
@@ -397,32 +401,32 @@ class SessionDAO:
         return [session_from_row(r) for r in rows]
 
     async def get_session_tree(
-        self, user_id: uuid.UUID | str, root_session_id: str
+        self, user_id: uuid.UUID | str, root_session_handle: str
     ) -> SessionTree:
         """A session and all its descendants (recursive CTE), nested, with exact totals."""
         uid = parse_uuid(user_id, "user_id")
-        handle = parse_session_handle(root_session_id, "root_session_id")
+        handle = parse_session_handle(root_session_handle, "root_session_handle")
         async with self._db.user_transaction(uid) as conn:
             rows = await conn.fetch(SQL["tree"], handle)
         if not rows:
-            raise NotFound("no such session", session_id=handle)
+            raise NotFound("no such session", session_handle=handle)
         sessions = [session_from_row(r) for r in rows]
         return SessionTree(root=_nest(sessions), rollup=_rollup(sessions))
 
     async def get_tree_rollup(
-        self, user_id: uuid.UUID | str, root_session_id: str
+        self, user_id: uuid.UUID | str, root_session_handle: str
     ) -> SessionRollup:
         """The subtree totals only, summed by the database (one row back, however big)."""
         uid = parse_uuid(user_id, "user_id")
-        handle = parse_session_handle(root_session_id, "root_session_id")
+        handle = parse_session_handle(root_session_handle, "root_session_handle")
         async with self._db.user_transaction(uid) as conn:
             row = await conn.fetchrow(SQL["rollup"], handle)
         if row is None or row["sessions"] == 0:
-            raise NotFound("no such session", session_id=handle)
+            raise NotFound("no such session", session_handle=handle)
         values = dict(row)
         for key in ("tokens_used", "context_tokens_used", "iteration_count", "tool_calls_count"):
             values[key] = int(values[key])  # sum(bigint) is numeric
-        return SessionRollup(session_id=handle, **values)
+        return SessionRollup(session_handle=handle, **values)
 
     # --- maintenance ------------------------------------------------------------------------
     async def sweep_timed_out(
@@ -438,7 +442,7 @@ class SessionDAO:
             older_than = timedelta(seconds=self._db.settings.session_idle_timeout)
         if not isinstance(older_than, timedelta) or older_than <= timedelta(0):
             raise InvalidInput("older_than must be a positive timedelta", field="older_than")
-        limit = _count(limit, "limit", 100_000)
+        limit = parse_count(limit, "limit", 100_000)
         message = f"no activity for {older_than}"
         async with self._db.system_transaction() as conn:
             rows = await conn.fetch(SQL["sweep"], older_than, message, limit)
@@ -465,7 +469,7 @@ def _rollup(sessions: list[AgentSession]) -> SessionRollup:
         by_status[s.execution_status] += 1
     depths = [s.session_depth for s in sessions]
     return SessionRollup(
-        session_id=top.session_id,
+        session_handle=top.session_handle,
         sessions=len(sessions),
         running=by_status["running"],
         completed=by_status["completed"],

@@ -18,8 +18,7 @@ import asyncpg
 from pydantic import SecretStr
 
 from keen_stream.dal.models.users import AuthToken, IPAddress, IssuedToken, TokenInfo, TokenType
-from keen_stream.dal.users import parse_ip
-from keen_stream.dal.validation import parse_uuid
+from keen_stream.dal.validation import parse_ip, parse_text, parse_uuid
 from keen_stream.errors import (
     AccountInactive,
     InvalidInput,
@@ -129,8 +128,7 @@ class TokenDAO:
         if token_type not in PREFIXES:
             raise InvalidInput(f"unknown token type {token_type!r}", field="token_type")
         scope_list = _check_scopes(scopes)
-        if name is not None and (not isinstance(name, str) or len(name) > 255 or "\x00" in name):
-            raise InvalidInput("invalid token name", field="name")
+        name = parse_text(name, "name", max_length=255, required=False)
         if user_agent is not None:
             # A header value: keep what fits, drop what PostgreSQL text cannot hold.
             user_agent = str(user_agent).replace("\x00", "")[:1024]

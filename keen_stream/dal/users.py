@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from functools import cached_property
-from ipaddress import ip_address
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Unpack
 
 import asyncpg
 from argon2 import PasswordHasher
@@ -17,9 +16,11 @@ from keen_stream.dal.models.users import (
     IPAddress,
     User,
     UserCreate,
+    UserCreateFields,
+    UserProfileFields,
     UserProfileUpdate,
 )
-from keen_stream.dal.validation import build, parse_uuid
+from keen_stream.dal.validation import build, parse_ip, parse_uuid
 from keen_stream.errors import (
     AccountInactive,
     InvalidCredentials,
@@ -103,7 +104,9 @@ class UserDAO:
         return await asyncio.to_thread(verify)
 
     # --- commands ---------------------------------------------------------------------------
-    async def create(self, data: UserCreate | None = None, **fields: Any) -> User:
+    async def create(
+        self, data: UserCreate | None = None, **fields: Unpack[UserCreateFields]
+    ) -> User:
         """Register a user (and their empty credit account). Raises DuplicateEmail/Username."""
         new = build(UserCreate, data, **fields)
         return await self._insert(new, role="user", admin_privileges={}, email_verified=False)
@@ -176,7 +179,7 @@ class UserDAO:
         update: UserProfileUpdate | None = None,
         *,
         actor_id: uuid.UUID | str | None = None,
-        **fields: Any,
+        **fields: Unpack[UserProfileFields],
     ) -> User:
         """Change profile fields; ``preferences`` is merged into the stored object."""
         change = build(UserProfileUpdate, update, **fields)
@@ -195,7 +198,7 @@ class UserDAO:
         return user_from_row(row)
 
     async def set_account_status(
-        self, actor_id: uuid.UUID | str, user_id: uuid.UUID | str, status: str
+        self, user_id: uuid.UUID | str, status: str, *, actor_id: uuid.UUID | str
     ) -> User:
         """Admins only (enforced by the database): suspend, reactivate, deactivate a user."""
         if status not in _STATUSES:
@@ -228,15 +231,6 @@ class UserDAO:
         if row is None:
             raise NotFound("no such user")
         return user_from_row(row)
-
-
-def parse_ip(value: IPAddress | str | None) -> str | None:
-    if value is None:
-        return None
-    try:
-        return str(ip_address(str(value)))
-    except ValueError:
-        raise InvalidInput("invalid IP address", field="ip") from None
 
 
 # The seed's super-admin. The password is never here: it comes from KEEN_ADMIN_PASSWORD or a

@@ -1,10 +1,16 @@
-"""Pure input checks shared by the DAOs: identifiers and money. No database here."""
+"""Pure input checks shared by the DAOs: identifiers, counts, text, addresses, money.
+
+Every check raises a typed :class:`~keen_stream.errors.InvalidInput` naming the argument
+(``field``). No database here.
+"""
 
 from __future__ import annotations
 
+import re
 import uuid
 from decimal import Decimal, InvalidOperation
-from typing import Any, TypeVar
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any, Final, TypeVar
 
 from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
@@ -32,6 +38,73 @@ def parse_uuid(value: Any, what: str = "id") -> uuid.UUID:
         except ValueError:
             pass
     raise InvalidIdentifier(f"{what} is not a valid UUID", field=what)
+
+
+#: A session handle: the agent core's own string id for a session (``session_handle``).
+SESSION_HANDLE_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
+_SESSION_HANDLE: Final = re.compile(SESSION_HANDLE_PATTERN)
+
+
+def parse_session_handle(value: Any, what: str = "session_handle") -> str:
+    """A session handle, or :class:`InvalidIdentifier`."""
+    if isinstance(value, str) and _SESSION_HANDLE.fullmatch(value):
+        return value
+    raise InvalidIdentifier(f"{what} must match {SESSION_HANDLE_PATTERN}", field=what)
+
+
+def parse_count(value: Any, what: str, maximum: int, *, minimum: int = 0) -> int:
+    """An int from ``minimum`` to ``maximum`` (a bool is not a count), or InvalidInput."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidInput(f"{what} must be an integer", field=what)
+    if not minimum <= value <= maximum:
+        raise InvalidInput(f"{what} must be between {minimum} and {maximum}", field=what)
+    return value
+
+
+def storable(value: str) -> bool:
+    """Whether PostgreSQL text can hold ``value``: no NUL, and only encodable characters (a
+    lone surrogate, which JSON can carry, is not)."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def parse_text(
+    value: Any, what: str, *, max_length: int = 1000, required: bool = True
+) -> str | None:
+    """Text PostgreSQL can store, at most ``max_length`` characters; None only if not
+    ``required``; a required one must not be blank."""
+    if value is None and not required:
+        return None
+    if (not isinstance(value, str) or len(value) > max_length
+            or (required and not value.strip()) or not storable(value)):
+        raise InvalidInput(f"{what} must be a non-empty string of at most {max_length}"
+                           " characters", field=what)
+    return value
+
+
+def parse_idempotency_key(value: Any) -> str | None:
+    """An idempotency key (1 to 255 storable characters), or None."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= 255 or not storable(value):
+        raise InvalidInput("idempotency_key must be a string of 1 to 255 characters",
+                           field="idempotency_key")
+    return value
+
+
+def parse_ip(value: IPv4Address | IPv6Address | str | None, what: str = "ip") -> str | None:
+    """An IP address in its canonical text form, or None."""
+    if value is None:
+        return None
+    try:
+        return str(ip_address(str(value)))
+    except ValueError:
+        raise InvalidInput("invalid IP address", field=what) from None
 
 
 def parse_money(
@@ -86,6 +159,8 @@ def parse_markup(value: Any) -> Decimal:
 def build(model: type[M], data: M | None = None, **fields: Any) -> M:
     """``data`` if given, else ``model(**fields)``; pydantic's errors become InvalidInput."""
     if data is not None:
+        if fields:
+            raise InvalidInput(f"pass a {model.__name__} or its fields, not both")
         if not isinstance(data, model):
             raise InvalidInput(f"expected {model.__name__}, got {type(data).__name__}")
         return data

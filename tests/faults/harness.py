@@ -437,7 +437,7 @@ class Writer:
         """Start a root session for ``user_id`` (kept open by default); returns its row id."""
         handle = self._handle(user_id)
         session = await self.db.sessions.create_session(
-            user_id, session_id=handle, vision="fault test", working_directory="/w",
+            user_id, session_handle=handle, vision="fault test", working_directory="/w",
             git_branch="main",
         )
         self._open[user_id].append(_OpenSession(handle, 0, keep))
@@ -526,15 +526,15 @@ class Writer:
             # a later progress report on it would only fail again.
             sessions.remove(target)
             await db.sessions.complete_session(
-                user_id, target.handle, success=rng.random() < 0.8, claude_cost=self.COST * 2
+                user_id, target.handle, success=rng.random() < 0.8, claude_cost_usd=self.COST * 2
             )
         elif op == "spawn":
             parents = [s for s in sessions if s.depth < self.max_depth]
             parent = rng.choice(parents or sessions)
             handle = self._handle(user_id)
             await db.sessions.create_session(
-                user_id, session_id=handle, vision="sub-agent", working_directory="/w",
-                git_branch="main", parent_session_id=parent.handle,
+                user_id, session_handle=handle, vision="sub-agent", working_directory="/w",
+                git_branch="main", parent_session_handle=parent.handle,
             )
             sessions.append(_OpenSession(handle, parent.depth + 1, False))
         elif op == "deduct":

@@ -70,11 +70,11 @@ class Workload:
         session = f"s{n}"
 
         async def session_life() -> None:
-            await db.sessions.create_session(uid, session_id=session, vision="v",
+            await db.sessions.create_session(uid, session_handle=session, vision="v",
                                              working_directory="/w", git_branch="main")
             await db.sessions.update_progress(uid, session, iterations=1, tool_calls=2)
             await db.sessions.complete_session(uid, session, success=True,
-                                               claude_cost=Decimal("0.001"))
+                                               claude_cost_usd=Decimal("0.001"))
 
         async def hold() -> None:
             held = await db.credits.reserve(uid, Decimal("0.002"))
@@ -113,7 +113,7 @@ class Workload:
             ("connections.flush", lambda: db.connections.flush(ConnectionBatch(opened=(opened,)))),
             ("connections.heartbeat", lambda: db.connections.heartbeat(self.node)),
             ("connections.list_for_user", lambda: db.connections.list_for_user(uid)),
-            ("analytics.admin", lambda: db.analytics.get_admin_analytics(self.admin.id)),
+            ("analytics.admin", lambda: db.analytics.get_admin_analytics(actor_id=self.admin.id)),
             ("analytics.rollup", lambda: db.analytics.rollup_daily(date.today())),
             ("events.connect_reader", reader),
             ("check_role_safety", db.check_role_safety),

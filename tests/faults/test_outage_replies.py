@@ -32,7 +32,7 @@ async def hub_with_user(dsn: str) -> AsyncIterator[tuple[KeenDatabase, Hub, uuid
             email="outage@example.com", username="outage", password=PASSWORD
         )
         await db.sessions.create_session(
-            user.id, session_id="s1", vision="v", working_directory="/w", git_branch="main"
+            user.id, session_handle="s1", vision="v", working_directory="/w", git_branch="main"
         )
         async with running_hub(dsn, **FAST_FAILURE) as hub:
             yield db, hub, user.id

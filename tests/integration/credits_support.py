@@ -59,9 +59,9 @@ async def make_session(
     )
 
 
-async def budget_used(owner_conn: asyncpg.Connection, session_row_id: uuid.UUID) -> Decimal:
+async def budget_used(owner_conn: asyncpg.Connection, session_id: uuid.UUID) -> Decimal:
     value = await owner_conn.fetchval(
-        "SELECT budget_used FROM agent_sessions WHERE id = $1", session_row_id
+        "SELECT budget_used FROM agent_sessions WHERE id = $1", session_id
     )
     return Decimal(value)
 

@@ -14,8 +14,8 @@ from keen_stream.errors import InsufficientPrivileges, InvalidInput
 
 
 def new(session_id: str, parent: str | None = None) -> SessionCreate:
-    return SessionCreate(session_id=session_id, vision="v", working_directory="/w",
-                         git_branch="main", parent_session_id=parent)
+    return SessionCreate(session_handle=session_id, vision="v", working_directory="/w",
+                         git_branch="main", parent_session_handle=parent)
 
 
 async def set_outcome(owner_conn: asyncpg.Connection, handle: str, status: str, usd: str,
@@ -45,11 +45,11 @@ async def test_analytics_accessible_only_to_admin_users(
     db: KeenDatabase, admin: User, alice: User
 ) -> None:
     # The seed's "analytics accessible only to admin users", ported.
-    result = await db.analytics.get_admin_analytics(admin.id)
+    result = await db.analytics.get_admin_analytics(actor_id=admin.id)
     assert result.user_metrics is not None
     assert result.cost_analysis is not None
     with pytest.raises(InsufficientPrivileges, match="Insufficient privileges"):
-        await db.analytics.get_admin_analytics(alice.id)
+        await db.analytics.get_admin_analytics(actor_id=alice.id)
 
 
 async def test_view_all_analytics_privilege_and_inactive_admins(
@@ -61,15 +61,15 @@ async def test_view_all_analytics_privilege_and_inactive_admins(
     await owner_conn.execute(
         """UPDATE users SET admin_privileges = '{"view_all_analytics": "yes"}' WHERE id = $1""",
         bob.id)
-    assert (await db.analytics.get_admin_analytics(alice.id, "week")).time_range == "week"
+    assert (await db.analytics.get_admin_analytics("week", actor_id=alice.id)).time_range == "week"
     with pytest.raises(InsufficientPrivileges):
-        await db.analytics.get_admin_analytics(bob.id)
+        await db.analytics.get_admin_analytics(actor_id=bob.id)
     await owner_conn.execute(
         "UPDATE users SET account_status = 'suspended' WHERE id = $1", admin.id)
     with pytest.raises(InsufficientPrivileges):
-        await db.analytics.get_admin_analytics(admin.id)
+        await db.analytics.get_admin_analytics(actor_id=admin.id)
     with pytest.raises(InsufficientPrivileges):
-        await db.analytics.get_admin_analytics("00000000-0000-0000-0000-000000000000")
+        await db.analytics.get_admin_analytics(actor_id="00000000-0000-0000-0000-000000000000")
 
 
 async def test_a_tenant_cannot_reach_the_aggregates_around_the_check(
@@ -107,7 +107,7 @@ async def test_sums_are_not_multiplied_by_the_other_tables_rows(
     await db.billing.purchase(bob.id, Decimal("10"), description="top-up")
     await backdate_ledger(owner_conn, bob, days=3)
 
-    day = await db.analytics.get_admin_analytics(admin.id, "day")
+    day = await db.analytics.get_admin_analytics("day", actor_id=admin.id)
     s, c, r, x = day.session_metrics, day.cost_analysis, day.recursion_metrics, day.context_usage
     assert day.user_metrics.total_users == 3
     assert day.user_metrics.new_users == 3
@@ -127,20 +127,20 @@ async def test_sums_are_not_multiplied_by_the_other_tables_rows(
     for value in (c.total_claude_costs, c.total_credit_revenue, c.credits_purchased):
         assert isinstance(value, Decimal)
 
-    week = await db.analytics.get_admin_analytics(admin.id, "week")
+    week = await db.analytics.get_admin_analytics("week", actor_id=admin.id)
     assert week.cost_analysis.credits_purchased == Decimal("160.25")
     assert week.session_metrics.total_sessions == 4
 
 
 async def test_empty_platform_gives_zeros_not_errors(db: KeenDatabase, admin: User) -> None:
-    result = await db.analytics.get_admin_analytics(admin.id, "month")
+    result = await db.analytics.get_admin_analytics("month", actor_id=admin.id)
     assert result.session_metrics.total_sessions == 0
     assert result.cost_analysis.total_claude_costs == Decimal(0)
     assert result.cost_analysis.markup_effectiveness is None
     assert result.context_usage.context_utilization_rate is None
     assert result.recursion_metrics.max_recursion_depth is None
     with pytest.raises(InvalidInput):
-        await db.analytics.get_admin_analytics(admin.id, "year")  # type: ignore[arg-type]
+        await db.analytics.get_admin_analytics("year", actor_id=admin.id)  # type: ignore[arg-type]
 
 
 async def test_dashboard_refreshes_concurrently_and_is_admin_only(
@@ -149,14 +149,14 @@ async def test_dashboard_refreshes_concurrently_and_is_admin_only(
     await db.sessions.create_session(alice.id, new("d1"))
     await db.sessions.create_session(alice.id, new("d2"))
     await set_outcome(owner_conn, "d1", "completed", "1.25", "6.25", 100, 10)
-    assert await db.analytics.get_dashboard(admin.id) == []  # not refreshed yet
+    assert await db.analytics.get_dashboard(actor_id=admin.id) == []  # not refreshed yet
     await db.analytics.refresh_dashboard()
-    hours = await db.analytics.get_dashboard(admin.id)
+    hours = await db.analytics.get_dashboard(actor_id=admin.id)
     assert sum(h.sessions_started for h in hours) == 2
     assert sum(h.sessions_completed for h in hours) == 1
     assert sum((h.total_claude_costs for h in hours), Decimal(0)) == Decimal("1.25")
     with pytest.raises(InsufficientPrivileges):
-        await db.analytics.get_dashboard(alice.id)
+        await db.analytics.get_dashboard(actor_id=alice.id)
 
 
 async def test_daily_rollup_upserts_one_row_per_day(
@@ -179,9 +179,11 @@ async def test_daily_rollup_upserts_one_row_per_day(
     yesterday = await db.analytics.rollup_daily(today - timedelta(days=1))
     assert yesterday.total_sessions == 0
     assert await owner_conn.fetchval("SELECT count(*) FROM daily_analytics") == 2
-    rows = await db.analytics.get_daily_analytics(admin.id, today - timedelta(days=7), today)
+    rows = await db.analytics.get_daily_analytics(
+        today - timedelta(days=7), today, actor_id=admin.id
+    )
     assert [r.date_bucket for r in rows] == [today - timedelta(days=1), today]
     with pytest.raises(InsufficientPrivileges):
-        await db.analytics.get_daily_analytics(alice.id, today, today)
+        await db.analytics.get_daily_analytics(today, today, actor_id=alice.id)
     with pytest.raises(InvalidInput):
         await db.analytics.rollup_daily("2026-01-01")  # type: ignore[arg-type]

@@ -60,13 +60,13 @@ async def test_bad_amounts_everywhere(db, alice, admin, owner_conn, funded, amou
         )
     negative = isinstance(amount, Decimal) and amount.is_finite() and amount < 0
     if not negative:  # adjustments are signed
-        calls.append(lambda: db.billing.adjust(admin.id, alice.id, amount, reason="x"))
+        calls.append(lambda: db.billing.adjust(alice.id, amount, reason="x", actor_id=admin.id))
     for call in calls:
         with pytest.raises(error):
             await call()
     async with db.user_transaction(alice.id) as conn:
         with pytest.raises(error):
-            await db.credits.deduct_in(conn, alice.id, amount, session_row_id=None,
+            await db.credits.deduct_in(conn, alice.id, amount, session_id=None,
                                        description="x")
     assert await ledger_state(owner_conn) == funded["before"]
 
@@ -108,7 +108,7 @@ async def test_bad_or_unknown_session(db, alice, owner_conn, funded, handle, err
     with pytest.raises(error):
         await db.credits.deduct_credits(alice.id, D("1"), handle, "x")
     with pytest.raises(error):
-        await db.credits.reserve(alice.id, D("1"), session_id=handle)
+        await db.credits.reserve(alice.id, D("1"), session_handle=handle)
     assert await ledger_state(owner_conn) == funded["before"]
 
 
@@ -118,15 +118,15 @@ async def test_another_tenants_session_is_not_found(db, alice, bob, owner_conn, 
     with pytest.raises(NotFound):
         await db.credits.deduct_credits(alice.id, D("1"), bobs["session_id"], "x")
     with pytest.raises(NotFound):
-        await db.credits.reserve(alice.id, D("1"), session_id=bobs["session_id"])
+        await db.credits.reserve(alice.id, D("1"), session_handle=bobs["session_id"])
     async with db.user_transaction(alice.id) as conn:
         with pytest.raises(NotFound):
             async with conn.transaction():
-                await db.credits.deduct_in(conn, alice.id, D("1"), session_row_id=bobs["id"],
+                await db.credits.deduct_in(conn, alice.id, D("1"), session_id=bobs["id"],
                                            description="x")
         with pytest.raises(NotFound):
             async with conn.transaction():
-                await db.credits.deduct_in(conn, alice.id, D("1"), session_row_id=uuid.uuid4(),
+                await db.credits.deduct_in(conn, alice.id, D("1"), session_id=uuid.uuid4(),
                                            description="x")
     assert await ledger_state(owner_conn) == before
 

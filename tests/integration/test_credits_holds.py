@@ -61,7 +61,7 @@ async def test_settle_below_estimate_charges_actual_and_frees_the_rest(db, alice
     assert tx.claude_cost_usd == D("1.2") and tx.keen_markup_multiplier == D("5")
     balance = await db.credits.get_balance(alice.id)
     assert (balance.current, balance.held, balance.available) == (D("14"), 0, D("14"))
-    settled = await db.credits.get_hold(hold.id, actor_id=alice.id)
+    settled = await db.credits.get_hold(alice.id, hold.id)
     assert settled.status == "settled" and settled.settled_transaction_id == tx.id
     assert settled.settled_credits == D("6") and settled.resolved_at is not None
     await assert_no_leak(db, owner_conn, alice)
@@ -106,7 +106,7 @@ async def test_settle_above_estimate_that_does_not_fit_changes_nothing(db, alice
         await db.credits.settle(hold, D("4.2"))  # 21 credits: 16 more than held
     assert raised.value.details["required"] == D("16")
     assert await ledger_state(owner_conn) == before
-    assert (await db.credits.get_hold(hold.id, actor_id=alice.id)).status == "active"
+    assert (await db.credits.get_hold(alice.id, hold.id)).status == "active"
     # The caller may still settle within what was reserved.
     tx = await db.credits.settle(hold, D("1"))
     assert tx.amount == D("-5")
@@ -140,7 +140,7 @@ async def test_expired_holds_are_swept_and_cannot_be_settled(db, alice, owner_co
 
     assert await db.credits.expire_holds() == 1
     assert await db.credits.expire_holds() == 0
-    swept = await db.credits.get_hold(stale.id, actor_id=alice.id)
+    swept = await db.credits.get_hold(alice.id, stale.id)
     assert swept.status == "expired"
     assert (await db.credits.release(stale)).status == "expired"
     assert (await db.credits.get_balance(alice.id)).held == D("5")

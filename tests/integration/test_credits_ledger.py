@@ -69,7 +69,7 @@ async def test_regular_user_gets_5x_markup(db: KeenDatabase, alice: User):
 
 
 async def test_the_markup_is_the_servers_and_recorded(db, alice, admin):
-    await db.billing.set_markup(admin.id, D("2.50"), reason="a cheaper month")
+    await db.billing.set_markup(D("2.50"), reason="a cheaper month", actor_id=admin.id)
     await db.billing.purchase(alice.id, D("10"), description="buy")
     tx = await db.credits.deduct_credits(alice.id, D("0.000001"), None, "tie")
     # 0.0000025 rounds up to the micro-credit.
@@ -122,7 +122,7 @@ async def test_deduct_in_runs_inside_the_callers_transaction(db, alice, owner_co
     with pytest.raises(RuntimeError):
         async with db.user_transaction(alice.id) as conn:
             tx = await db.credits.deduct_in(
-                conn, alice.id, D("1"), session_row_id=None, description="inside"
+                conn, alice.id, D("1"), session_id=None, description="inside"
             )
             assert tx.amount == D("-5")
             raise RuntimeError("the caller rolls back")
@@ -133,7 +133,7 @@ async def test_deduct_in_runs_inside_the_callers_transaction(db, alice, owner_co
     ) == 0
 
     async with db.user_transaction(alice.id) as conn:
-        await db.credits.deduct_in(conn, alice.id, D("1"), session_row_id=None, description="x")
+        await db.credits.deduct_in(conn, alice.id, D("1"), session_id=None, description="x")
     assert (await account(owner_conn, alice))["current_balance"] == D("15")
 
 
@@ -142,7 +142,7 @@ async def test_deduct_in_raises_typed_errors_on_the_callers_connection(db, alice
         with pytest.raises(InsufficientCredits):
             async with conn.transaction():  # a savepoint lets the caller carry on
                 await db.credits.deduct_in(
-                    conn, alice.id, D("1"), session_row_id=None, description="x"
+                    conn, alice.id, D("1"), session_id=None, description="x"
                 )
         assert await conn.fetchval("SELECT 1") == 1
 
@@ -220,8 +220,12 @@ async def test_idempotent_purchase_refund_and_adjust(db, alice, admin, owner_con
     r1 = await db.billing.refund(alice.id, usage.id, reason="bad", idempotency_key="r")
     r2 = await db.billing.refund(alice.id, usage.id, reason="bad", idempotency_key="r")
     assert r1 == r2
-    a1 = await db.billing.adjust(admin.id, alice.id, D("3"), reason="fix", idempotency_key="a")
-    a2 = await db.billing.adjust(admin.id, alice.id, D("3"), reason="fix", idempotency_key="a")
+    a1 = await db.billing.adjust(
+        alice.id, D("3"), reason="fix", idempotency_key="a", actor_id=admin.id
+    )
+    a2 = await db.billing.adjust(
+        alice.id, D("3"), reason="fix", idempotency_key="a", actor_id=admin.id
+    )
     assert a1 == a2
     assert (await account(owner_conn, alice))["current_balance"] == D("23")
 
@@ -290,17 +294,17 @@ async def test_adjust_is_admin_only_and_signed(db, alice, bob, admin, owner_conn
     await fund(db, alice, "10")
     before = await ledger_state(owner_conn)
     with pytest.raises(InsufficientPrivileges):
-        await db.billing.adjust(bob.id, alice.id, D("5"), reason="gift to a friend")
+        await db.billing.adjust(alice.id, D("5"), reason="gift to a friend", actor_id=bob.id)
     with pytest.raises(InsufficientPrivileges):
-        await db.billing.adjust(alice.id, alice.id, D("5"), reason="gift to myself")
+        await db.billing.adjust(alice.id, D("5"), reason="gift to myself", actor_id=alice.id)
     assert await ledger_state(owner_conn) == before
 
-    up = await db.billing.adjust(admin.id, alice.id, D("2.5"), reason="goodwill")
-    down = await db.billing.adjust(admin.id, alice.id, D("-12.5"), reason="clawback")
+    up = await db.billing.adjust(alice.id, D("2.5"), reason="goodwill", actor_id=admin.id)
+    down = await db.billing.adjust(alice.id, D("-12.5"), reason="clawback", actor_id=admin.id)
     assert (up.amount, down.amount, down.balance_after) == (D("2.5"), D("-12.5"), D(0))
     assert down.metadata == {"admin_user_id": str(admin.id)}
     with pytest.raises(InsufficientCredits):
-        await db.billing.adjust(admin.id, alice.id, D("-0.000001"), reason="below zero")
+        await db.billing.adjust(alice.id, D("-0.000001"), reason="below zero", actor_id=admin.id)
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -464,7 +468,11 @@ async def test_a_user_cannot_read_another_users_ledger(db, alice, bob):
         await db.credits.get_balance(alice.id, actor_id=bob.id)
     assert await db.credits.get_transaction_history(alice.id, actor_id=bob.id) == []
     with pytest.raises(NotFound):
-        await db.credits.get_hold(hold.id, actor_id=bob.id)
+        await db.credits.get_hold(alice.id, hold.id, actor_id=bob.id)
+    with pytest.raises(NotFound):  # nor as their own
+        await db.credits.get_hold(bob.id, hold.id)
+    with pytest.raises(NotFound):
+        await db.credits.get_transaction(alice.id, hold.id, actor_id=bob.id)
 
 
 async def test_money_functions_refuse_another_users_account(db, alice, bob, owner_conn):

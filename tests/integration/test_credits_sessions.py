@@ -19,14 +19,14 @@ from tests.integration.credits_support import (
 D = Decimal
 
 
-async def test_a_charge_records_the_session_row_id(db, alice, owner_conn):
+async def test_a_charge_records_the_session_id(db, alice, owner_conn):
     await fund(db, alice, "100")
     session = await make_session(owner_conn, alice)
     tx = await db.credits.deduct_credits(alice.id, D("1"), session["session_id"], "call")
     assert tx.session_id == session["id"]
     async with db.user_transaction(alice.id) as conn:
         inside = await db.credits.deduct_in(
-            conn, alice.id, D("1"), session_row_id=session["id"], description="end"
+            conn, alice.id, D("1"), session_id=session["id"], description="end"
         )
     assert inside.session_id == session["id"]
 
@@ -38,7 +38,7 @@ async def test_an_unbudgeted_root_row_is_never_touched(db, alice, owner_conn):
     xmin = "SELECT xmin::text FROM agent_sessions WHERE id = $1"
     before = await owner_conn.fetchval(xmin, root["id"])
     await db.credits.deduct_credits(alice.id, D("1"), child["session_id"], "call")
-    hold = await db.credits.reserve(alice.id, D("1"), session_id=root["session_id"])
+    hold = await db.credits.reserve(alice.id, D("1"), session_handle=root["session_id"])
     await db.credits.settle(hold, D("0.5"))
     assert await owner_conn.fetchval(xmin, root["id"]) == before
     assert await budget_used(owner_conn, root["id"]) == 0
@@ -96,29 +96,29 @@ async def test_holds_take_and_give_back_budget(db, alice, owner_conn):
     root = await make_session(owner_conn, alice, budget="20")
     child = await make_session(owner_conn, alice, parent=root["id"])
 
-    low = await db.credits.reserve(alice.id, D("2"), session_id=child["session_id"])  # 10
+    low = await db.credits.reserve(alice.id, D("2"), session_handle=child["session_id"])  # 10
     assert low.budget_root_id == root["id"]
     assert await budget_used(owner_conn, root["id"]) == D("10")
     with pytest.raises(SessionBudgetExceeded):
-        await db.credits.reserve(alice.id, D("2.2"), session_id=root["session_id"])  # 11
+        await db.credits.reserve(alice.id, D("2.2"), session_handle=root["session_id"])  # 11
 
     await db.credits.settle(low, D("1"))  # 5 charged, 5 given back
     assert await budget_used(owner_conn, root["id"]) == D("5")
 
-    released = await db.credits.reserve(alice.id, D("1"), session_id=root["session_id"])
+    released = await db.credits.reserve(alice.id, D("1"), session_handle=root["session_id"])
     await db.credits.release(released)
     assert await budget_used(owner_conn, root["id"]) == D("5")
 
     expiring = await db.credits.reserve(
-        alice.id, D("1"), session_id=root["session_id"], ttl=timedelta(milliseconds=1)
+        alice.id, D("1"), session_handle=root["session_id"], ttl=timedelta(milliseconds=1)
     )
     assert await budget_used(owner_conn, root["id"]) == D("10")
     await asyncio.sleep(0.01)
     assert await db.credits.expire_holds() == 1
-    assert (await db.credits.get_hold(expiring.id, actor_id=alice.id)).status == "expired"
+    assert (await db.credits.get_hold(alice.id, expiring.id)).status == "expired"
     assert await budget_used(owner_conn, root["id"]) == D("5")
 
-    over = await db.credits.reserve(alice.id, D("1"), session_id=root["session_id"])  # 5
+    over = await db.credits.reserve(alice.id, D("1"), session_handle=root["session_id"])  # 5
     with pytest.raises(SessionBudgetExceeded):  # 16: the 11 above the hold must fit the budget
         await db.credits.settle(over, D("3.2"))
     await db.credits.settle(over, D("3"))  # 15: 10 above the hold, exactly the budget

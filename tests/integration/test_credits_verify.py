@@ -38,7 +38,7 @@ async def some_activity(db, alice, bob, admin) -> None:
     hold = await db.credits.reserve(alice.id, D("1"))
     await db.credits.settle(hold, D("0.4"))
     await db.credits.reserve(bob.id, D("0.5"))  # left active
-    await db.billing.adjust(admin.id, bob.id, D("-1"), reason="fix")
+    await db.billing.adjust(bob.id, D("-1"), reason="fix", actor_id=admin.id)
 
 
 def test_ledger_verify_is_registered():

@@ -128,7 +128,7 @@ async def test_a_temp_users_table_does_not_turn_a_charge_into_an_admin_bypass(
             "INSERT INTO pg_temp.users VALUES ($1, 'admin', true, 'active', 'UTC')", alice.id
         )
         tx = await db.credits.deduct_in(
-            conn, alice.id, D("200"), session_row_id=None, description="a $1,000 call"
+            conn, alice.id, D("200"), session_id=None, description="a $1,000 call"
         )
     assert (tx.transaction_type, tx.amount, tx.balance_after) == ("usage", D("-1000"), D(0))
     assert (await account(owner_conn, alice))["current_balance"] == 0
@@ -177,7 +177,7 @@ async def test_a_temp_audit_log_left_on_a_pooled_connection_swallows_no_admin_ch
     try:
         async with single.user_transaction(alice.id) as conn:
             await plant_temp_table(conn, "audit_log", AUDIT_LOG_COPY)
-        await single.users.set_account_status(admin.id, bob.id, "suspended")
+        await single.users.set_account_status(bob.id, "suspended", actor_id=admin.id)
     finally:
         await single.close()
     await _admin_change_is_audited(owner_conn, admin, bob)

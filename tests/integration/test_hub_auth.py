@@ -81,7 +81,7 @@ async def test_a_token_revoked_or_expiring_while_connected_ends_the_connection(
         assert await c.closed() == (4004, "token expired")
 
         c = await open_client(hub.url, await stream_token(db, alice.id))
-        await db.users.set_account_status(admin.id, alice.id, "suspended")
+        await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
         assert await c.closed() == (4006, "token inactive")
 
 
@@ -90,7 +90,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_keeps_working(
 ):
     async with running_hub(fresh_dsn) as hub:
         bobs = await db.sessions.create_session(
-            bob.id, session_id="bob-s", vision="v", working_directory="/w", git_branch="main"
+            bob.id, session_handle="bob-s", vision="v", working_directory="/w", git_branch="main"
         )
         c = await open_client(hub.url, await stream_token(db, alice.id))
         cases = [
@@ -124,7 +124,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_keeps_working(
         assert pong["id"] == "p1"
         await c.subscribe()
         await db.sessions.create_session(
-            alice.id, session_id="a-s", vision="v", working_directory="/w", git_branch="main"
+            alice.id, session_handle="a-s", vision="v", working_directory="/w", git_branch="main"
         )
         assert (await c.events(1))[0]["user_id"] == str(alice.id)
         assert hub.service.stats.frames_refused >= len(cases)
@@ -141,7 +141,7 @@ async def test_an_oversized_frame_closes_only_that_connection(db, fresh_dsn, ali
         code, _ = await big.closed()
         assert code == 1009
         await db.sessions.create_session(
-            alice.id, session_id="a-s", vision="v", working_directory="/w", git_branch="main"
+            alice.id, session_handle="a-s", vision="v", working_directory="/w", git_branch="main"
         )
         assert len(await other.events(1)) == 1
         await other.close()

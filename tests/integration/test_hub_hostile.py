@@ -88,7 +88,7 @@ async def metrics_text(hub: Hub) -> str:
 
 async def new_session(db: KeenDatabase, user: Any, key: str) -> Any:
     return await db.sessions.create_session(
-        user.id, session_id=key, vision="v", working_directory="/w", git_branch="main"
+        user.id, session_handle=key, vision="v", working_directory="/w", git_branch="main"
     )
 
 

@@ -27,7 +27,9 @@ async def test_hub_sweeps_idle_sessions_expires_holds_and_refreshes_the_dashboar
     await db.billing.purchase(alice.id, Decimal("50"), description="top-up")
     await db.sessions.create_session(
         alice.id,
-        SessionCreate(session_id="idle-one", vision="v", working_directory="/w", git_branch="m"),
+        SessionCreate(
+            session_handle="idle-one", vision="v", working_directory="/w", git_branch="m"
+        ),
     )
     await owner_conn.execute(
         "UPDATE agent_sessions SET last_activity_at = now() - interval '1 hour'"

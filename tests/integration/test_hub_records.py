@@ -23,7 +23,7 @@ from tests.integration.hubkit import open_client, running_hub, stream_token, wai
 
 async def new_session(db: KeenDatabase, user, key: str):
     return await db.sessions.create_session(
-        user.id, session_id=key, vision="v", working_directory="/w", git_branch="main"
+        user.id, session_handle=key, vision="v", working_directory="/w", git_branch="main"
     )
 
 

@@ -26,11 +26,11 @@ from tests.integration.hubkit import (
 async def new_session(db: KeenDatabase, user: User, key: str, parent: str | None = None):
     return await db.sessions.create_session(
         user.id,
-        session_id=key,
+        session_handle=key,
         vision="v",
         working_directory="/w",
         git_branch="main",
-        parent_session_id=parent,
+        parent_session_handle=parent,
     )
 
 

@@ -61,7 +61,8 @@ async def test_the_markup_is_the_servers_and_each_change_is_audited(
     hold = await db.credits.reserve(alice.id, D("1"))  # at 5.00
     assert await db.billing.get_markup() == D("5.00")
 
-    assert await db.billing.set_markup(admin.id, D("2.50"), reason="spring promotion") == D("2.50")
+    changed = await db.billing.set_markup(D("2.50"), reason="spring promotion", actor_id=admin.id)
+    assert changed == D("2.50")
     assert await db.billing.get_markup() == D("2.50")
     tx = await db.credits.deduct_credits(alice.id, D("0.000001"), None, "tie")
     assert (tx.amount, tx.keen_markup_multiplier) == (D("-0.000003"), D("2.50"))  # rounds up
@@ -86,7 +87,7 @@ async def test_only_an_admin_in_the_billing_context_changes_the_markup(
     db: KeenDatabase, alice: User, admin: User, owner_conn
 ):
     with pytest.raises(InsufficientPrivileges):
-        await db.billing.set_markup(alice.id, D("0.01"), reason="my own price")
+        await db.billing.set_markup(D("0.01"), reason="my own price", actor_id=alice.id)
     for query in (
         "UPDATE credit_pricing SET markup = 0.01",
         "SELECT keen_credit_set_markup(0.01, 'my own price')",
@@ -97,9 +98,9 @@ async def test_only_an_admin_in_the_billing_context_changes_the_markup(
                     await conn.execute(query)
     for bad in (D("0"), D("-1"), D("NaN"), D("100"), D("1.234"), 5.0, "five"):
         with pytest.raises(InvalidAmount):
-            await db.billing.set_markup(admin.id, bad, reason="bad")  # type: ignore[arg-type]
+            await db.billing.set_markup(bad, reason="bad", actor_id=admin.id)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput):
-        await db.billing.set_markup(admin.id, D("4"), reason=" ")
+        await db.billing.set_markup(D("4"), reason=" ", actor_id=admin.id)
     assert await db.billing.get_markup() == D("5.00")
     assert await owner_conn.fetchval(
         "SELECT count(*) FROM audit_log WHERE table_name = 'credit_pricing'"
@@ -170,13 +171,13 @@ async def test_adjustments_need_an_admin_actor_and_record_who(
     before = await ledger_state(owner_conn)
     for actor in (bob, alice):
         with pytest.raises(InsufficientPrivileges):
-            await db.billing.adjust(actor.id, alice.id, D("5"), reason="a gift")
+            await db.billing.adjust(alice.id, D("5"), reason="a gift", actor_id=actor.id)
     with pytest.raises(InsufficientPrivileges):  # the billing context, nobody acting
         async with db.billing_transaction() as conn:
             await conn.fetchrow("SELECT id FROM keen_credit_adjust($1, 5, 'x', NULL)", alice.id)
     assert await ledger_state(owner_conn) == before
 
-    up = await db.billing.adjust(admin.id, alice.id, D("2.5"), reason="goodwill")
+    up = await db.billing.adjust(alice.id, D("2.5"), reason="goodwill", actor_id=admin.id)
     assert up.metadata == {"admin_user_id": str(admin.id)} and up.balance_after == D("12.5")
 
 

@@ -28,11 +28,11 @@ from tests.conftest import make_settings
 
 def new(session_id: str, parent: str | None = None, **extra: object) -> SessionCreate:
     return SessionCreate(
-        session_id=session_id,
+        session_handle=session_id,
         vision=f"vision of {session_id}",
         working_directory="/tmp/work",
         git_branch="main",
-        parent_session_id=parent,
+        parent_session_handle=parent,
         **extra,  # type: ignore[arg-type]
     )
 
@@ -76,7 +76,7 @@ async def test_admin_flags_come_from_the_database_not_the_caller(
 ) -> None:
     with pytest.raises(InvalidInput):
         await db.sessions.create_session(
-            alice.id, session_id="x", vision="v", working_directory="/w", git_branch="main",
+            alice.id, session_handle="x", vision="v", working_directory="/w", git_branch="main",
             is_admin_session=True,
         )
     # keen_app cannot write the flags even with raw SQL: the columns are not granted.
@@ -125,7 +125,7 @@ async def test_reused_session_id_is_a_conflict(
     await db.sessions.create_session(alice.id, new("dup"))
     with pytest.raises(SessionExists) as err:
         await db.sessions.create_session(alice.id, new("dup"))
-    assert err.value.details["session_id"] == "dup"
+    assert err.value.session_handle == "dup"
     # Handles are global (the seed's UNIQUE): another user cannot take it either.
     with pytest.raises(SessionExists):
         await db.sessions.create_session(bob.id, new("dup"))
@@ -341,7 +341,7 @@ async def test_a_user_cannot_change_another_users_session(
     attempts = [
         lambda: db.sessions.update_progress(alice.id, "bobs", iterations=1),
         lambda: db.sessions.complete_session(
-            alice.id, "bobs", success=True, claude_cost=Decimal(1)),
+            alice.id, "bobs", success=True, claude_cost_usd=Decimal(1)),
         lambda: db.sessions.fail_session(alice.id, "bobs", error_message="x"),
         lambda: db.sessions.cancel_session(alice.id, "bobs"),
         lambda: db.sessions.set_budget(alice.id, "bobs", Decimal(10)),
@@ -376,14 +376,14 @@ async def test_keyset_pages_cover_every_session_once_newest_first(
         page = await db.sessions.get_user_sessions(alice.id, limit=3, before=before)
         if not page:
             break
-        seen += [s.session_id for s in page]
-        before = page[-1].session_id
+        seen += [s.session_handle for s in page]
+        before = page[-1].session_handle
     assert sorted(seen) == [f"a{i}" for i in range(7)]
     assert len(seen) == len(set(seen))
     everything = await db.sessions.get_user_sessions(alice.id, limit=50)
     keys = [(s.start_time, s.id) for s in everything]
     assert keys == sorted(keys, reverse=True)
-    assert [s.session_id for s in everything] == seen
+    assert [s.session_handle for s in everything] == seen
 
 
 async def test_list_filters_by_status(db: KeenDatabase, alice: User) -> None:
@@ -391,9 +391,9 @@ async def test_list_filters_by_status(db: KeenDatabase, alice: User) -> None:
         await db.sessions.create_session(alice.id, new(name))
     await db.sessions.cancel_session(alice.id, "s2")
     running = await db.sessions.get_user_sessions(alice.id, status="running")
-    assert sorted(s.session_id for s in running) == ["s1", "s3"]
+    assert sorted(s.session_handle for s in running) == ["s1", "s3"]
     cancelled = await db.sessions.get_user_sessions(alice.id, status="cancelled")
-    assert [s.session_id for s in cancelled] == ["s2"]
+    assert [s.session_handle for s in cancelled] == ["s2"]
     for bad in ({"status": "done"}, {"limit": 0}, {"limit": 501}, {"limit": "5"},
                 {"before": "not a handle"}):
         with pytest.raises(InvalidInput):
@@ -432,12 +432,12 @@ async def test_tree_nests_four_levels_and_rolls_up_exactly(
 ) -> None:
     costs = await build_tree(db, alice, owner_conn)
     tree = await db.sessions.get_session_tree(alice.id, "root")
-    assert tree.root.session.session_id == "root"
-    assert [c.session.session_id for c in tree.root.children] == ["a", "b"]
+    assert tree.root.session.session_handle == "root"
+    assert [c.session.session_handle for c in tree.root.children] == ["a", "b"]
     a = tree.root.children[0]
-    assert [c.session.session_id for c in a.children] == ["a1", "a2"]
-    assert [c.session.session_id for c in a.children[0].children] == ["a1x"]
-    assert [s.session_id for s in tree.walk()] == ["root", "a", "a1", "a1x", "a2", "b"]
+    assert [c.session.session_handle for c in a.children] == ["a1", "a2"]
+    assert [c.session.session_handle for c in a.children[0].children] == ["a1x"]
+    assert [s.session_handle for s in tree.walk()] == ["root", "a", "a1", "a1x", "a2", "b"]
 
     in_tree = [h for h in costs if h != "unrelated"]
     r = await db.sessions.get_tree_rollup(alice.id, "root")
@@ -502,7 +502,7 @@ async def test_sweep_times_out_only_idle_running_sessions(
         "UPDATE agent_sessions SET last_activity_at = now() - interval '2 hours'"
         " WHERE session_id IN ('idle', 'bob-idle', 'ended')")
     swept = await db.sessions.sweep_timed_out(timedelta(hours=1))
-    assert sorted(s.session_id for s in swept) == ["bob-idle", "idle"]
+    assert sorted(s.session_handle for s in swept) == ["bob-idle", "idle"]
     idle = await row(owner_conn, "idle")
     assert idle["execution_status"] == "timed_out" and idle["success"] is False
     assert idle["end_time"] is not None
@@ -530,4 +530,4 @@ async def test_sweep_uses_the_configured_timeout(
             "UPDATE agent_sessions SET last_activity_at = now() - interval '61 seconds'"
             " WHERE session_id = 't1'")
         swept = await db.sessions.sweep_timed_out()
-    assert [s.session_id for s in swept] == ["t1"]
+    assert [s.session_handle for s in swept] == ["t1"]

@@ -19,8 +19,8 @@ from keen_stream.errors import (
 
 
 def new(session_id: str, parent: str | None = None) -> SessionCreate:
-    return SessionCreate(session_id=session_id, vision="v", working_directory="/tmp/w",
-                         git_branch="main", parent_session_id=parent)
+    return SessionCreate(session_handle=session_id, vision="v", working_directory="/tmp/w",
+                         git_branch="main", parent_session_handle=parent)
 
 
 async def charges(owner_conn: asyncpg.Connection, handle: str) -> list[asyncpg.Record]:
@@ -43,14 +43,14 @@ async def test_complete_admin_session_lifecycle_with_bypass(
 ) -> None:
     # The seed's "complete admin session lifecycle with bypass", ported.
     session = await db.sessions.create_session(admin.id, SessionCreate(
-        session_id="admin_session_123", vision="Admin test execution",
+        session_handle="admin_session_123", vision="Admin test execution",
         working_directory="/tmp/admin_test", git_branch="main"))
     assert session.is_admin_session is True
     assert session.bypass_credit_deduction is True
 
     high_claude_cost = Decimal("50.00")  # $50 of Claude = 250 credits for a paying user
-    done = await db.sessions.complete_session(admin.id, session.session_id, SessionCompletion(
-        success=True, claude_cost=high_claude_cost, files_created=("src/admin_test.ts",),
+    done = await db.sessions.complete_session(admin.id, session.session_handle, SessionCompletion(
+        success=True, claude_cost_usd=high_claude_cost, files_created=("src/admin_test.ts",),
         completion_report={"summary": "Admin test completed successfully"}))
     assert done.execution_status == "completed" and done.success is True
     assert done.claude_cost_usd == high_claude_cost
@@ -76,7 +76,7 @@ async def test_completion_charges_cost_times_markup_with_the_end_state(
     await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     s = await db.sessions.create_session(alice.id, new("paid"))
     done = await db.sessions.complete_session(
-        alice.id, "paid", success=True, claude_cost=Decimal("2.000001"))
+        alice.id, "paid", success=True, claude_cost_usd=Decimal("2.000001"))
     assert done.keen_cost_credits == Decimal("10.000005")
     assert await balance(owner_conn, alice) == Decimal("89.999995")
     [charge] = await charges(owner_conn, "paid")
@@ -92,9 +92,9 @@ async def test_double_completion_charges_once_and_returns_the_stored_result(
     await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("twice"))
     first = await db.sessions.complete_session(
-        alice.id, "twice", success=True, claude_cost=Decimal("1.5"))
+        alice.id, "twice", success=True, claude_cost_usd=Decimal("1.5"))
     again = await db.sessions.complete_session(
-        alice.id, "twice", success=True, claude_cost=Decimal("1.5"),
+        alice.id, "twice", success=True, claude_cost_usd=Decimal("1.5"),
         completion_report={"different": "report is ignored on a retry"})
     assert again == first
     assert len(await charges(owner_conn, "twice")) == 1
@@ -107,7 +107,7 @@ async def test_concurrent_completions_charge_once(
     await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("race"))
     results = await asyncio.gather(*(
-        db.sessions.complete_session(alice.id, "race", success=True, claude_cost=Decimal("3"))
+        db.sessions.complete_session(alice.id, "race", success=True, claude_cost_usd=Decimal("3"))
         for _ in range(6)))
     assert len({r.updated_at for r in results}) == 1
     assert len(await charges(owner_conn, "race")) == 1
@@ -119,16 +119,16 @@ async def test_a_different_outcome_on_an_ended_session_is_refused(
 ) -> None:
     await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("ended"))
-    await db.sessions.complete_session(alice.id, "ended", success=True, claude_cost=Decimal(1))
+    await db.sessions.complete_session(alice.id, "ended", success=True, claude_cost_usd=Decimal(1))
     before = dict(await row(owner_conn, "ended"))
     attempts = [
         lambda: db.sessions.complete_session(
-            alice.id, "ended", success=True, claude_cost=Decimal(2)),
+            alice.id, "ended", success=True, claude_cost_usd=Decimal(2)),
         lambda: db.sessions.complete_session(
-            alice.id, "ended", success=False, claude_cost=Decimal(1)),
+            alice.id, "ended", success=False, claude_cost_usd=Decimal(1)),
         lambda: db.sessions.fail_session(
-            alice.id, "ended", error_message="boom", claude_cost=Decimal(1)),
-        lambda: db.sessions.cancel_session(alice.id, "ended", claude_cost=Decimal(1)),
+            alice.id, "ended", error_message="boom", claude_cost_usd=Decimal(1)),
+        lambda: db.sessions.cancel_session(alice.id, "ended", claude_cost_usd=Decimal(1)),
     ]
     for attempt in attempts:
         with pytest.raises(SessionAlreadyEnded) as err:
@@ -146,12 +146,12 @@ async def test_fail_and_cancel_charge_what_was_spent(
     await db.sessions.create_session(alice.id, new("c"))
     await db.sessions.create_session(alice.id, new("free"))
     failed = await db.sessions.fail_session(
-        alice.id, "f", error_message="tool crashed", claude_cost=Decimal("0.4"))
+        alice.id, "f", error_message="tool crashed", claude_cost_usd=Decimal("0.4"))
     assert (failed.execution_status, failed.success) == ("failed", False)
     assert failed.error_message == "tool crashed"
     assert failed.keen_cost_credits == Decimal("2")
     cancelled = await db.sessions.cancel_session(
-        alice.id, "c", claude_cost="0.2", reason="user pressed stop")
+        alice.id, "c", claude_cost_usd="0.2", reason="user pressed stop")
     assert (cancelled.execution_status, cancelled.keen_cost_credits) == ("cancelled", Decimal(1))
     # A zero-cost end writes no ledger row at all.
     await db.sessions.cancel_session(alice.id, "free")
@@ -159,7 +159,7 @@ async def test_fail_and_cancel_charge_what_was_spent(
     assert await balance(owner_conn, alice) == Decimal("7")
     # The same failure retried is the stored result, not a second charge.
     again = await db.sessions.fail_session(
-        alice.id, "f", error_message="tool crashed", claude_cost=Decimal("0.4"))
+        alice.id, "f", error_message="tool crashed", claude_cost_usd=Decimal("0.4"))
     assert again == failed
     assert len(await charges(owner_conn, "f")) == 1
 
@@ -172,12 +172,12 @@ async def test_a_refused_charge_leaves_the_session_running_and_nothing_booked(
     before = dict(await row(owner_conn, "broke"))
     with pytest.raises(InsufficientCredits):
         await db.sessions.complete_session(
-            alice.id, "broke", success=True, claude_cost=Decimal(1))  # 5 credits
+            alice.id, "broke", success=True, claude_cost_usd=Decimal(1))  # 5 credits
     assert dict(await row(owner_conn, "broke")) == before
     assert await charges(owner_conn, "broke") == []
     await db.billing.purchase(alice.id, Decimal("1"), description="top-up")
     done = await db.sessions.complete_session(
-        alice.id, "broke", success=True, claude_cost=Decimal(1))
+        alice.id, "broke", success=True, claude_cost_usd=Decimal(1))
     assert done.keen_cost_credits == Decimal(5)
     assert await balance(owner_conn, alice) == Decimal(0)
 
@@ -185,19 +185,19 @@ async def test_a_refused_charge_leaves_the_session_running_and_nothing_booked(
 @pytest.mark.parametrize(
     "fields",
     [
-        {"success": True, "claude_cost": 1.5},
-        {"success": True, "claude_cost": Decimal("-1")},
-        {"success": True, "claude_cost": Decimal("0.0000001")},
-        {"success": True, "claude_cost": Decimal("NaN")},
-        {"success": True, "claude_cost": "lots"},
-        {"success": "yes", "claude_cost": Decimal(1)},
-        {"success": True, "claude_cost": Decimal(1), "credit_cost": Decimal(0)},
-        {"success": True, "claude_cost": Decimal(1), "files_created": ["a\x00"]},
-        {"success": True, "claude_cost": Decimal(1), "files_created": "a.py"},
-        {"success": True, "claude_cost": Decimal(1), "error_message": "e" * 10_001},
-        {"success": True, "claude_cost": Decimal(1),
+        {"success": True, "claude_cost_usd": 1.5},
+        {"success": True, "claude_cost_usd": Decimal("-1")},
+        {"success": True, "claude_cost_usd": Decimal("0.0000001")},
+        {"success": True, "claude_cost_usd": Decimal("NaN")},
+        {"success": True, "claude_cost_usd": "lots"},
+        {"success": "yes", "claude_cost_usd": Decimal(1)},
+        {"success": True, "claude_cost_usd": Decimal(1), "credit_cost": Decimal(0)},
+        {"success": True, "claude_cost_usd": Decimal(1), "files_created": ["a\x00"]},
+        {"success": True, "claude_cost_usd": Decimal(1), "files_created": "a.py"},
+        {"success": True, "claude_cost_usd": Decimal(1), "error_message": "e" * 10_001},
+        {"success": True, "claude_cost_usd": Decimal(1),
          "completion_report": {"blob": "x" * 1_048_577}},
-        {"success": True, "claude_cost": Decimal(1), "completion_report": {"x": object()}},
+        {"success": True, "claude_cost_usd": Decimal(1), "completion_report": {"x": object()}},
     ],
 )
 async def test_bad_completion_input_is_refused_and_changes_nothing(
@@ -223,7 +223,9 @@ async def test_a_timed_out_session_cannot_be_completed(
     [swept] = await db.sessions.sweep_timed_out()
     assert swept.execution_status == "timed_out"
     with pytest.raises(SessionAlreadyEnded):
-        await db.sessions.complete_session(alice.id, "late", success=True, claude_cost=Decimal(1))
+        await db.sessions.complete_session(
+            alice.id, "late", success=True, claude_cost_usd=Decimal(1)
+        )
     assert await charges(owner_conn, "late") == []
 
 
@@ -236,13 +238,15 @@ async def test_a_root_budget_caps_the_whole_tree(
     await db.sessions.create_session(alice.id, new("swarm.1", "swarm"))
     await db.sessions.create_session(alice.id, new("swarm.2", "swarm"))
     await db.sessions.create_session(alice.id, new("swarm.2.1", "swarm.2"))
-    await db.sessions.complete_session(alice.id, "swarm.1", success=True, claude_cost=Decimal(1))
     await db.sessions.complete_session(
-        alice.id, "swarm.2.1", success=True, claude_cost=Decimal("1.4"))  # 12 of 12 used
+        alice.id, "swarm.1", success=True, claude_cost_usd=Decimal(1)
+    )
+    await db.sessions.complete_session(
+        alice.id, "swarm.2.1", success=True, claude_cost_usd=Decimal("1.4"))  # 12 of 12 used
     before = dict(await row(owner_conn, "swarm.2"))
     with pytest.raises(SessionBudgetExceeded):
         await db.sessions.complete_session(
-            alice.id, "swarm.2", success=True, claude_cost=Decimal("0.000001"))
+            alice.id, "swarm.2", success=True, claude_cost_usd=Decimal("0.000001"))
     assert dict(await row(owner_conn, "swarm.2")) == before
     rollup = await db.sessions.get_tree_rollup(alice.id, "swarm")
     assert rollup.credit_budget == Decimal(12)
@@ -255,5 +259,7 @@ async def test_a_root_budget_caps_the_whole_tree(
     with pytest.raises(InvalidInput):
         await db.sessions.set_budget(alice.id, "swarm", Decimal(11))
     await db.sessions.set_budget(alice.id, "swarm", Decimal(20))
-    await db.sessions.complete_session(alice.id, "swarm.2", success=True, claude_cost=Decimal(1))
+    await db.sessions.complete_session(
+        alice.id, "swarm.2", success=True, claude_cost_usd=Decimal(1)
+    )
     assert (await db.sessions.get_tree_rollup(alice.id, "swarm")).budget_used == Decimal(17)

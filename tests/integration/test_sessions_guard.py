@@ -19,11 +19,11 @@ async def _session(db: KeenDatabase, user: User, handle: str, parent: str | None
     return await db.sessions.create_session(
         user.id,
         SessionCreate(
-            session_id=handle,
+            session_handle=handle,
             vision="v",
             working_directory="/w",
             git_branch="main",
-            parent_session_id=parent,
+            parent_session_handle=parent,
         ),
     )
 
@@ -57,7 +57,7 @@ async def test_the_dao_end_still_records_the_ledger_charge(
     await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await _session(db, alice, "dao-end")
     ended = await db.sessions.complete_session(
-        alice.id, "dao-end", SessionCompletion(success=True, claude_cost=Decimal("2.000000"))
+        alice.id, "dao-end", SessionCompletion(success=True, claude_cost_usd=Decimal("2.000000"))
     )
     assert ended.keen_cost_credits == Decimal("10.000000")
     assert ended.claude_cost_usd == Decimal("2.000000")

@@ -39,7 +39,7 @@ NO_FILES: list[str] = []
 
 async def start(db: KeenDatabase, user: User, handle: str) -> None:
     await db.sessions.create_session(
-        user.id, session_id=handle, vision="v", working_directory="/w", git_branch="main"
+        user.id, session_handle=handle, vision="v", working_directory="/w", git_branch="main"
     )
 
 

@@ -119,7 +119,7 @@ async def test_token_of_suspended_user_is_refused(
     db: KeenDatabase, alice: User, admin: User
 ) -> None:
     issued = await db.tokens.issue(alice.id, "session")
-    await db.users.set_account_status(admin.id, alice.id, "suspended")
+    await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
     with pytest.raises(AccountInactive):
         await db.tokens.validate(issued.token.get_secret_value())
 

@@ -105,11 +105,11 @@ async def test_authenticate_records_login_and_rejects_bad_passwords(
 async def test_suspended_user_cannot_log_in_even_with_the_right_password(
     db: KeenDatabase, alice: User, admin: User
 ) -> None:
-    suspended = await db.users.set_account_status(admin.id, alice.id, "suspended")
+    suspended = await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
     assert suspended.account_status == "suspended"
     with pytest.raises(AccountInactive):
         await db.users.authenticate("alice@example.com", PASSWORD)
-    await db.users.set_account_status(admin.id, alice.id, "active")
+    await db.users.set_account_status(alice.id, "active", actor_id=admin.id)
     assert (await db.users.authenticate("alice@example.com", PASSWORD)).id == alice.id
 
 
@@ -117,15 +117,15 @@ async def test_only_admins_change_account_status(
     db: KeenDatabase, owner_conn: Owner, alice: User, bob: User
 ) -> None:
     with pytest.raises(InsufficientPrivileges):
-        await db.users.set_account_status(alice.id, alice.id, "pending_verification")
+        await db.users.set_account_status(alice.id, "pending_verification", actor_id=alice.id)
     with pytest.raises(NotFound):  # bob's row is invisible to alice
-        await db.users.set_account_status(alice.id, bob.id, "suspended")
+        await db.users.set_account_status(bob.id, "suspended", actor_id=alice.id)
     assert (
         await owner_conn.fetchval("SELECT account_status FROM users WHERE id = $1", bob.id)
         == "active"
     )
     with pytest.raises(InvalidInput):
-        await db.users.set_account_status(alice.id, bob.id, "banished")
+        await db.users.set_account_status(bob.id, "banished", actor_id=alice.id)
 
 
 async def test_get_is_scoped_by_rls(db: KeenDatabase, alice: User, bob: User, admin: User) -> None:
@@ -188,7 +188,7 @@ async def test_user_changes_are_audited_without_secrets(
     db: KeenDatabase, owner_conn: Owner, alice: User, admin: User
 ) -> None:
     await db.users.update_profile(alice.id, display_name="Alice")
-    await db.users.set_account_status(admin.id, alice.id, "suspended")
+    await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
     rows = await owner_conn.fetch(
         "SELECT * FROM audit_log WHERE table_name = 'users' AND row_id = $1 ORDER BY id", alice.id
     )
@@ -228,7 +228,7 @@ async def test_a_plain_admin_cannot_suspend_or_demote_the_super_admin(
         "UPDATE users SET role = 'admin', is_admin = true WHERE id = $1", plain.id
     )
     with pytest.raises(InsufficientPrivileges):
-        await db.users.set_account_status(plain.id, admin.id, "suspended")
+        await db.users.set_account_status(admin.id, "suspended", actor_id=plain.id)
     with pytest.raises(InsufficientPrivileges):
         async with db.user_transaction(plain.id) as conn:
             await conn.execute("UPDATE users SET role = 'super_admin' WHERE id = $1", plain.id)
@@ -237,12 +237,10 @@ async def test_a_plain_admin_cannot_suspend_or_demote_the_super_admin(
     )
     assert (row["role"], row["account_status"]) == ("super_admin", "active")
     # ...while a plain admin still manages ordinary users, and the super-admin manages admins
-    assert (await db.users.set_account_status(plain.id, alice.id, "suspended")).account_status == (
-        "suspended"
-    )
-    assert (await db.users.set_account_status(admin.id, plain.id, "suspended")).account_status == (
-        "suspended"
-    )
+    changed = await db.users.set_account_status(alice.id, "suspended", actor_id=plain.id)
+    assert changed.account_status == "suspended"
+    changed = await db.users.set_account_status(plain.id, "suspended", actor_id=admin.id)
+    assert changed.account_status == "suspended"
 
 
 async def test_tenants_cannot_call_the_login_lookup(db: KeenDatabase, alice: User) -> None:

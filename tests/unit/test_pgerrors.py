@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
+from decimal import Decimal
 
 import asyncpg
 import pytest
@@ -155,3 +157,22 @@ def test_a_cancellation_stays_one_when_the_driver_fails_while_unwinding_it() -> 
             raise asyncio.CancelledError
         finally:
             raise asyncpg.InterfaceError("cannot call Transaction.__aexit__(): closed")
+
+
+def test_domain_errors_carry_their_details_as_typed_attributes() -> None:
+    """What the server-side raisers send in DETAIL (JSON strings) arrives typed."""
+    detail = ('{"balance": "1.5", "held": "0.5", "available": "1.0", "required": "3",'
+              ' "shortfall": "2"}')
+    error = classify(server_error("KS402", "insufficient credits", D=detail))
+    assert isinstance(error, errors.InsufficientCredits)
+    assert error.shortfall == Decimal("2") and error.available == Decimal("1.0")
+    limit = classify(server_error("KS461", "daily limit", D=(
+        '{"period": "day", "limit": "5", "spent": "4", "held": "0", "required": "2",'
+        ' "window_end": "2026-12-02T00:00:00+00:00"}')))
+    assert isinstance(limit, errors.SpendingLimitExceeded)
+    assert (limit.period, limit.limit) == ("day", Decimal("5"))
+    assert limit.window_end == datetime(2026, 12, 2, tzinfo=UTC)
+    taken = classify(server_error("KS441", "taken", D='{"session_id": "s-1"}'))
+    assert isinstance(taken, errors.SessionExists) and taken.session_handle == "s-1"
+    unnamed = errors.InsufficientCredits()
+    assert unnamed.shortfall is None and unnamed.details == {}

@@ -101,14 +101,15 @@ class CreditBalance(_Model):
 
 
 class CreditValidation(_Model):
-    """Would a call costing ``claude_cost`` fit right now? (The seed's shape, plus holds/limits.)"""
+    """Would a call costing ``claude_cost_usd`` fit right now? (The seed's shape, plus holds
+    and limits.)"""
 
     sufficient: bool
     current_balance: Decimal
     available_balance: Decimal
     required: Decimal
     shortfall: Decimal
-    claude_cost: Decimal
+    claude_cost_usd: Decimal
     markup_multiplier: Decimal
     is_admin: bool
     unlimited: bool

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import re
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypedDict
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from keen_stream.dal.validation import parse_money
-from keen_stream.errors import InvalidIdentifier, InvalidInput
+from keen_stream.dal.validation import SESSION_HANDLE_PATTERN, parse_money, storable
+from keen_stream.errors import InvalidInput
 
 #: The agent's phases, in the order an agent normally goes through them. EXPLORE is where every
 #: session starts; the schema's CHECK constraint holds the same set.
@@ -21,9 +20,6 @@ Phase = Literal["EXPLORE", "PLAN", "SUMMON", "COMPLETE"]
 PHASES: Final[tuple[str, ...]] = ("EXPLORE", "PLAN", "SUMMON", "COMPLETE")
 ExecutionStatus = Literal["running", "completed", "failed", "cancelled", "timed_out"]
 STATUSES: Final[tuple[str, ...]] = ("running", "completed", "failed", "cancelled", "timed_out")
-
-SESSION_ID_PATTERN: Final = r"^[A-Za-z0-9_.:-]{1,64}$"
-_SESSION_ID_RE: Final = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
 # Mirrored by CHECK constraints in keen_stream/migrations/versions/0003_sessions.py.
 MAX_VISION: Final = 100_000
@@ -35,17 +31,10 @@ MAX_REPORT_BYTES: Final = 1_048_576
 MAX_FILES_PER_CALL: Final = 1000
 
 
-def parse_session_handle(value: Any, what: str = "session_id") -> str:
-    """A session handle (the agent core's string id), or :class:`InvalidIdentifier`."""
-    if isinstance(value, str) and _SESSION_ID_RE.fullmatch(value):
-        return value
-    raise InvalidIdentifier(f"{what} must match {SESSION_ID_PATTERN}", field=what)
-
-
 def _text(value: str, what: str) -> str:
-    # PostgreSQL text cannot hold NUL; refuse it here rather than as a driver error.
-    if "\x00" in value:
-        raise ValueError(f"{what} must not contain NUL characters")
+    # Refused here (a ValueError becomes pydantic's error) rather than by the driver.
+    if not storable(value):
+        raise ValueError(f"{what} must not contain NUL characters or lone surrogates")
     return value
 
 
@@ -57,7 +46,7 @@ def parse_paths(value: Any, what: str) -> list[str]:
     if len(paths) > MAX_FILES_PER_CALL:
         raise InvalidInput(f"{what}: at most {MAX_FILES_PER_CALL} paths per call", field=what)
     for path in paths:
-        if not isinstance(path, str) or not 1 <= len(path) <= MAX_PATH or "\x00" in path:
+        if not isinstance(path, str) or not 1 <= len(path) <= MAX_PATH or not storable(path):
             raise InvalidInput(
                 f"{what}: each path must be a string of 1 to {MAX_PATH} characters without NUL",
                 field=what,
@@ -77,13 +66,13 @@ class _Input(BaseModel):
 
 
 class SessionCreate(_Input):
-    """A new session. ``parent_session_id`` is the parent's handle, not its row id."""
+    """A new session, named by the caller's handle; ``parent_session_handle`` is the parent's."""
 
-    session_id: str = Field(pattern=SESSION_ID_PATTERN)
+    session_handle: str = Field(pattern=SESSION_HANDLE_PATTERN)
     vision: str = Field(min_length=1, max_length=MAX_VISION)
     working_directory: str = Field(min_length=1, max_length=MAX_PATH)
     git_branch: str = Field(min_length=1, max_length=MAX_BRANCH)
-    parent_session_id: str | None = Field(default=None, pattern=SESSION_ID_PATTERN)
+    parent_session_handle: str | None = Field(default=None, pattern=SESSION_HANDLE_PATTERN)
     streaming_enabled: bool = True
 
     @field_validator("vision", "working_directory", "git_branch")
@@ -100,17 +89,17 @@ class SessionCompletion(_Input):
     """
 
     success: bool
-    claude_cost: Decimal
+    claude_cost_usd: Decimal
     files_created: tuple[str, ...] = ()
     files_modified: tuple[str, ...] = ()
     files_deleted: tuple[str, ...] = ()
     completion_report: dict[str, Any] | None = None
     error_message: str | None = Field(default=None, max_length=MAX_ERROR_MESSAGE)
 
-    @field_validator("claude_cost", mode="before")
+    @field_validator("claude_cost_usd", mode="before")
     @classmethod
     def _money(cls, value: Any) -> Decimal:
-        return parse_money(value, "claude_cost", allow_zero=True)
+        return parse_money(value, "claude_cost_usd", allow_zero=True)
 
     @field_validator("files_created", "files_modified", "files_deleted", mode="before")
     @classmethod
@@ -135,6 +124,27 @@ class SessionCompletion(_Input):
         return None if value is None else _text(value, "error_message")
 
 
+# The keyword arguments the DAO methods accept in place of a model, typed for the caller's
+# checker (tests/unit/test_models.py keeps each the same as its model).
+class SessionCreateFields(TypedDict, total=False):
+    session_handle: str
+    vision: str
+    working_directory: str
+    git_branch: str
+    parent_session_handle: str | None
+    streaming_enabled: bool
+
+
+class SessionCompletionFields(TypedDict, total=False):
+    success: bool
+    claude_cost_usd: Decimal | int | str
+    files_created: Sequence[str]
+    files_modified: Sequence[str]
+    files_deleted: Sequence[str]
+    completion_report: dict[str, Any] | None
+    error_message: str | None
+
+
 class AgentSession(BaseModel):
     """A session row. Unknown columns (added by later migrations) are ignored."""
 
@@ -142,7 +152,8 @@ class AgentSession(BaseModel):
 
     id: uuid.UUID
     user_id: uuid.UUID
-    session_id: str
+    #: The caller's handle (the schema's ``session_id`` column); ``id`` is the row's UUID.
+    session_handle: str
     parent_session_id: uuid.UUID | None
     root_session_id: uuid.UUID
     session_depth: int
@@ -185,7 +196,7 @@ class SessionRollup(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    session_id: str
+    session_handle: str
     sessions: int
     running: int
     completed: int

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, EmailStr, Field, SecretStr, field_validator
@@ -73,6 +73,26 @@ class UserProfileUpdate(_Model):
     @classmethod
     def _tz(cls, value: str | None) -> str | None:
         return None if value is None else _check_timezone(value)
+
+
+# The keyword arguments the DAO methods accept in place of a model (``db.users.create(
+# email=..., ...)``), typed for the caller's checker. tests/unit/test_models.py keeps each
+# the same as its model.
+class UserCreateFields(TypedDict, total=False):
+    email: str
+    username: str
+    password: str | SecretStr
+    display_name: str | None
+    avatar_url: str | None
+    timezone: str
+    preferences: dict[str, Any]
+
+
+class UserProfileFields(TypedDict, total=False):
+    display_name: str | None
+    avatar_url: str | None
+    timezone: str | None
+    preferences: dict[str, Any] | None
 
 
 class User(_Model):
