@@ -9,7 +9,8 @@ Create Date: 2026-11-30
    types: a temp table called ``users`` or ``credit_transactions`` was what functions owned by
    keen_system read and wrote. Tenants lose TEMP on the database (it came through PUBLIC), and
    the DAL resets a pooled session after every transaction (keen_stream/dal/database.py).
-2. Only an active admin may delete a user row, and nobody but the system role a super-admin's.
+2. Only an active admin may delete a user row, and nobody but the system role a super-admin's;
+   nor may tenant code give or take the super_admin role (it would demote, then delete).
 3. Money authority moves to the server: the markup lives in ``credit_pricing`` (one row,
    changed only by ``keen_credit_set_markup``, every change audited) and no function tenant
    code may execute takes one; purchases, refunds, adjustments and the price are executable
@@ -20,8 +21,8 @@ Create Date: 2026-11-30
    it can only make the open window longer. The rule is written once, in SQL functions the
    planner inlines (``keen_spend_in_window``, ``keen_spend_window_end``, ``keen_credit_fits``).
 
-docs/schema.md and docs/ledger.md explain each. The downgrade restores 0002's and 0005's
-definitions from those migrations' own text.
+docs/schema.md and docs/ledger.md explain each. The downgrade restores 0001's, 0002's and
+0005's definitions from those migrations' own text.
 """
 
 from __future__ import annotations
@@ -154,6 +155,48 @@ DELETE_POLICY_DOWN = [
     "DROP POLICY users_delete ON users",
     "CREATE POLICY users_delete ON users FOR DELETE TO keen_app"
     " USING (id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))",
+]
+
+# --- 3b. who may make or unmake a super-admin ----------------------------------------------
+# 0001's guard let a super-admin change a super-admin's role from tenant context, so the
+# delete policy above (which reads the role when the DELETE runs) could be walked around in
+# one transaction: demote the row, then delete it as an admin's. Now the super_admin role is
+# given and taken only outside tenant context (the system role, `keen-stream create-admin`);
+# a super-admin still manages the other columns of a super-admin's row (status, privileges).
+USERS_GUARD = [
+    """
+    CREATE OR REPLACE FUNCTION keen_users_guard() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF current_user = 'keen_app'
+           AND (OLD.role = 'super_admin') IS DISTINCT FROM (NEW.role = 'super_admin') THEN
+            RAISE EXCEPTION 'the super_admin role is given and taken only by the system role'
+                USING ERRCODE = 'KS403';
+        END IF;
+        IF current_user = 'keen_app'
+           AND (NEW.role, NEW.is_admin, NEW.admin_privileges, NEW.account_status,
+                NEW.email_verified, NEW.email, NEW.username)
+               IS DISTINCT FROM
+               (OLD.role, OLD.is_admin, OLD.admin_privileges, OLD.account_status,
+                OLD.email_verified, OLD.email, OLD.username)
+           AND NOT (SELECT public.keen_is_admin()) THEN
+            RAISE EXCEPTION 'only an admin may change role, status, email or privileges'
+                USING ERRCODE = 'KS403';
+        END IF;
+        -- A plain admin must not suspend or impersonate the super-admin.
+        IF current_user = 'keen_app'
+           AND OLD.role = 'super_admin'
+           AND (NEW.role, NEW.is_admin, NEW.admin_privileges, NEW.account_status, NEW.email)
+               IS DISTINCT FROM
+               (OLD.role, OLD.is_admin, OLD.admin_privileges, OLD.account_status, OLD.email)
+           AND coalesce((SELECT u.role FROM public.users u
+                          WHERE u.id = public.keen_current_user_id()), '') <> 'super_admin' THEN
+            RAISE EXCEPTION 'only a super_admin may change a super_admin'
+                USING ERRCODE = 'KS403';
+        END IF;
+        RETURN NEW;
+    END $$
+    """,
 ]
 
 # --- 4. spend windows ---------------------------------------------------------------------
@@ -1064,6 +1107,7 @@ UPGRADE = [
     *ROLES,
     *DATABASE_GRANTS,
     *DELETE_POLICY,
+    *USERS_GUARD,
     *WINDOW_COLUMNS,
     *PRICING,
     *HELPERS,
@@ -1095,6 +1139,7 @@ def _definition(statements: list[str], name: str, *, replace: bool = False) -> s
 
 
 def _downgrade_statements() -> list[str]:
+    foundation = _earlier("0001_foundation")
     ledger = _earlier("0002_ledger")
     batch = _earlier("0005_ledger_batch")
     functions = ledger.HELPERS + ledger.MONEY_FUNCTIONS
@@ -1121,6 +1166,7 @@ def _downgrade_statements() -> list[str]:
         *grants(*restored, "keen_credit_refund"),
         "DROP TABLE credit_pricing",
         *DELETE_POLICY_DOWN,
+        _definition(foundation.FUNCTIONS, "keen_users_guard", replace=True),
         _repin(SAFE_PATH, OLD_PATH),
         *DATABASE_GRANTS_DOWN,
         *ROLES_DOWN,
