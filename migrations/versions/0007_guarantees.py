@@ -20,6 +20,8 @@ Create Date: 2026-11-30
    ``spend_month_end``) instead of a local date, so a change of time zone cannot reset them:
    it can only make the open window longer. The rule is written once, in SQL functions the
    planner inlines (``keen_spend_in_window``, ``keen_spend_window_end``, ``keen_credit_fits``).
+   A time zone must be a zone name (``pg_timezone_names``), as the DAL requires: a POSIX spec
+   can jump 23 hours and open a new daily window an hour after the last.
 
 docs/schema.md and docs/ledger.md explain each. The downgrade restores 0001's, 0002's and
 0005's definitions from those migrations' own text.
@@ -196,6 +198,44 @@ USERS_GUARD = [
         END IF;
         RETURN NEW;
     END $$
+    """,
+]
+
+# --- 3c. time zones: zone names only -------------------------------------------------------
+# 0001 accepted whatever AT TIME ZONE accepts, POSIX specs included: 'AAA0BBB-23,J335/1,J365/0'
+# is UTC jumping 23 hours ahead on 1 December, and a window rule that adds "a day" in local
+# time then opens a new daily window one hour after the last. The DAL accepts IANA names only
+# (ZoneInfo); the database now accepts only the zone names PostgreSQL knows (pg_timezone_names,
+# what the DAL's names are drawn from), refused as KS400 (InvalidInput). pg_timezone_names
+# reads the zone directory (~20 ms): the trigger fires only on INSERT and UPDATE OF timezone,
+# and skips the default 'UTC' and an unchanged value.
+TIMEZONE_CHECK = [
+    # No pinned path (as 0001's): it names pg_catalog's view, and a GUC per insert is waste.
+    """
+    CREATE OR REPLACE FUNCTION keen_users_check_timezone() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.timezone = 'UTC'
+           OR (TG_OP = 'UPDATE' AND NEW.timezone IS NOT DISTINCT FROM OLD.timezone) THEN
+            RETURN NEW;
+        END IF;
+        IF NEW.timezone IS NULL OR NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_timezone_names z WHERE z.name = NEW.timezone) THEN
+            RAISE EXCEPTION 'unknown time zone % (a zone name such as Europe/Paris)',
+                NEW.timezone USING ERRCODE = 'KS400',
+                DETAIL = json_build_object('field', 'timezone')::text;
+        END IF;
+        RETURN NEW;
+    END $$
+    """,
+]
+# Rows written before 0007 with something else (raw SQL could store a POSIX spec) go back to
+# UTC. Run after the functions: users_spend_windows then moves the account's windows by the
+# rule of a zone change (never earlier, never a fresh limit). Audited like any change of users.
+TIMEZONE_ROWS = [
+    """
+    UPDATE users u SET timezone = 'UTC'
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names z WHERE z.name = u.timezone)
     """,
 ]
 
@@ -1108,6 +1148,7 @@ UPGRADE = [
     *DATABASE_GRANTS,
     *DELETE_POLICY,
     *USERS_GUARD,
+    *TIMEZONE_CHECK,
     *WINDOW_COLUMNS,
     *PRICING,
     *HELPERS,
@@ -1115,6 +1156,7 @@ UPGRADE = [
     *FUNCTIONS,
     *_grants(),
     _repin(OLD_PATH, SAFE_PATH),
+    *TIMEZONE_ROWS,
 ]
 
 
@@ -1167,6 +1209,7 @@ def _downgrade_statements() -> list[str]:
         "DROP TABLE credit_pricing",
         *DELETE_POLICY_DOWN,
         _definition(foundation.FUNCTIONS, "keen_users_guard", replace=True),
+        _definition(foundation.FUNCTIONS, "keen_users_check_timezone", replace=True),
         _repin(SAFE_PATH, OLD_PATH),
         *DATABASE_GRANTS_DOWN,
         *ROLES_DOWN,
