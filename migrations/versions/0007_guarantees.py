@@ -15,7 +15,10 @@ Create Date: 2026-11-30
    changed only by ``keen_credit_set_markup``, every change audited) and no function tenant
    code may execute takes one; purchases, refunds, adjustments and the price are executable
    only by the new role ``keen_billing`` (``db.billing``), adjustments and price changes only
-   with an admin acting, whom the database checks and records.
+   with an admin acting, whom the database checks and records. The price starts as the
+   operator's markup (``keen-stream migrate --markup``, ``-x markup=``, ``KEEN_CREDIT_MARKUP``,
+   else 5.00), never one read from the ledger (tenants chose theirs before 0007); active holds
+   at another markup take it.
 4. The spending limits count spend in windows with an absolute end (``spend_day_end``,
    ``spend_month_end``) instead of a local date, so a change of time zone cannot reset them:
    it can only make the open window longer. The rule is written once, in SQL functions the
@@ -30,10 +33,12 @@ docs/schema.md and docs/ledger.md explain each. The downgrade restores 0001's, 0
 from __future__ import annotations
 
 import importlib.util
+import os
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import ModuleType
 
-from alembic import op
+from alembic import context, op
 
 revision = "0007_guarantees"
 down_revision = "0006_stream_latency"
@@ -303,23 +308,71 @@ PRICING = [
     # The price has no owning user: the audit rows' user_id stays NULL (admins read them).
     "CREATE TRIGGER credit_pricing_audit AFTER INSERT OR UPDATE OR DELETE ON credit_pricing"
     " FOR EACH ROW EXECUTE FUNCTION keen_audit('no_owner')",
-    # The price in force until now was the KEEN_CREDIT_MARKUP setting, recorded on every
-    # charge: carry the last one over, so upgrading does not change anyone's price.
-    """
-    INSERT INTO credit_pricing (markup, reason)
-    SELECT coalesce(
-               (SELECT t.keen_markup_multiplier FROM credit_transactions t
-                 WHERE t.transaction_type IN ('usage', 'admin_bypass')
-                   AND t.keen_markup_multiplier > 0 AND t.keen_markup_multiplier <> 'NaN'
-                 ORDER BY t.created_at DESC, t.id DESC LIMIT 1),
-               5.00),
-           'the markup in force at migration 0007'
-    """,
+    # (The row is seeded by _seed_pricing: the operator's markup, read when the upgrade runs.)
     "REVOKE ALL ON credit_pricing FROM PUBLIC",
     "GRANT SELECT ON credit_pricing TO keen_app, keen_system, keen_billing",
     # Written only by keen_credit_set_markup (owned by keen_system).
     "GRANT UPDATE (markup, reason, changed_by, updated_at) ON credit_pricing TO keen_system",
 ]
+
+#: The price before 0007 when KEEN_CREDIT_MARKUP was not set (0006's settings default).
+DEFAULT_MARKUP = Decimal("5.00")
+
+
+def operator_markup() -> tuple[Decimal, str]:
+    """The markup the operator configured before 0007, and where it came from.
+
+    Before 0007 the price was the KEEN_CREDIT_MARKUP setting (default 5.00), which the DAL passed
+    to every charge. The ledger cannot tell us what it was: tenant code could pass its own markup
+    (the hole 0007 closes), so the newest charge may be a tenant's 0.01. The operator says it,
+    in order: ``keen-stream migrate --markup`` (``config.attributes["credit_markup"]``),
+    ``alembic -x markup=...``, the KEEN_CREDIT_MARKUP environment variable the old release read;
+    else 0006's default. A value that is not a price (0.01 to 99.99, in hundredths) stops the
+    upgrade rather than guess.
+    """
+    sources = (
+        ("keen-stream migrate --markup", context.config.attributes.get("credit_markup")),
+        ("-x markup", context.get_x_argument(as_dictionary=True).get("markup")),
+        ("KEEN_CREDIT_MARKUP", os.environ.get("KEEN_CREDIT_MARKUP")),
+    )
+    for source, raw in sources:
+        if raw is None or str(raw).strip() == "":
+            continue
+        try:
+            markup = Decimal(str(raw).strip())
+        except InvalidOperation:
+            markup = Decimal("NaN")
+        if not (markup.is_finite() and Decimal("0") < markup < Decimal("100")
+                and markup == markup.quantize(Decimal("0.01"))):
+            raise RuntimeError(
+                f"migration 0007: {source} = {raw!r} is not a markup (0.01 to 99.99, in"
+                " hundredths)"
+            )
+        return markup.quantize(Decimal("0.01")), source
+    return DEFAULT_MARKUP, "the default"
+
+
+def _seed_pricing(markup: Decimal, source: str) -> list[str]:
+    """The one credit_pricing row, and the active holds re-priced at it."""
+    reason = f"the operator''s markup at migration 0007 ({source})"  # '' : an SQL literal
+    return [
+        # markup is a validated Decimal of at most 4 digits: safe to write as a literal.
+        f"INSERT INTO credit_pricing (markup, reason) VALUES ({markup}, '{reason}')",
+        # A hold records its markup and is settled at it (a price change never reprices a call
+        # in flight). Before 0007 a tenant chose that markup: an active hold reserved at 0.01
+        # would settle any actual cost, up to a day after the upgrade, at 0.01. Every active
+        # hold whose markup is not the server's now takes the server's. What it reserved
+        # (amount, estimated_credits, the budget taken) is unchanged, so balances, held_amount
+        # and budgets stay exactly as they were (ledger verify holds); the settle charges the
+        # actual cost at the server's price, any part above what was reserved checked like a
+        # deduction (balance, limits, budget).
+        """
+        UPDATE credit_holds h SET keen_markup_multiplier = p.markup
+          FROM credit_pricing p
+         WHERE h.status = 'active' AND h.keen_markup_multiplier <> p.markup
+        """,
+    ]
+
 
 # --- 6. the rules, written once -----------------------------------------------------------
 # Plain SQL functions without SECURITY DEFINER or a pinned path, so the planner inlines them
@@ -1217,7 +1270,11 @@ def _downgrade_statements() -> list[str]:
 
 
 def upgrade() -> None:
-    for statement in UPGRADE:
+    markup, source = operator_markup()
+    seed = _seed_pricing(markup, source)
+    # The price goes in right after its table, before anything reads it.
+    at = UPGRADE.index(PRICING[-1]) + 1
+    for statement in [*UPGRADE[:at], *seed, *UPGRADE[at:]]:
         op.execute(statement)
 
 
