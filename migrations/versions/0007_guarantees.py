@@ -18,7 +18,10 @@ Create Date: 2026-11-30
    with an admin acting, whom the database checks and records. The price starts as the
    operator's markup (``keen-stream migrate --markup``, ``-x markup=``, ``KEEN_CREDIT_MARKUP``,
    else 5.00), never one read from the ledger (tenants chose theirs before 0007); active holds
-   at another markup take it.
+   at another markup take it. Separation of duties: the new role ``keen_ledger`` (nobody acts
+   as it) owns every function of the ledger and alone writes the money tables; ``keen_system``
+   (maintenance, registration) reads them, opens accounts through ``keen_credit_open_account``,
+   and can no longer reprice, mint, or grant itself EXECUTE on the minting functions.
 4. The spending limits count spend in windows with an absolute end (``spend_day_end``,
    ``spend_month_end``) instead of a local date, so a change of time zone cannot reset them:
    it can only make the open window longer. The rule is written once, in SQL functions the
@@ -73,12 +76,24 @@ NEW = {
     "fits": "keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric,"
             " numeric, timestamptz, timestamptz)",
     "rezone_trigger": "keen_users_timezone_changed()",
+    "open_account": "keen_credit_open_account(uuid, boolean)",
 }
 REFUND = "keen_credit_refund(uuid, uuid, numeric, text, text)"
 SETTLE = "keen_credit_settle(uuid, numeric, text)"
 CORE = "keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text)"
 #: The functions that create or give back money, and the price: keen_billing's alone.
 MINTING = (NEW["purchase"], NEW["adjust"], NEW["set_markup"], REFUND)
+#: Every function of the ledger (0002's, 0005's and this migration's): owned by keen_ledger.
+LEDGER_FUNCTIONS = sorted({
+    "keen_credit_account_valid", "keen_credit_transaction_valid", "keen_credits_for",
+    "keen_money_check", "keen_ledger_authorize", "keen_ledger_refuse", "keen_budget_take",
+    "keen_budget_give_back", "keen_ledger_session", "keen_ledger_replay",
+    "keen_ledger_recharge_check", "keen_ledger_bypass", "keen_credit_deduct",
+    "keen_credit_deduct_core", "keen_credit_deduct_many", "keen_credit_purchase",
+    "keen_credit_refund", "keen_credit_adjust", "keen_credit_reserve", "keen_credit_settle",
+    "keen_credit_release", "keen_credit_expire_holds", "keen_ledger_verify",
+    *(signature.split("(")[0] for signature in NEW.values()),
+})
 
 # --- 1. trusted schemas, no tenant temp objects -------------------------------------------
 # Database-level grants (current_database(): a database-level statement names its database).
@@ -138,12 +153,45 @@ ROLES = [
     END $$
     """,
     "GRANT USAGE ON SCHEMA public TO keen_billing",
+    # keen_ledger: owns the ledger's functions and alone writes the money tables, so that
+    # keen_system (every db.system_transaction(): registration, the hub's maintenance loops)
+    # can neither write a balance, a ledger row, a hold or the price, nor, as the owner of the
+    # minting functions, grant itself EXECUTE on them. Nobody acts as keen_ledger: it is
+    # reached only as the owner of SECURITY DEFINER functions (NOLOGIN, NOINHERIT, member of
+    # nothing). BYPASSRLS because those functions act across tenants by design (the batch
+    # charges many users, billing credits any account, the expiry sweep and verify read every
+    # account) and read users / agent_sessions inside tenant transactions: every tenant table
+    # FORCEs RLS with policies for keen_app only, so without it they would see no rows. It
+    # had the same attribute as keen_system, the owner it replaces, for the same reason.
+    # Creating a BYPASSRLS role needs a superuser (a DBA may create it beforehand).
+    """
+    DO $$ BEGIN
+        CREATE ROLE keen_ledger NOLOGIN NOSUPERUSER BYPASSRLS NOCREATEDB NOCREATEROLE
+            NOINHERIT;
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+    END $$
+    """,
+    # The migrating role must be a member to hand it ownership (as for the other roles).
+    """
+    DO $$ BEGIN
+        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+            EXECUTE format('GRANT keen_ledger TO %I', current_user);
+        END IF;
+    END $$
+    """,
+    "GRANT USAGE ON SCHEMA public TO keen_ledger",
 ]
 ROLES_DOWN = [
-    "REVOKE ALL ON SCHEMA public FROM keen_billing",
+    "REVOKE ALL ON SCHEMA public FROM keen_billing, keen_ledger",
     """
     DO $$ BEGIN
         DROP ROLE IF EXISTS keen_billing;
+    EXCEPTION WHEN dependent_objects_still_exist OR insufficient_privilege THEN NULL;
+    END $$
+    """,
+    """
+    DO $$ BEGIN
+        DROP ROLE IF EXISTS keen_ledger;
     EXCEPTION WHEN dependent_objects_still_exist OR insufficient_privilege THEN NULL;
     END $$
     """,
@@ -311,8 +359,7 @@ PRICING = [
     # (The row is seeded by _seed_pricing: the operator's markup, read when the upgrade runs.)
     "REVOKE ALL ON credit_pricing FROM PUBLIC",
     "GRANT SELECT ON credit_pricing TO keen_app, keen_system, keen_billing",
-    # Written only by keen_credit_set_markup (owned by keen_system).
-    "GRANT UPDATE (markup, reason, changed_by, updated_at) ON credit_pricing TO keen_system",
+    # Written only by keen_credit_set_markup (owned by keen_ledger, see LEDGER).
 ]
 
 #: The price before 0007 when KEEN_CREDIT_MARKUP was not set (0006's settings default).
@@ -1146,6 +1193,35 @@ FUNCTIONS = [
         RETURN r;
     END $$
     """,
+    # Registration opens an account (balance 0), and create-admin makes an admin's account
+    # unlimited: keen_system may do both through this function and may not write
+    # credit_accounts otherwise. Unlimited only for an active admin (the flag follows the
+    # role, which users_audit records).
+    f"""
+    CREATE FUNCTION keen_credit_open_account(p_user uuid, p_unlimited boolean) RETURNS uuid
+    LANGUAGE plpgsql {DEFINER}
+    AS $$
+    DECLARE
+        v_account uuid;
+    BEGIN
+        IF NOT coalesce(p_unlimited, false) THEN
+            INSERT INTO credit_accounts (user_id) VALUES (p_user) RETURNING id INTO v_account;
+            RETURN v_account;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_user AND u.is_admin
+                                               AND u.account_status = 'active') THEN
+            RAISE EXCEPTION 'only an active admin''s account may be unlimited'
+                USING ERRCODE = 'KS403';
+        END IF;
+        INSERT INTO credit_accounts (user_id, unlimited_credits, bypass_billing, daily_limit,
+                                     monthly_limit)
+        VALUES (p_user, true, true, NULL, NULL)
+        ON CONFLICT (user_id) DO UPDATE SET unlimited_credits = true, bypass_billing = true,
+            daily_limit = NULL, monthly_limit = NULL, updated_at = now()
+        RETURNING id INTO v_account;
+        RETURN v_account;
+    END $$
+    """,
     # keen_app may change users.timezone but not the account's windows: SECURITY DEFINER.
     # Always writes the account row, under its lock: a deduction that read the old zone and
     # waits for that lock then finds an open window and only adds to it.
@@ -1177,6 +1253,7 @@ def _grants() -> list[str]:
         NEW["deduct"]: "keen_app",
         NEW["reserve"]: "keen_app",
         NEW["deduct_many"]: "keen_system",
+        NEW["open_account"]: "keen_system",
         # Inlined into the DAL's balance reads, which run as keen_app.
         NEW["in_window"]: "keen_app, keen_system",
         NEW["window_end"]: "keen_app, keen_system",
@@ -1187,13 +1264,80 @@ def _grants() -> list[str]:
     out = []
     for signature in NEW.values():
         out.append(f"REVOKE EXECUTE ON FUNCTION {signature} FROM PUBLIC")
-        out.append(f"ALTER FUNCTION {signature} OWNER TO keen_system")
+        out.append(f"ALTER FUNCTION {signature} OWNER TO keen_ledger")
+    # 0002 gave keen_app the refund.
     out.append(f"REVOKE EXECUTE ON FUNCTION {REFUND} FROM keen_app")
-    for signature in MINTING:
-        # The owner (keen_system, the maintenance role) may not mint either.
-        out.append(f"REVOKE EXECUTE ON FUNCTION {signature} FROM keen_system")
     out += [f"GRANT EXECUTE ON FUNCTION {s} TO {roles}" for s, roles in who.items()]
     return out
+
+
+# --- 8. the ledger role: separation of duties ---------------------------------------------
+# keen_ledger owns every function of the ledger and alone may write the money tables; the
+# functions keep their grants (an owner change carries them over). keen_system keeps SELECT
+# (verify counts, the DAL's system reads) and loses every write; it reaches money only by
+# executing what it is granted: the batch, expire_holds, verify, open_account.
+_MONEY_TABLES = "credit_accounts, credit_transactions, credit_holds, credit_pricing"
+LEDGER = [
+    # Ownership: 0002's and 0005's functions (keen_system's until now; this migration's own
+    # were given to keen_ledger by _grants).
+    f"""
+    DO $$
+    DECLARE
+        f regprocedure;
+    BEGIN
+        FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+                  WHERE p.pronamespace = 'public'::regnamespace
+                    AND p.proowner = 'keen_system'::regrole
+                    AND p.proname = ANY (ARRAY{LEDGER_FUNCTIONS!r}::text[]) LOOP
+            EXECUTE format('ALTER FUNCTION %s OWNER TO keen_ledger', f);
+        END LOOP;
+    END $$
+    """,
+    # An owner change replaces the old owner's entry: keen_system's EXECUTE on what 0002
+    # granted it (folded into its owner entry until now) is given back explicitly.
+    "GRANT EXECUTE ON FUNCTION keen_ledger_verify(), keen_credit_expire_holds(integer),"
+    " keen_credits_for(numeric, numeric), keen_credit_account_valid(credit_accounts),"
+    " keen_credit_transaction_valid(credit_transactions) TO keen_system",
+    # Minting and the price are keen_billing's alone, not even their owner's.
+    *(f"REVOKE EXECUTE ON FUNCTION {signature} FROM keen_ledger" for signature in MINTING),
+    # What the functions write and read. (Triggers on these tables that write elsewhere,
+    # keen_audit and the stream capture, are SECURITY DEFINER functions of keen_system.)
+    "GRANT SELECT, INSERT, UPDATE ON credit_accounts, credit_holds TO keen_ledger",
+    "GRANT SELECT, INSERT ON credit_transactions TO keen_ledger",
+    "GRANT SELECT, UPDATE (markup, reason, changed_by, updated_at) ON credit_pricing"
+    " TO keen_ledger",
+    # The auto-recharge queue: written by the charges, resolved by the billing service as
+    # keen_system (it holds no money), which keeps its grants.
+    "GRANT SELECT, INSERT ON credit_auto_recharge_requests TO keen_ledger",
+    # Session budgets (taken and given back under the root row's lock).
+    "GRANT SELECT, UPDATE (budget_used) ON agent_sessions TO keen_ledger",
+    # Who is an admin, their zone (no secrets).
+    "GRANT SELECT (id, email, username, display_name, avatar_url, role, is_admin,"
+    " admin_privileges, email_verified, account_status, mfa_enabled, timezone, preferences,"
+    " created_at, updated_at, last_login_at, last_login_ip) ON users TO keen_ledger",
+    "GRANT EXECUTE ON FUNCTION keen_current_user_id(), keen_is_admin() TO keen_ledger",
+    f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {_MONEY_TABLES} FROM keen_system",
+]
+LEDGER_DOWN = [
+    """
+    DO $$
+    DECLARE
+        f regprocedure;
+    BEGIN
+        FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+                  WHERE p.pronamespace = 'public'::regnamespace
+                    AND p.proowner = 'keen_ledger'::regrole LOOP
+            EXECUTE format('ALTER FUNCTION %s OWNER TO keen_system', f);
+        END LOOP;
+    END $$
+    """,
+    "REVOKE ALL ON credit_accounts, credit_transactions, credit_holds,"
+    " credit_auto_recharge_requests, agent_sessions, users FROM keen_ledger",
+    "REVOKE ALL ON FUNCTION keen_current_user_id(), keen_is_admin() FROM keen_ledger",
+    # 0001's and 0002's grants (credit_pricing goes with the downgrade).
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON credit_accounts, credit_transactions, credit_holds"
+    " TO keen_system",
+]
 
 
 UPGRADE = [
@@ -1208,6 +1352,7 @@ UPGRADE = [
     *(f"DROP FUNCTION {signature}" for signature in OLD.values()),
     *FUNCTIONS,
     *_grants(),
+    *LEDGER,
     _repin(OLD_PATH, SAFE_PATH),
     *TIMEZONE_ROWS,
 ]
@@ -1244,6 +1389,7 @@ def _downgrade_statements() -> list[str]:
         return [s for s in ledger._grants() if any(f" {name}(" in s for name in names)]
 
     return [
+        *LEDGER_DOWN,
         "DROP TRIGGER users_spend_windows ON users",
         *(f"DROP FUNCTION {signature}" for signature in NEW.values()),
         *WINDOW_COLUMNS_DOWN,
