@@ -21,7 +21,9 @@ Create Date: 2026-11-30
    at another markup take it. Separation of duties: the new role ``keen_ledger`` (nobody acts
    as it) owns every function of the ledger and alone writes the money tables; ``keen_system``
    (maintenance, registration) reads them, opens accounts through ``keen_credit_open_account``,
-   and can no longer reprice, mint, or grant itself EXECUTE on the minting functions.
+   and can no longer reprice, mint, or grant itself EXECUTE on the minting functions. A
+   settle decides the admin bypass when it charges, not from the hold: an admin demoted since
+   reserving pays.
 4. The spending limits count spend in windows with an absolute end (``spend_day_end``,
    ``spend_month_end``) instead of a local date, so a change of time zone cannot reset them:
    it can only make the open window longer. The rule is written once, in SQL functions the
@@ -878,7 +880,8 @@ FUNCTIONS = [
         RETURN h;
     END $$
     """,
-    # 0002's settle with the spend windows (it keeps the hold's recorded markup).
+    # 0002's settle with the spend windows (it keeps the hold's recorded markup), deciding the
+    # admin bypass when it settles.
     f"""
     CREATE OR REPLACE FUNCTION keen_credit_settle(p_hold uuid, p_cost numeric,
                                                   p_description text)
@@ -894,6 +897,8 @@ FUNCTIONS = [
         v_seq bigint;
         v_recharge boolean;
         v_attempt integer := 0;
+        v_uncovered numeric;
+        v_bypass boolean := false;
         t credit_transactions%ROWTYPE;
     BEGIN
         IF v_cost IS NULL OR v_cost <= 0 OR v_cost > 999999999999.999999
@@ -935,31 +940,50 @@ FUNCTIONS = [
                 PERFORM keen_budget_give_back(h.budget_root_id, -v_excess);
             END IF;
         END IF;
-        IF h.is_admin_bypass THEN
+        -- Who pays is decided now, as for a deduction, not when the hold was made: an admin
+        -- demoted (or suspended) since reserving pays like any user, and an account that has
+        -- become admin / unlimited pays nothing. v_uncovered: the part of the charge the hold
+        -- did not reserve (its excess; all of it for a hold made as a bypass, which held 0).
+        v_uncovered := v_credits - h.amount;
+        LOOP
+            -- Up to the reserved credits this always fits (they were held); the rest is
+            -- checked like a deduction.
+            UPDATE credit_accounts a
+               SET current_balance = a.current_balance - v_credits,
+                   held_amount = a.held_amount - h.amount,
+                   lifetime_spent = a.lifetime_spent + v_credits,
+                   last_sequence = a.last_sequence + 1,{_CHARGE_WINDOWS}
+                   updated_at = now()
+              FROM users u
+             WHERE a.id = h.account_id AND u.id = h.user_id
+               AND NOT (a.unlimited_credits OR a.bypass_billing
+                        OR (u.is_admin AND u.account_status = 'active'))
+               AND (v_uncovered <= 0 OR {_fits('v_uncovered')})
+            RETURNING a.current_balance, a.last_sequence,
+                      a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
+                      AND a.current_balance + v_credits >= a.auto_recharge_threshold
+                 INTO v_balance, v_seq, v_recharge;
+            EXIT WHEN FOUND;
+            -- Not charged: an admin / unlimited account now, or a refusal.
+            SELECT a.unlimited_credits OR a.bypass_billing
+                   OR (u.is_admin AND u.account_status = 'active')
+              INTO v_bypass
+              FROM credit_accounts a JOIN users u ON u.id = a.user_id
+             WHERE a.id = h.account_id;
+            EXIT WHEN v_bypass;
+            v_attempt := v_attempt + 1;
+            PERFORM keen_ledger_refuse(h.account_id, v_uncovered, v_uncovered, v_attempt);
+        END LOOP;
+        IF v_bypass THEN
+            IF h.amount > 0 THEN  -- reserved before the account stopped paying: free it
+                UPDATE credit_accounts SET held_amount = held_amount - h.amount,
+                                           updated_at = now()
+                 WHERE id = h.account_id;
+            END IF;
             t := keen_ledger_bypass(h.user_id, h.account_id, v_cost, h.keen_markup_multiplier,
                                     h.session_id, coalesce(p_description, h.description),
                                     NULL, NULL, h.id);
         ELSE
-            LOOP
-                -- Up to the reserved credits this always fits (they were held); an excess is
-                -- checked like a deduction.
-                UPDATE credit_accounts a
-                   SET current_balance = a.current_balance - v_credits,
-                       held_amount = a.held_amount - h.amount,
-                       lifetime_spent = a.lifetime_spent + v_credits,
-                       last_sequence = a.last_sequence + 1,{_CHARGE_WINDOWS}
-                       updated_at = now()
-                  FROM users u
-                 WHERE a.id = h.account_id AND u.id = h.user_id
-                   AND (v_excess <= 0 OR {_fits('v_excess')})
-                RETURNING a.current_balance, a.last_sequence,
-                          a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
-                          AND a.current_balance + v_credits >= a.auto_recharge_threshold
-                     INTO v_balance, v_seq, v_recharge;
-                EXIT WHEN FOUND;
-                v_attempt := v_attempt + 1;
-                PERFORM keen_ledger_refuse(h.account_id, v_excess, v_excess, v_attempt);
-            END LOOP;
             INSERT INTO credit_transactions
                 (user_id, account_id, transaction_type, amount, balance_after, claude_cost_usd,
                  keen_markup_multiplier, session_id, description, sequence_number, hold_id)
