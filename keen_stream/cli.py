@@ -30,7 +30,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 
     dsn, embedded = _dsn_or_embedded(settings)
     try:
-        migrate.upgrade(dsn, args.revision)
+        migrate.upgrade(dsn, args.revision, credit_markup=args.markup)
     finally:
         if embedded is not None:
             embedded.stop()  # type: ignore[attr-defined]
@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("migrate", help="bring the schema to the newest revision (idempotent)")
     p.add_argument("--revision", default="head")
+    p.add_argument(
+        "--markup",
+        default=None,
+        help="upgrading past migration 0007: the markup the deployment charged until now (its"
+        " KEEN_CREDIT_MARKUP; default 5.00), which becomes the price in the database",
+    )
     p.set_defaults(func=cmd_migrate)
 
     p = sub.add_parser("create-admin", help="create or update the super-admin (idempotent)")

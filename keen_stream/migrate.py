@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from decimal import Decimal
 from pathlib import Path
 
 from alembic import command
@@ -27,7 +28,7 @@ _ALEMBIC = threading.Lock()
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 
-def alembic_config(dsn: str) -> Config:
+def alembic_config(dsn: str, *, credit_markup: Decimal | str | None = None) -> Config:
     if not (MIGRATIONS_DIR / "env.py").is_file():
         raise ConfigurationError(
             f"migrations not found at {MIGRATIONS_DIR}: this installation of keen_stream is "
@@ -36,13 +37,23 @@ def alembic_config(dsn: str) -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.attributes["dsn"] = dsn
+    if credit_markup is not None:
+        # Read only by migration 0007, which seeds credit_pricing with it (the price the
+        # deployment charged before, when KEEN_CREDIT_MARKUP set it; docs/operations.md).
+        config.attributes["credit_markup"] = str(credit_markup)
     return config
 
 
-def upgrade(dsn: str, revision: str = "head") -> None:
-    """Bring the database to ``revision``; a no-op when it is already there. Blocking."""
+def upgrade(
+    dsn: str, revision: str = "head", *, credit_markup: Decimal | str | None = None
+) -> None:
+    """Bring the database to ``revision``; a no-op when it is already there. Blocking.
+
+    ``credit_markup``: the markup the deployment charged before migration 0007 (its
+    KEEN_CREDIT_MARKUP), used only if this run applies 0007; default 5.00.
+    """
     with _ALEMBIC:
-        command.upgrade(alembic_config(dsn), revision)
+        command.upgrade(alembic_config(dsn, credit_markup=credit_markup), revision)
 
 
 def downgrade(dsn: str, revision: str = "base") -> None:
@@ -55,6 +66,8 @@ def heads(dsn: str = "postgresql:///unused") -> list[str]:
     return list(ScriptDirectory.from_config(alembic_config(dsn)).get_heads())
 
 
-async def upgrade_async(dsn: str, revision: str = "head") -> None:
+async def upgrade_async(
+    dsn: str, revision: str = "head", *, credit_markup: Decimal | str | None = None
+) -> None:
     # Alembic's env.py runs its own event loop, so it must not share ours.
-    await asyncio.to_thread(upgrade, dsn, revision)
+    await asyncio.to_thread(upgrade, dsn, revision, credit_markup=credit_markup)

@@ -52,7 +52,8 @@ class Settings(BaseSettings):
         if value is not None:
             raise ValueError(
                 "KEEN_CREDIT_MARKUP is no longer read: the markup lives in the database"
-                " (keen-stream ledger markup / set-markup)"
+                " (keen-stream ledger markup / set-markup); when upgrading past migration 0007,"
+                " unset it and pass its value once as `keen-stream migrate --markup`"
             )
         return None
 

@@ -44,7 +44,8 @@ SQL: Final = {
                            preferences, role, is_admin, admin_privileges, email_verified)
         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
         RETURNING {USER_COLUMNS}""",
-    "insert_account": "INSERT INTO credit_accounts (user_id) VALUES ($1)",
+    # keen_system may not write credit_accounts (keen_ledger's, migration 0007): it opens one.
+    "insert_account": "SELECT keen_credit_open_account($1, false)",
     "get": f"SELECT {USER_COLUMNS} FROM users WHERE id = $1",
     "get_by_email": f"SELECT {USER_COLUMNS} FROM users WHERE email = lower($1)",
     "login_lookup": "SELECT user_id, password_hash, account_status FROM keen_login_lookup($1)",
@@ -261,13 +262,9 @@ SQL["upsert_super_admin"] = f"""
         admin_privileges = EXCLUDED.admin_privileges, email_verified = true,
         account_status = 'active'
     RETURNING {USER_COLUMNS}"""
-# Unlimited and billing-bypassed: no fake display balance (the seed's 999999.999999).
-SQL["upsert_admin_account"] = """
-    INSERT INTO credit_accounts (user_id, unlimited_credits, bypass_billing, daily_limit,
-                                 monthly_limit)
-    VALUES ($1, true, true, NULL, NULL)
-    ON CONFLICT (user_id) DO UPDATE SET unlimited_credits = true, bypass_billing = true,
-        daily_limit = NULL, monthly_limit = NULL"""
+# Unlimited and billing-bypassed, no limits: no fake display balance (the seed's
+# 999999.999999). Created or updated by the ledger's function (an active admin's only).
+SQL["upsert_admin_account"] = "SELECT keen_credit_open_account($1, true)"
 
 
 async def upsert_super_admin(db: KeenDatabase, email: str, password: str) -> User:

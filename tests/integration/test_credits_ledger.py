@@ -16,7 +16,6 @@ from keen_stream.dal.models import User
 from keen_stream.errors import (
     Conflict,
     IdempotencyConflict,
-    ImmutableRecord,
     InsufficientCredits,
     InsufficientPrivileges,
     InvalidAmount,
@@ -533,9 +532,14 @@ async def test_the_ledger_is_append_only_even_for_the_system_role(
     db, alice, owner_conn, statement
 ):
     await fund(db, alice, "10")
-    with pytest.raises(ImmutableRecord):
+    with pytest.raises(InsufficientPrivileges):  # 0007: keen_system writes no money table
         async with db.system_transaction() as conn:
             await conn.execute(statement)
+    # keen_ledger, which writes ledger rows, may only INSERT them
+    with pytest.raises(asyncpg.PostgresError) as raised:
+        await owner_conn.execute(f"SET ROLE keen_ledger; {statement}")
+    await owner_conn.execute("RESET ROLE")
+    assert raised.value.sqlstate == "42501"
     with pytest.raises(asyncpg.PostgresError) as raised:  # the owning superuser too
         await owner_conn.execute(statement)
     assert raised.value.sqlstate == "KS405"

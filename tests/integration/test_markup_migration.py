@@ -2,9 +2,12 @@
 
 Before 0007 every tenant transaction could call ``keen_credit_deduct`` / ``keen_credit_reserve``
 with a markup of its choice (docs/ledger.md, "Who may move money": "0.01 charged $1 as 0.01
-credits"). 0007 closes that hole, and seeds ``credit_pricing`` with "the markup of the newest
-charge in the ledger, so upgrading changed no one's price". On a database where a tenant used
-the hole, the newest charge can be the tenant's own.
+credits"), so nothing written to the ledger before 0007 says what the operator's price was: the
+newest charge can be a tenant's own. 0007 seeds ``credit_pricing`` with the markup the operator
+configured (``keen-stream migrate --markup``, ``alembic -x markup=``, ``KEEN_CREDIT_MARKUP``;
+5.00 by default), never from ledger rows, and every active hold whose markup differs takes the
+seeded price (what it reserved is unchanged), so a hold reserved through the hole settles at
+the server's price.
 """
 
 from __future__ import annotations
@@ -50,11 +53,6 @@ async def _as_tenant(conn: asyncpg.Connection, user: uuid.UUID, statement: str) 
         await conn.execute(statement, user)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review1: 0007 seeds credit_pricing from the newest usage row, whose markup a "
-    "tenant chose before 0007 (the hole 0007 closes): the whole deployment's price becomes it",
-)
 async def test_the_seeded_price_is_not_the_one_a_tenant_chose_through_the_old_hole(
     empty_dsn: str,
 ) -> None:
@@ -72,11 +70,6 @@ async def test_the_seeded_price_is_not_the_one_a_tenant_chose_through_the_old_ho
         await conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review1: a hold a tenant reserved before 0007 at its own markup survives the "
-    "upgrade, and settles after it at that markup for any actual cost (up to a day later)",
-)
 async def test_a_hold_reserved_through_the_old_hole_does_not_settle_at_its_markup(
     empty_dsn: str,
 ) -> None:
@@ -103,5 +96,54 @@ async def test_a_hold_reserved_through_the_old_hole_does_not_settle_at_its_marku
         price = await conn.fetchval("SELECT markup FROM credit_pricing")
         # $100 of provider cost at the server's price (5.00 unless the seed above went wrong).
         assert charged >= D(100) * min(price, D("5.00"))
+    finally:
+        await conn.close()
+
+
+async def test_the_operator_gives_the_price_the_deployment_charged(empty_dsn: str) -> None:
+    """``keen-stream migrate --markup 4.50`` (a deployment that ran with KEEN_CREDIT_MARKUP=4.50):
+    the price is 4.50, recorded with where it came from; holds at 4.50 keep it, the tenant's
+    0.01 hold takes it, and nothing else of the ledger moves."""
+    await migrate.upgrade_async(empty_dsn, "0006_stream_latency")
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        user = await _ledger_at_0006(conn)
+        for markup in ("4.50", "0.01"):
+            await _as_tenant(
+                conn, user,
+                f"SELECT keen_credit_reserve($1, 1, {markup}, NULL, NULL, interval '1 hour',"
+                f" 'hold at {markup}', NULL)",
+            )
+        account_before = await conn.fetchrow("SELECT * FROM credit_accounts")
+        await migrate.upgrade_async(empty_dsn, credit_markup="4.50")
+        pricing = await conn.fetchrow("SELECT markup, reason FROM credit_pricing")
+        assert pricing["markup"] == D("4.50")
+        assert "keen-stream migrate --markup" in pricing["reason"]
+        holds = await conn.fetch(
+            "SELECT description, keen_markup_multiplier, amount, estimated_credits"
+            "  FROM credit_holds ORDER BY description"
+        )
+        assert [(h["description"], h["keen_markup_multiplier"], h["amount"]) for h in holds] == [
+            ("hold at 0.01", D("4.50"), D("0.010000")),
+            ("hold at 4.50", D("4.50"), D("4.500000")),
+        ]
+        account_after = await conn.fetchrow("SELECT * FROM credit_accounts")
+        for column in ("current_balance", "held_amount", "lifetime_spent", "last_sequence"):
+            assert account_after[column] == account_before[column], column
+        assert await conn.fetch("SELECT * FROM keen_ledger_verify()") == []
+    finally:
+        await conn.close()
+
+
+async def test_a_markup_that_is_not_a_price_stops_the_upgrade(empty_dsn: str) -> None:
+    await migrate.upgrade_async(empty_dsn, "0006_stream_latency")
+    for bad in ("0", "4.505", "NaN", "100", "five"):
+        with pytest.raises(RuntimeError, match="is not a markup"):
+            await migrate.upgrade_async(empty_dsn, credit_markup=bad)
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        assert await conn.fetchval("SELECT version_num FROM alembic_version") == (
+            "0006_stream_latency"
+        )
     finally:
         await conn.close()

@@ -13,7 +13,13 @@ import pytest
 
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
-from keen_stream.errors import DatabaseError, InsufficientPrivileges, InvalidAmount, InvalidInput
+from keen_stream.errors import (
+    DatabaseError,
+    InsufficientCredits,
+    InsufficientPrivileges,
+    InvalidAmount,
+    InvalidInput,
+)
 from tests.integration.credits_support import account, fund, ledger_state
 
 D = Decimal
@@ -198,3 +204,52 @@ async def test_the_billing_role_is_the_only_one_that_may_mint(owner_conn):
             "keen_credit_set_markup",
         )
     }
+
+
+# --- the admin bypass is decided when the charge is made ------------------------------------
+async def test_a_hold_made_as_an_admin_is_paid_if_the_admin_is_demoted_before_it_settles(
+    db: KeenDatabase, make_user, owner_conn
+):
+    """An admin's hold holds nothing (``is_admin_bypass``); settling it used to write an
+    ``admin_bypass`` row on the strength of the reservation alone. Settling is the charge, so
+    who pays is decided then, as for a deduction: demoted in between, the user pays (the whole
+    charge must fit, nothing was held); promoted in between, the user pays nothing and the
+    held credits are freed."""
+    carol = await make_user()
+    await owner_conn.execute(
+        "UPDATE users SET role = 'admin', is_admin = true WHERE id = $1", carol.id
+    )
+    await fund(db, carol, "100")
+    hold = await db.credits.reserve(carol.id, D("2"))
+    assert hold.is_admin_bypass and hold.amount == 0
+    async with db.system_transaction() as conn:
+        await conn.execute(
+            "UPDATE users SET role = 'user', is_admin = false WHERE id = $1", carol.id
+        )
+    tx = await db.credits.settle(hold, D("2"))
+    assert (tx.transaction_type, tx.amount, tx.balance_after) == ("usage", D("-10"), D("90"))
+    balance = await db.credits.get_balance(carol.id)
+    assert (balance.current, balance.held, balance.lifetime_spent) == (D("90"), D("0"), D("10"))
+
+    # ...and a charge larger than what is left is refused like a deduction; the hold stays.
+    big = await db.credits.reserve(carol.id, D("1"))  # 5 held, as a user now
+    await owner_conn.execute(
+        "UPDATE users SET role = 'admin', is_admin = true WHERE id = $1", carol.id
+    )
+    bypass_hold = await db.credits.reserve(carol.id, D("100"))  # 500 notional, 0 held
+    await owner_conn.execute(
+        "UPDATE users SET role = 'user', is_admin = false WHERE id = $1", carol.id
+    )
+    with pytest.raises(InsufficientCredits):
+        await db.credits.settle(bypass_hold, D("100"))
+    assert (await db.credits.get_hold(bypass_hold.id, actor_id=carol.id)).status == "active"
+
+    # Promoted between reserve and settle: nothing to pay, the 5 held are freed.
+    await owner_conn.execute(
+        "UPDATE users SET role = 'admin', is_admin = true WHERE id = $1", carol.id
+    )
+    freed = await db.credits.settle(big, D("1"))
+    assert (freed.transaction_type, freed.amount) == ("admin_bypass", D("0"))
+    balance = await db.credits.get_balance(carol.id)
+    assert (balance.current, balance.held) == (D("90"), D("0"))
+    assert (await db.credits.verify_ledger()).ok

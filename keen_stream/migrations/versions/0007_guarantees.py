@@ -9,28 +9,41 @@ Create Date: 2026-11-30
    types: a temp table called ``users`` or ``credit_transactions`` was what functions owned by
    keen_system read and wrote. Tenants lose TEMP on the database (it came through PUBLIC), and
    the DAL resets a pooled session after every transaction (keen_stream/dal/database.py).
-2. Only an active admin may delete a user row, and nobody but the system role a super-admin's.
+2. Only an active admin may delete a user row, and nobody but the system role a super-admin's;
+   nor may tenant code give or take the super_admin role (it would demote, then delete).
 3. Money authority moves to the server: the markup lives in ``credit_pricing`` (one row,
    changed only by ``keen_credit_set_markup``, every change audited) and no function tenant
    code may execute takes one; purchases, refunds, adjustments and the price are executable
    only by the new role ``keen_billing`` (``db.billing``), adjustments and price changes only
-   with an admin acting, whom the database checks and records.
+   with an admin acting, whom the database checks and records. The price starts as the
+   operator's markup (``keen-stream migrate --markup``, ``-x markup=``, ``KEEN_CREDIT_MARKUP``,
+   else 5.00), never one read from the ledger (tenants chose theirs before 0007); active holds
+   at another markup take it. Separation of duties: the new role ``keen_ledger`` (nobody acts
+   as it) owns every function of the ledger and alone writes the money tables; ``keen_system``
+   (maintenance, registration) reads them, opens accounts through ``keen_credit_open_account``,
+   and can no longer reprice, mint, or grant itself EXECUTE on the minting functions. A
+   settle decides the admin bypass when it charges, not from the hold: an admin demoted since
+   reserving pays.
 4. The spending limits count spend in windows with an absolute end (``spend_day_end``,
    ``spend_month_end``) instead of a local date, so a change of time zone cannot reset them:
    it can only make the open window longer. The rule is written once, in SQL functions the
    planner inlines (``keen_spend_in_window``, ``keen_spend_window_end``, ``keen_credit_fits``).
+   A time zone must be a zone name (``pg_timezone_names``), as the DAL requires: a POSIX spec
+   can jump 23 hours and open a new daily window an hour after the last.
 
-docs/schema.md and docs/ledger.md explain each. The downgrade restores 0002's and 0005's
-definitions from those migrations' own text.
+docs/schema.md and docs/ledger.md explain each. The downgrade restores 0001's, 0002's and
+0005's definitions from those migrations' own text.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import ModuleType
 
-from alembic import op
+from alembic import context, op
 
 revision = "0007_guarantees"
 down_revision = "0006_stream_latency"
@@ -65,12 +78,24 @@ NEW = {
     "fits": "keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric,"
             " numeric, timestamptz, timestamptz)",
     "rezone_trigger": "keen_users_timezone_changed()",
+    "open_account": "keen_credit_open_account(uuid, boolean)",
 }
 REFUND = "keen_credit_refund(uuid, uuid, numeric, text, text)"
 SETTLE = "keen_credit_settle(uuid, numeric, text)"
 CORE = "keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text)"
 #: The functions that create or give back money, and the price: keen_billing's alone.
 MINTING = (NEW["purchase"], NEW["adjust"], NEW["set_markup"], REFUND)
+#: Every function of the ledger (0002's, 0005's and this migration's): owned by keen_ledger.
+LEDGER_FUNCTIONS = sorted({
+    "keen_credit_account_valid", "keen_credit_transaction_valid", "keen_credits_for",
+    "keen_money_check", "keen_ledger_authorize", "keen_ledger_refuse", "keen_budget_take",
+    "keen_budget_give_back", "keen_ledger_session", "keen_ledger_replay",
+    "keen_ledger_recharge_check", "keen_ledger_bypass", "keen_credit_deduct",
+    "keen_credit_deduct_core", "keen_credit_deduct_many", "keen_credit_purchase",
+    "keen_credit_refund", "keen_credit_adjust", "keen_credit_reserve", "keen_credit_settle",
+    "keen_credit_release", "keen_credit_expire_holds", "keen_ledger_verify",
+    *(signature.split("(")[0] for signature in NEW.values()),
+})
 
 # --- 1. trusted schemas, no tenant temp objects -------------------------------------------
 # Database-level grants (current_database(): a database-level statement names its database).
@@ -130,12 +155,45 @@ ROLES = [
     END $$
     """,
     "GRANT USAGE ON SCHEMA public TO keen_billing",
+    # keen_ledger: owns the ledger's functions and alone writes the money tables, so that
+    # keen_system (every db.system_transaction(): registration, the hub's maintenance loops)
+    # can neither write a balance, a ledger row, a hold or the price, nor, as the owner of the
+    # minting functions, grant itself EXECUTE on them. Nobody acts as keen_ledger: it is
+    # reached only as the owner of SECURITY DEFINER functions (NOLOGIN, NOINHERIT, member of
+    # nothing). BYPASSRLS because those functions act across tenants by design (the batch
+    # charges many users, billing credits any account, the expiry sweep and verify read every
+    # account) and read users / agent_sessions inside tenant transactions: every tenant table
+    # FORCEs RLS with policies for keen_app only, so without it they would see no rows. It
+    # had the same attribute as keen_system, the owner it replaces, for the same reason.
+    # Creating a BYPASSRLS role needs a superuser (a DBA may create it beforehand).
+    """
+    DO $$ BEGIN
+        CREATE ROLE keen_ledger NOLOGIN NOSUPERUSER BYPASSRLS NOCREATEDB NOCREATEROLE
+            NOINHERIT;
+    EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+    END $$
+    """,
+    # The migrating role must be a member to hand it ownership (as for the other roles).
+    """
+    DO $$ BEGIN
+        IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
+            EXECUTE format('GRANT keen_ledger TO %I', current_user);
+        END IF;
+    END $$
+    """,
+    "GRANT USAGE ON SCHEMA public TO keen_ledger",
 ]
 ROLES_DOWN = [
-    "REVOKE ALL ON SCHEMA public FROM keen_billing",
+    "REVOKE ALL ON SCHEMA public FROM keen_billing, keen_ledger",
     """
     DO $$ BEGIN
         DROP ROLE IF EXISTS keen_billing;
+    EXCEPTION WHEN dependent_objects_still_exist OR insufficient_privilege THEN NULL;
+    END $$
+    """,
+    """
+    DO $$ BEGIN
+        DROP ROLE IF EXISTS keen_ledger;
     EXCEPTION WHEN dependent_objects_still_exist OR insufficient_privilege THEN NULL;
     END $$
     """,
@@ -154,6 +212,86 @@ DELETE_POLICY_DOWN = [
     "DROP POLICY users_delete ON users",
     "CREATE POLICY users_delete ON users FOR DELETE TO keen_app"
     " USING (id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))",
+]
+
+# --- 3b. who may make or unmake a super-admin ----------------------------------------------
+# 0001's guard let a super-admin change a super-admin's role from tenant context, so the
+# delete policy above (which reads the role when the DELETE runs) could be walked around in
+# one transaction: demote the row, then delete it as an admin's. Now the super_admin role is
+# given and taken only outside tenant context (the system role, `keen-stream create-admin`);
+# a super-admin still manages the other columns of a super-admin's row (status, privileges).
+USERS_GUARD = [
+    """
+    CREATE OR REPLACE FUNCTION keen_users_guard() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF current_user = 'keen_app'
+           AND (OLD.role = 'super_admin') IS DISTINCT FROM (NEW.role = 'super_admin') THEN
+            RAISE EXCEPTION 'the super_admin role is given and taken only by the system role'
+                USING ERRCODE = 'KS403';
+        END IF;
+        IF current_user = 'keen_app'
+           AND (NEW.role, NEW.is_admin, NEW.admin_privileges, NEW.account_status,
+                NEW.email_verified, NEW.email, NEW.username)
+               IS DISTINCT FROM
+               (OLD.role, OLD.is_admin, OLD.admin_privileges, OLD.account_status,
+                OLD.email_verified, OLD.email, OLD.username)
+           AND NOT (SELECT public.keen_is_admin()) THEN
+            RAISE EXCEPTION 'only an admin may change role, status, email or privileges'
+                USING ERRCODE = 'KS403';
+        END IF;
+        -- A plain admin must not suspend or impersonate the super-admin.
+        IF current_user = 'keen_app'
+           AND OLD.role = 'super_admin'
+           AND (NEW.role, NEW.is_admin, NEW.admin_privileges, NEW.account_status, NEW.email)
+               IS DISTINCT FROM
+               (OLD.role, OLD.is_admin, OLD.admin_privileges, OLD.account_status, OLD.email)
+           AND coalesce((SELECT u.role FROM public.users u
+                          WHERE u.id = public.keen_current_user_id()), '') <> 'super_admin' THEN
+            RAISE EXCEPTION 'only a super_admin may change a super_admin'
+                USING ERRCODE = 'KS403';
+        END IF;
+        RETURN NEW;
+    END $$
+    """,
+]
+
+# --- 3c. time zones: zone names only -------------------------------------------------------
+# 0001 accepted whatever AT TIME ZONE accepts, POSIX specs included: 'AAA0BBB-23,J335/1,J365/0'
+# is UTC jumping 23 hours ahead on 1 December, and a window rule that adds "a day" in local
+# time then opens a new daily window one hour after the last. The DAL accepts IANA names only
+# (ZoneInfo); the database now accepts only the zone names PostgreSQL knows (pg_timezone_names,
+# what the DAL's names are drawn from), refused as KS400 (InvalidInput). pg_timezone_names
+# reads the zone directory (~20 ms): the trigger fires only on INSERT and UPDATE OF timezone,
+# and skips the default 'UTC' and an unchanged value.
+TIMEZONE_CHECK = [
+    # No pinned path (as 0001's): it names pg_catalog's view, and a GUC per insert is waste.
+    """
+    CREATE OR REPLACE FUNCTION keen_users_check_timezone() RETURNS trigger
+    LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.timezone = 'UTC'
+           OR (TG_OP = 'UPDATE' AND NEW.timezone IS NOT DISTINCT FROM OLD.timezone) THEN
+            RETURN NEW;
+        END IF;
+        IF NEW.timezone IS NULL OR NOT EXISTS (
+               SELECT 1 FROM pg_catalog.pg_timezone_names z WHERE z.name = NEW.timezone) THEN
+            RAISE EXCEPTION 'unknown time zone % (a zone name such as Europe/Paris)',
+                NEW.timezone USING ERRCODE = 'KS400',
+                DETAIL = json_build_object('field', 'timezone')::text;
+        END IF;
+        RETURN NEW;
+    END $$
+    """,
+]
+# Rows written before 0007 with something else (raw SQL could store a POSIX spec) go back to
+# UTC. Run after the functions: users_spend_windows then moves the account's windows by the
+# rule of a zone change (never earlier, never a fresh limit). Audited like any change of users.
+TIMEZONE_ROWS = [
+    """
+    UPDATE users u SET timezone = 'UTC'
+     WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names z WHERE z.name = u.timezone)
+    """,
 ]
 
 # --- 4. spend windows ---------------------------------------------------------------------
@@ -220,23 +358,70 @@ PRICING = [
     # The price has no owning user: the audit rows' user_id stays NULL (admins read them).
     "CREATE TRIGGER credit_pricing_audit AFTER INSERT OR UPDATE OR DELETE ON credit_pricing"
     " FOR EACH ROW EXECUTE FUNCTION keen_audit('no_owner')",
-    # The price in force until now was the KEEN_CREDIT_MARKUP setting, recorded on every
-    # charge: carry the last one over, so upgrading does not change anyone's price.
-    """
-    INSERT INTO credit_pricing (markup, reason)
-    SELECT coalesce(
-               (SELECT t.keen_markup_multiplier FROM credit_transactions t
-                 WHERE t.transaction_type IN ('usage', 'admin_bypass')
-                   AND t.keen_markup_multiplier > 0 AND t.keen_markup_multiplier <> 'NaN'
-                 ORDER BY t.created_at DESC, t.id DESC LIMIT 1),
-               5.00),
-           'the markup in force at migration 0007'
-    """,
+    # (The row is seeded by _seed_pricing: the operator's markup, read when the upgrade runs.)
     "REVOKE ALL ON credit_pricing FROM PUBLIC",
     "GRANT SELECT ON credit_pricing TO keen_app, keen_system, keen_billing",
-    # Written only by keen_credit_set_markup (owned by keen_system).
-    "GRANT UPDATE (markup, reason, changed_by, updated_at) ON credit_pricing TO keen_system",
+    # Written only by keen_credit_set_markup (owned by keen_ledger, see LEDGER).
 ]
+
+#: The price before 0007 when KEEN_CREDIT_MARKUP was not set (0006's settings default).
+DEFAULT_MARKUP = Decimal("5.00")
+
+
+def operator_markup() -> tuple[Decimal, str]:
+    """The markup the operator configured before 0007, and where it came from.
+
+    Before 0007 the price was the KEEN_CREDIT_MARKUP setting (default 5.00), which the DAL passed
+    to every charge. The ledger cannot tell us what it was: tenant code could pass its own markup
+    (the hole 0007 closes), so the newest charge may be a tenant's 0.01. The operator says it,
+    in order: ``keen-stream migrate --markup`` (``config.attributes["credit_markup"]``),
+    ``alembic -x markup=...``, the KEEN_CREDIT_MARKUP environment variable the old release read;
+    else 0006's default. A value that is not a price (0.01 to 99.99, in hundredths) stops the
+    upgrade rather than guess.
+    """
+    sources = (
+        ("keen-stream migrate --markup", context.config.attributes.get("credit_markup")),
+        ("-x markup", context.get_x_argument(as_dictionary=True).get("markup")),
+        ("KEEN_CREDIT_MARKUP", os.environ.get("KEEN_CREDIT_MARKUP")),
+    )
+    for source, raw in sources:
+        if raw is None or str(raw).strip() == "":
+            continue
+        try:
+            markup = Decimal(str(raw).strip())
+        except InvalidOperation:
+            markup = Decimal("NaN")
+        if not (markup.is_finite() and Decimal("0") < markup < Decimal("100")
+                and markup == markup.quantize(Decimal("0.01"))):
+            raise RuntimeError(
+                f"migration 0007: {source} = {raw!r} is not a markup (0.01 to 99.99, in"
+                " hundredths)"
+            )
+        return markup.quantize(Decimal("0.01")), source
+    return DEFAULT_MARKUP, "the default"
+
+
+def _seed_pricing(markup: Decimal, source: str) -> list[str]:
+    """The one credit_pricing row, and the active holds re-priced at it."""
+    reason = f"the operator''s markup at migration 0007 ({source})"  # '' : an SQL literal
+    return [
+        # markup is a validated Decimal of at most 4 digits: safe to write as a literal.
+        f"INSERT INTO credit_pricing (markup, reason) VALUES ({markup}, '{reason}')",
+        # A hold records its markup and is settled at it (a price change never reprices a call
+        # in flight). Before 0007 a tenant chose that markup: an active hold reserved at 0.01
+        # would settle any actual cost, up to a day after the upgrade, at 0.01. Every active
+        # hold whose markup is not the server's now takes the server's. What it reserved
+        # (amount, estimated_credits, the budget taken) is unchanged, so balances, held_amount
+        # and budgets stay exactly as they were (ledger verify holds); the settle charges the
+        # actual cost at the server's price, any part above what was reserved checked like a
+        # deduction (balance, limits, budget).
+        """
+        UPDATE credit_holds h SET keen_markup_multiplier = p.markup
+          FROM credit_pricing p
+         WHERE h.status = 'active' AND h.keen_markup_multiplier <> p.markup
+        """,
+    ]
+
 
 # --- 6. the rules, written once -----------------------------------------------------------
 # Plain SQL functions without SECURITY DEFINER or a pinned path, so the planner inlines them
@@ -695,7 +880,8 @@ FUNCTIONS = [
         RETURN h;
     END $$
     """,
-    # 0002's settle with the spend windows (it keeps the hold's recorded markup).
+    # 0002's settle with the spend windows (it keeps the hold's recorded markup), deciding the
+    # admin bypass when it settles.
     f"""
     CREATE OR REPLACE FUNCTION keen_credit_settle(p_hold uuid, p_cost numeric,
                                                   p_description text)
@@ -711,6 +897,8 @@ FUNCTIONS = [
         v_seq bigint;
         v_recharge boolean;
         v_attempt integer := 0;
+        v_uncovered numeric;
+        v_bypass boolean := false;
         t credit_transactions%ROWTYPE;
     BEGIN
         IF v_cost IS NULL OR v_cost <= 0 OR v_cost > 999999999999.999999
@@ -752,31 +940,50 @@ FUNCTIONS = [
                 PERFORM keen_budget_give_back(h.budget_root_id, -v_excess);
             END IF;
         END IF;
-        IF h.is_admin_bypass THEN
+        -- Who pays is decided now, as for a deduction, not when the hold was made: an admin
+        -- demoted (or suspended) since reserving pays like any user, and an account that has
+        -- become admin / unlimited pays nothing. v_uncovered: the part of the charge the hold
+        -- did not reserve (its excess; all of it for a hold made as a bypass, which held 0).
+        v_uncovered := v_credits - h.amount;
+        LOOP
+            -- Up to the reserved credits this always fits (they were held); the rest is
+            -- checked like a deduction.
+            UPDATE credit_accounts a
+               SET current_balance = a.current_balance - v_credits,
+                   held_amount = a.held_amount - h.amount,
+                   lifetime_spent = a.lifetime_spent + v_credits,
+                   last_sequence = a.last_sequence + 1,{_CHARGE_WINDOWS}
+                   updated_at = now()
+              FROM users u
+             WHERE a.id = h.account_id AND u.id = h.user_id
+               AND NOT (a.unlimited_credits OR a.bypass_billing
+                        OR (u.is_admin AND u.account_status = 'active'))
+               AND (v_uncovered <= 0 OR {_fits('v_uncovered')})
+            RETURNING a.current_balance, a.last_sequence,
+                      a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
+                      AND a.current_balance + v_credits >= a.auto_recharge_threshold
+                 INTO v_balance, v_seq, v_recharge;
+            EXIT WHEN FOUND;
+            -- Not charged: an admin / unlimited account now, or a refusal.
+            SELECT a.unlimited_credits OR a.bypass_billing
+                   OR (u.is_admin AND u.account_status = 'active')
+              INTO v_bypass
+              FROM credit_accounts a JOIN users u ON u.id = a.user_id
+             WHERE a.id = h.account_id;
+            EXIT WHEN v_bypass;
+            v_attempt := v_attempt + 1;
+            PERFORM keen_ledger_refuse(h.account_id, v_uncovered, v_uncovered, v_attempt);
+        END LOOP;
+        IF v_bypass THEN
+            IF h.amount > 0 THEN  -- reserved before the account stopped paying: free it
+                UPDATE credit_accounts SET held_amount = held_amount - h.amount,
+                                           updated_at = now()
+                 WHERE id = h.account_id;
+            END IF;
             t := keen_ledger_bypass(h.user_id, h.account_id, v_cost, h.keen_markup_multiplier,
                                     h.session_id, coalesce(p_description, h.description),
                                     NULL, NULL, h.id);
         ELSE
-            LOOP
-                -- Up to the reserved credits this always fits (they were held); an excess is
-                -- checked like a deduction.
-                UPDATE credit_accounts a
-                   SET current_balance = a.current_balance - v_credits,
-                       held_amount = a.held_amount - h.amount,
-                       lifetime_spent = a.lifetime_spent + v_credits,
-                       last_sequence = a.last_sequence + 1,{_CHARGE_WINDOWS}
-                       updated_at = now()
-                  FROM users u
-                 WHERE a.id = h.account_id AND u.id = h.user_id
-                   AND (v_excess <= 0 OR {_fits('v_excess')})
-                RETURNING a.current_balance, a.last_sequence,
-                          a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
-                          AND a.current_balance + v_credits >= a.auto_recharge_threshold
-                     INTO v_balance, v_seq, v_recharge;
-                EXIT WHEN FOUND;
-                v_attempt := v_attempt + 1;
-                PERFORM keen_ledger_refuse(h.account_id, v_excess, v_excess, v_attempt);
-            END LOOP;
             INSERT INTO credit_transactions
                 (user_id, account_id, transaction_type, amount, balance_after, claude_cost_usd,
                  keen_markup_multiplier, session_id, description, sequence_number, hold_id)
@@ -1010,6 +1217,35 @@ FUNCTIONS = [
         RETURN r;
     END $$
     """,
+    # Registration opens an account (balance 0), and create-admin makes an admin's account
+    # unlimited: keen_system may do both through this function and may not write
+    # credit_accounts otherwise. Unlimited only for an active admin (the flag follows the
+    # role, which users_audit records).
+    f"""
+    CREATE FUNCTION keen_credit_open_account(p_user uuid, p_unlimited boolean) RETURNS uuid
+    LANGUAGE plpgsql {DEFINER}
+    AS $$
+    DECLARE
+        v_account uuid;
+    BEGIN
+        IF NOT coalesce(p_unlimited, false) THEN
+            INSERT INTO credit_accounts (user_id) VALUES (p_user) RETURNING id INTO v_account;
+            RETURN v_account;
+        END IF;
+        IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_user AND u.is_admin
+                                               AND u.account_status = 'active') THEN
+            RAISE EXCEPTION 'only an active admin''s account may be unlimited'
+                USING ERRCODE = 'KS403';
+        END IF;
+        INSERT INTO credit_accounts (user_id, unlimited_credits, bypass_billing, daily_limit,
+                                     monthly_limit)
+        VALUES (p_user, true, true, NULL, NULL)
+        ON CONFLICT (user_id) DO UPDATE SET unlimited_credits = true, bypass_billing = true,
+            daily_limit = NULL, monthly_limit = NULL, updated_at = now()
+        RETURNING id INTO v_account;
+        RETURN v_account;
+    END $$
+    """,
     # keen_app may change users.timezone but not the account's windows: SECURITY DEFINER.
     # Always writes the account row, under its lock: a deduction that read the old zone and
     # waits for that lock then finds an open window and only adds to it.
@@ -1041,6 +1277,7 @@ def _grants() -> list[str]:
         NEW["deduct"]: "keen_app",
         NEW["reserve"]: "keen_app",
         NEW["deduct_many"]: "keen_system",
+        NEW["open_account"]: "keen_system",
         # Inlined into the DAL's balance reads, which run as keen_app.
         NEW["in_window"]: "keen_app, keen_system",
         NEW["window_end"]: "keen_app, keen_system",
@@ -1051,26 +1288,97 @@ def _grants() -> list[str]:
     out = []
     for signature in NEW.values():
         out.append(f"REVOKE EXECUTE ON FUNCTION {signature} FROM PUBLIC")
-        out.append(f"ALTER FUNCTION {signature} OWNER TO keen_system")
+        out.append(f"ALTER FUNCTION {signature} OWNER TO keen_ledger")
+    # 0002 gave keen_app the refund.
     out.append(f"REVOKE EXECUTE ON FUNCTION {REFUND} FROM keen_app")
-    for signature in MINTING:
-        # The owner (keen_system, the maintenance role) may not mint either.
-        out.append(f"REVOKE EXECUTE ON FUNCTION {signature} FROM keen_system")
     out += [f"GRANT EXECUTE ON FUNCTION {s} TO {roles}" for s, roles in who.items()]
     return out
+
+
+# --- 8. the ledger role: separation of duties ---------------------------------------------
+# keen_ledger owns every function of the ledger and alone may write the money tables; the
+# functions keep their grants (an owner change carries them over). keen_system keeps SELECT
+# (verify counts, the DAL's system reads) and loses every write; it reaches money only by
+# executing what it is granted: the batch, expire_holds, verify, open_account.
+_MONEY_TABLES = "credit_accounts, credit_transactions, credit_holds, credit_pricing"
+LEDGER = [
+    # Ownership: 0002's and 0005's functions (keen_system's until now; this migration's own
+    # were given to keen_ledger by _grants).
+    f"""
+    DO $$
+    DECLARE
+        f regprocedure;
+    BEGIN
+        FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+                  WHERE p.pronamespace = 'public'::regnamespace
+                    AND p.proowner = 'keen_system'::regrole
+                    AND p.proname = ANY (ARRAY{LEDGER_FUNCTIONS!r}::text[]) LOOP
+            EXECUTE format('ALTER FUNCTION %s OWNER TO keen_ledger', f);
+        END LOOP;
+    END $$
+    """,
+    # An owner change replaces the old owner's entry: keen_system's EXECUTE on what 0002
+    # granted it (folded into its owner entry until now) is given back explicitly.
+    "GRANT EXECUTE ON FUNCTION keen_ledger_verify(), keen_credit_expire_holds(integer),"
+    " keen_credits_for(numeric, numeric), keen_credit_account_valid(credit_accounts),"
+    " keen_credit_transaction_valid(credit_transactions) TO keen_system",
+    # Minting and the price are keen_billing's alone, not even their owner's.
+    *(f"REVOKE EXECUTE ON FUNCTION {signature} FROM keen_ledger" for signature in MINTING),
+    # What the functions write and read. (Triggers on these tables that write elsewhere,
+    # keen_audit and the stream capture, are SECURITY DEFINER functions of keen_system.)
+    "GRANT SELECT, INSERT, UPDATE ON credit_accounts, credit_holds TO keen_ledger",
+    "GRANT SELECT, INSERT ON credit_transactions TO keen_ledger",
+    "GRANT SELECT, UPDATE (markup, reason, changed_by, updated_at) ON credit_pricing"
+    " TO keen_ledger",
+    # The auto-recharge queue: written by the charges, resolved by the billing service as
+    # keen_system (it holds no money), which keeps its grants.
+    "GRANT SELECT, INSERT ON credit_auto_recharge_requests TO keen_ledger",
+    # Session budgets (taken and given back under the root row's lock).
+    "GRANT SELECT, UPDATE (budget_used) ON agent_sessions TO keen_ledger",
+    # Who is an admin, their zone (no secrets).
+    "GRANT SELECT (id, email, username, display_name, avatar_url, role, is_admin,"
+    " admin_privileges, email_verified, account_status, mfa_enabled, timezone, preferences,"
+    " created_at, updated_at, last_login_at, last_login_ip) ON users TO keen_ledger",
+    "GRANT EXECUTE ON FUNCTION keen_current_user_id(), keen_is_admin() TO keen_ledger",
+    f"REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON {_MONEY_TABLES} FROM keen_system",
+]
+LEDGER_DOWN = [
+    """
+    DO $$
+    DECLARE
+        f regprocedure;
+    BEGIN
+        FOR f IN SELECT p.oid::regprocedure FROM pg_proc p
+                  WHERE p.pronamespace = 'public'::regnamespace
+                    AND p.proowner = 'keen_ledger'::regrole LOOP
+            EXECUTE format('ALTER FUNCTION %s OWNER TO keen_system', f);
+        END LOOP;
+    END $$
+    """,
+    "REVOKE ALL ON credit_accounts, credit_transactions, credit_holds,"
+    " credit_auto_recharge_requests, agent_sessions, users FROM keen_ledger",
+    "REVOKE ALL ON FUNCTION keen_current_user_id(), keen_is_admin() FROM keen_ledger",
+    # 0001's and 0002's grants (credit_pricing goes with the downgrade).
+    "GRANT SELECT, INSERT, UPDATE, DELETE ON credit_accounts, credit_transactions, credit_holds"
+    " TO keen_system",
+]
 
 
 UPGRADE = [
     *ROLES,
     *DATABASE_GRANTS,
     *DELETE_POLICY,
+    *USERS_GUARD,
+    *TIMEZONE_CHECK,
     *WINDOW_COLUMNS,
     *PRICING,
     *HELPERS,
     *(f"DROP FUNCTION {signature}" for signature in OLD.values()),
     *FUNCTIONS,
     *_grants(),
+    *LEDGER,
     _repin(OLD_PATH, SAFE_PATH),
+    *TIMEZONE_ROWS,
 ]
 
 
@@ -1095,6 +1403,7 @@ def _definition(statements: list[str], name: str, *, replace: bool = False) -> s
 
 
 def _downgrade_statements() -> list[str]:
+    foundation = _earlier("0001_foundation")
     ledger = _earlier("0002_ledger")
     batch = _earlier("0005_ledger_batch")
     functions = ledger.HELPERS + ledger.MONEY_FUNCTIONS
@@ -1104,6 +1413,7 @@ def _downgrade_statements() -> list[str]:
         return [s for s in ledger._grants() if any(f" {name}(" in s for name in names)]
 
     return [
+        *LEDGER_DOWN,
         "DROP TRIGGER users_spend_windows ON users",
         *(f"DROP FUNCTION {signature}" for signature in NEW.values()),
         *WINDOW_COLUMNS_DOWN,
@@ -1121,6 +1431,8 @@ def _downgrade_statements() -> list[str]:
         *grants(*restored, "keen_credit_refund"),
         "DROP TABLE credit_pricing",
         *DELETE_POLICY_DOWN,
+        _definition(foundation.FUNCTIONS, "keen_users_guard", replace=True),
+        _definition(foundation.FUNCTIONS, "keen_users_check_timezone", replace=True),
         _repin(SAFE_PATH, OLD_PATH),
         *DATABASE_GRANTS_DOWN,
         *ROLES_DOWN,
@@ -1128,7 +1440,11 @@ def _downgrade_statements() -> list[str]:
 
 
 def upgrade() -> None:
-    for statement in UPGRADE:
+    markup, source = operator_markup()
+    seed = _seed_pricing(markup, source)
+    # The price goes in right after its table, before anything reads it.
+    at = UPGRADE.index(PRICING[-1]) + 1
+    for statement in [*UPGRADE[:at], *seed, *UPGRADE[at:]]:
         op.execute(statement)
 
 
