@@ -122,12 +122,14 @@ async def main() -> int:
                 users = [r["user_id"] for r in await conn.fetch("SELECT user_id FROM bench_users")]
             for db in dbs.values():
                 await run(db, users, max(CALLERS), 0.5)  # warm statements and plan caches
-            pids = [r["pid"] for r in await owner.fetch(
-                "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                " AND pid <> pg_backend_pid()")]
             for round_no in range(1, args.rounds + 1):
                 for callers in CALLERS:
                     for variant, db in dbs.items():
+                        # Read each time: the pools replace connections (idle lifetime, the
+                        # reset closing one), and a stale list would miss the new backends.
+                        pids = [r["pid"] for r in await owner.fetch(
+                            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                            " AND pid <> pg_backend_pid()")]
                         server0, client0 = server_cpu(pids), time.process_time()
                         wall0 = time.perf_counter()
                         done = await run(db, users, callers, args.seconds)
@@ -154,7 +156,7 @@ async def main() -> int:
         for variant in VARIANTS:
             figures = [median(r[i] for r in results[(variant, callers)]) for i in range(3)]
             print(f"  {variant:<12}" + "".join(
-                f"{value:>{width},.0f}{value / b:>7.2f}"
+                f"{value:>{width},.0f}" + (f"{value / b:>7.2f}" if b else f"{'-':>7}")
                 for value, b, width in zip(figures, base, (8, 15, 15), strict=True)
             ))
     return 0

@@ -801,7 +801,7 @@ FUNCTIONS = [
         END IF;
         IF v_cost IS NULL OR v_cost <= 0 OR v_cost > 999999999999.999999
            OR v_cost <> round(v_cost, 6) THEN
-            v_cost := keen_money_check(p_cost, 'estimated_claude_cost', false);
+            v_cost := keen_money_check(p_cost, 'claude_cost_usd', false);
         END IF;
         IF p_ttl IS NULL OR p_ttl <= interval '0' OR p_ttl > interval '1 day' THEN
             RAISE EXCEPTION 'hold ttl must be between 0 and 1 day' USING ERRCODE = 'KS400';
@@ -811,9 +811,9 @@ FUNCTIONS = [
             RAISE EXCEPTION 'ledger: no markup configured (credit_pricing is empty)';
         END IF;
         IF v_cost * v_markup > 999999999999.999999 THEN
-            RAISE EXCEPTION 'estimated_claude_cost x markup is out of range'
+            RAISE EXCEPTION 'claude_cost_usd x markup is out of range'
                 USING ERRCODE = 'KS422',
-                DETAIL = json_build_object('field', 'estimated_claude_cost')::text;
+                DETAIL = json_build_object('field', 'claude_cost_usd')::text;
         END IF;
         v_credits := keen_credits_for(v_cost, v_markup);
         IF p_session IS NOT NULL OR p_session_handle IS NOT NULL THEN
@@ -903,7 +903,7 @@ FUNCTIONS = [
     BEGIN
         IF v_cost IS NULL OR v_cost <= 0 OR v_cost > 999999999999.999999
            OR v_cost <> round(v_cost, 6) THEN
-            v_cost := keen_money_check(p_cost, 'actual_claude_cost', false);
+            v_cost := keen_money_check(p_cost, 'claude_cost_usd', false);
         END IF;
         SELECT * INTO h FROM credit_holds WHERE id = p_hold FOR UPDATE;
         IF NOT FOUND THEN
@@ -929,7 +929,7 @@ FUNCTIONS = [
                     'status', CASE WHEN h.status = 'active' THEN 'expired' ELSE h.status END)::text;
         END IF;
         IF v_cost * h.keen_markup_multiplier > 999999999999.999999 THEN
-            RAISE EXCEPTION 'actual_claude_cost x markup is out of range' USING ERRCODE = 'KS422';
+            RAISE EXCEPTION 'claude_cost_usd x markup is out of range' USING ERRCODE = 'KS422';
         END IF;
         v_credits := keen_credits_for(v_cost, h.keen_markup_multiplier);
         v_excess := v_credits - h.estimated_credits;
