@@ -285,14 +285,18 @@ CREATE INDEX idx_credit_auto_recharge_pending ON credit_auto_recharge_requests(c
 
 ALTER TABLE credit_auto_recharge_requests ENABLE ROW LEVEL SECURITY;
 ALTER TABLE credit_auto_recharge_requests FORCE ROW LEVEL SECURITY;
-CREATE POLICY credit_auto_recharge_requests_select ON credit_auto_recharge_requests FOR SELECT TO keen_app
+CREATE POLICY credit_auto_recharge_requests_select ON credit_auto_recharge_requests
+    FOR SELECT TO keen_app
     USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()));
-CREATE POLICY credit_auto_recharge_requests_insert ON credit_auto_recharge_requests FOR INSERT TO keen_app
+CREATE POLICY credit_auto_recharge_requests_insert ON credit_auto_recharge_requests
+    FOR INSERT TO keen_app
     WITH CHECK (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()));
-CREATE POLICY credit_auto_recharge_requests_update ON credit_auto_recharge_requests FOR UPDATE TO keen_app
+CREATE POLICY credit_auto_recharge_requests_update ON credit_auto_recharge_requests
+    FOR UPDATE TO keen_app
     USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()))
     WITH CHECK (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()));
-CREATE POLICY credit_auto_recharge_requests_delete ON credit_auto_recharge_requests FOR DELETE TO keen_app
+CREATE POLICY credit_auto_recharge_requests_delete ON credit_auto_recharge_requests
+    FOR DELETE TO keen_app
     USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()));
 
 GRANT SELECT ON credit_auto_recharge_requests TO keen_app;
@@ -362,7 +366,8 @@ AS $$
 $$;
 ALTER FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz) OWNER TO keen_system;
 REVOKE ALL ON FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz) TO keen_app;
+GRANT EXECUTE ON FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz)
+    TO keen_app;
 
 -- THE "can this account pay p_credits now" rule: the available balance (active holds
 -- reserved) and both limits, active holds counting as spent. Admin / unlimited accounts are
@@ -383,9 +388,12 @@ AS $$
             OR public.keen_spend_in_window(p_spent_month, p_month_end, p_now)
                + p_held + p_credits <= p_monthly_limit)
 $$;
-ALTER FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz) OWNER TO keen_system;
-REVOKE ALL ON FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz) TO keen_app;
+ALTER FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz)
+    OWNER TO keen_system;
+REVOKE ALL ON FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz)
+    TO keen_app;
 
 -- keen_app may change users.timezone but not the account's windows: SECURITY DEFINER.
 -- Always writes the account row, under its lock: a deduction that read the old zone and
@@ -656,8 +664,10 @@ BEGIN
     RETURNING * INTO t;
     RETURN t;
 END $$;
-ALTER FUNCTION keen_ledger_bypass(uuid, uuid, numeric, numeric, uuid, text, text, text, uuid) OWNER TO keen_system;
-REVOKE ALL ON FUNCTION keen_ledger_bypass(uuid, uuid, numeric, numeric, uuid, text, text, text, uuid) FROM PUBLIC;
+ALTER FUNCTION keen_ledger_bypass(uuid, uuid, numeric, numeric, uuid, text, text, text, uuid)
+    OWNER TO keen_system;
+REVOKE ALL ON FUNCTION keen_ledger_bypass(uuid, uuid, numeric, numeric, uuid, text, text, text, uuid)
+    FROM PUBLIC;
 
 -- Who acts in the billing context: app.current_user_id, set by billing_transaction(). When
 -- set it must be an active admin; p_required: the change needs one (adjustments, the price).
@@ -800,8 +810,10 @@ BEGIN
     END IF;
     RETURN t;
 END $$;
-ALTER FUNCTION keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text) OWNER TO keen_system;
-REVOKE ALL ON FUNCTION keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text) FROM PUBLIC;
+ALTER FUNCTION keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text)
+    OWNER TO keen_system;
+REVOKE ALL ON FUNCTION keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text)
+    FROM PUBLIC;
 
 -- The tenant's deduction: the price is the server's, read here.
 CREATE FUNCTION keen_credit_deduct(p_user uuid, p_cost numeric, p_session uuid,
@@ -881,8 +893,10 @@ BEGIN
     END LOOP;
     PERFORM set_config('app.current_user_id', '', true);
 END $$;
-ALTER FUNCTION keen_credit_deduct_many(uuid[], numeric[], text[], text[], text[]) OWNER TO keen_system;
-REVOKE ALL ON FUNCTION keen_credit_deduct_many(uuid[], numeric[], text[], text[], text[]) FROM PUBLIC;
+ALTER FUNCTION keen_credit_deduct_many(uuid[], numeric[], text[], text[], text[])
+    OWNER TO keen_system;
+REVOKE ALL ON FUNCTION keen_credit_deduct_many(uuid[], numeric[], text[], text[], text[])
+    FROM PUBLIC;
 
 -- === Holds ====================================================================================
 -- A hold reserves estimated credits from the available balance (and the session budget), at
@@ -989,9 +1003,12 @@ BEGIN
     RETURNING * INTO h;
     RETURN h;
 END $$;
-ALTER FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text) OWNER TO keen_system;
-REVOKE ALL ON FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text) TO keen_app;
+ALTER FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text)
+    OWNER TO keen_system;
+REVOKE ALL ON FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text)
+    TO keen_app;
 
 -- Charges the actual cost (at the hold's recorded markup) and frees the rest of the hold. Up
 -- to the reserved credits it always succeeds; an excess is charged only if it fits (balance,

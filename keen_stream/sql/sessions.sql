@@ -265,8 +265,10 @@ BEGIN
     END IF;
     RETURN NEXT created;
 END $$;
-REVOKE ALL ON FUNCTION keen_session_create(uuid, text, text, text, text, text, boolean, integer) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_session_create(uuid, text, text, text, text, text, boolean, integer) TO keen_app, keen_system;
+REVOKE ALL ON FUNCTION keen_session_create(uuid, text, text, text, text, text, boolean, integer)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_session_create(uuid, text, text, text, text, text, boolean, integer)
+    TO keen_app, keen_system;
 
 -- A progress report in one statement, whose implicit transaction commits on the server as soon
 -- as the statement ends: the stream releases an event only once every older transaction has
@@ -304,8 +306,10 @@ BEGIN
     WHERE s.session_id = p_handle AND s.user_id = p_user
     RETURNING s.*;
 END $$;
-REVOKE ALL ON FUNCTION keen_session_progress(text, uuid, text, text, integer, integer, bigint, bigint, text[], text[], text[]) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_session_progress(text, uuid, text, text, integer, integer, bigint, bigint, text[], text[], text[]) TO keen_app;
+REVOKE ALL ON FUNCTION keen_session_progress(text, uuid, text, text, integer, integer, bigint, bigint, text[], text[], text[])
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_session_progress(text, uuid, text, text, integer, integer, bigint, bigint, text[], text[], text[])
+    TO keen_app;
 
 ALTER TABLE agent_sessions ENABLE ROW LEVEL SECURITY;
 ALTER TABLE agent_sessions FORCE ROW LEVEL SECURITY;
