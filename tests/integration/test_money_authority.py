@@ -242,7 +242,7 @@ async def test_a_hold_made_as_an_admin_is_paid_if_the_admin_is_demoted_before_it
     )
     with pytest.raises(InsufficientCredits):
         await db.credits.settle(bypass_hold, D("100"))
-    assert (await db.credits.get_hold(bypass_hold.id, actor_id=carol.id)).status == "active"
+    assert (await db.credits.get_hold(carol.id, bypass_hold.id)).status == "active"
 
     # Promoted between reserve and settle: nothing to pay, the 5 held are freed.
     await owner_conn.execute(
