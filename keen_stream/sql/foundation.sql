@@ -23,9 +23,11 @@ DO $$ BEGIN
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
 END $$;
 
--- keen_system: maintenance jobs and the SECURITY DEFINER functions (login lookup, token
--- validation, audit, the ledger). It bypasses RLS, so it is NOLOGIN and reached only through
--- code paths that say so (KeenDatabase.system_transaction()).
+-- keen_system: maintenance jobs, registration, and the owner of the SECURITY DEFINER functions
+-- outside the ledger (login lookup, token validation, audit, sessions, the stream). It bypasses
+-- RLS, so it is NOLOGIN and reached only through code paths that say so
+-- (KeenDatabase.system_transaction()). It reads the money tables but writes none of them: it
+-- reaches money only through the ledger functions it may execute (ledger.sql).
 DO $$ BEGIN
     CREATE ROLE keen_system NOLOGIN NOSUPERUSER BYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT;
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
@@ -40,10 +42,28 @@ DO $$ BEGIN
 EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
 END $$;
 
--- The login role that owns the schema must be able to SET ROLE to each; a superuser already can.
+-- keen_ledger: owns the ledger's functions and alone writes the money tables, so that
+-- keen_system (every db.system_transaction(): registration, the hub's maintenance loops) can
+-- neither write a balance, a ledger row, a hold or the price, nor, as the owner of the minting
+-- functions, grant itself EXECUTE on them. Nobody acts as keen_ledger: it is reached only as
+-- the owner of SECURITY DEFINER functions (NOLOGIN, NOINHERIT, member of nothing). BYPASSRLS
+-- because those functions act across tenants by design (the batch charges many users, billing
+-- credits any account, the expiry sweep and verify read every account) and read users /
+-- agent_sessions inside tenant transactions: every tenant table FORCEs RLS with policies for
+-- keen_app only, so without it they would see no rows (keen_system, the owner it replaced,
+-- has the attribute for the same reason). Creating a BYPASSRLS role needs a superuser (a DBA
+-- may create it beforehand).
+DO $$ BEGIN
+    CREATE ROLE keen_ledger NOLOGIN NOSUPERUSER BYPASSRLS NOCREATEDB NOCREATEROLE NOINHERIT;
+EXCEPTION WHEN duplicate_object OR unique_violation THEN NULL;
+END $$;
+
+-- The login role that owns the schema must be able to SET ROLE to each, and be a member of
+-- keen_ledger to hand it ownership of the ledger's functions; a superuser already can.
 DO $$ BEGIN
     IF NOT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user) THEN
-        EXECUTE format('GRANT keen_app, keen_system, keen_billing TO %I', current_user);
+        EXECUTE format('GRANT keen_app, keen_system, keen_billing, keen_ledger TO %I',
+                       current_user);
     END IF;
 END $$;
 
@@ -58,7 +78,7 @@ DO $$ BEGIN
     EXECUTE format('GRANT TEMPORARY ON DATABASE %I TO keen_system', current_database());
 END $$;
 
-GRANT USAGE ON SCHEMA public TO keen_app, keen_system, keen_billing;
+GRANT USAGE ON SCHEMA public TO keen_app, keen_system, keen_billing, keen_ledger;
 
 -- === Helpers ==================================================================================
 -- The acting user, set per transaction with set_config('app.current_user_id', $1, true).
@@ -67,7 +87,7 @@ CREATE FUNCTION keen_current_user_id() RETURNS uuid
 LANGUAGE sql STABLE PARALLEL SAFE
 AS $$ SELECT nullif(current_setting('app.current_user_id', true), '')::uuid $$;
 REVOKE ALL ON FUNCTION keen_current_user_id() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_current_user_id() TO keen_app, keen_system;
+GRANT EXECUTE ON FUNCTION keen_current_user_id() TO keen_app, keen_system, keen_ledger;
 
 CREATE FUNCTION keen_touch_updated_at() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -139,7 +159,7 @@ AS $$
 $$;
 ALTER FUNCTION keen_is_admin() OWNER TO keen_system;
 REVOKE ALL ON FUNCTION keen_is_admin() FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_is_admin() TO keen_app;
+GRANT EXECUTE ON FUNCTION keen_is_admin() TO keen_app, keen_ledger;
 
 -- The pre-authentication lookups run before any user context exists, so they are narrow
 -- SECURITY DEFINER functions (owned by keen_system) instead of a wide grant to keen_app.
@@ -156,9 +176,19 @@ REVOKE ALL ON FUNCTION keen_login_lookup(text) FROM PUBLIC;
 
 -- A user may edit their profile; only an admin may change role, admin flags, status or
 -- verification. Column grants cannot say "only admins", so a trigger does.
+-- The super_admin role is given and taken only outside tenant context (the system role,
+-- `keen-stream create-admin`): were a super-admin able to change a super-admin's role from
+-- tenant context, the delete policy below (which reads the role when the DELETE runs) could be
+-- walked around in one transaction, demoting the row and then deleting it as an admin's. A
+-- super-admin still manages the other columns of a super-admin's row (status, privileges).
 CREATE FUNCTION keen_users_guard() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF current_user = 'keen_app'
+       AND (OLD.role = 'super_admin') IS DISTINCT FROM (NEW.role = 'super_admin') THEN
+        RAISE EXCEPTION 'the super_admin role is given and taken only by the system role'
+            USING ERRCODE = 'KS403';
+    END IF;
     IF current_user = 'keen_app'
        AND (NEW.role, NEW.is_admin, NEW.admin_privileges, NEW.account_status,
             NEW.email_verified, NEW.email, NEW.username)
@@ -169,9 +199,9 @@ BEGIN
         RAISE EXCEPTION 'only an admin may change role, status, email or privileges'
             USING ERRCODE = 'KS403';
     END IF;
-    -- A plain admin must not suspend, demote or impersonate the super-admin, nor make one.
+    -- A plain admin must not suspend or impersonate the super-admin.
     IF current_user = 'keen_app'
-       AND (OLD.role = 'super_admin' OR NEW.role = 'super_admin')
+       AND OLD.role = 'super_admin'
        AND (NEW.role, NEW.is_admin, NEW.admin_privileges, NEW.account_status, NEW.email)
            IS DISTINCT FROM
            (OLD.role, OLD.is_admin, OLD.admin_privileges, OLD.account_status, OLD.email)
@@ -184,14 +214,28 @@ BEGIN
 END $$;
 REVOKE ALL ON FUNCTION keen_users_guard() FROM PUBLIC;
 
--- The ledger computes days and months in the user's time zone: reject unknown zones early.
+-- The ledger computes days and months in the user's time zone: a time zone must be one of the
+-- zone names PostgreSQL knows (pg_timezone_names, what the DAL's IANA names are drawn from),
+-- else KS400 (InvalidInput). Not whatever AT TIME ZONE accepts: a POSIX spec such as
+-- 'AAA0BBB-23,J335/1,J365/0' is UTC jumping 23 hours ahead on 1 December, and a window rule
+-- that adds "a day" in local time would then open a new daily window one hour after the last.
+-- pg_timezone_names reads the zone directory (~20 ms): the trigger fires only on INSERT and
+-- UPDATE OF timezone, and skips the default 'UTC' and an unchanged value. No pinned path: it
+-- names pg_catalog's view, and a GUC per insert is waste.
 CREATE FUNCTION keen_users_check_timezone() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM now() AT TIME ZONE NEW.timezone;
+    IF NEW.timezone = 'UTC'
+       OR (TG_OP = 'UPDATE' AND NEW.timezone IS NOT DISTINCT FROM OLD.timezone) THEN
+        RETURN NEW;
+    END IF;
+    IF NEW.timezone IS NULL OR NOT EXISTS (
+           SELECT 1 FROM pg_catalog.pg_timezone_names z WHERE z.name = NEW.timezone) THEN
+        RAISE EXCEPTION 'unknown time zone % (a zone name such as Europe/Paris)',
+            NEW.timezone USING ERRCODE = 'KS400',
+            DETAIL = json_build_object('field', 'timezone')::text;
+    END IF;
     RETURN NEW;
-EXCEPTION WHEN invalid_parameter_value THEN
-    RAISE EXCEPTION 'unknown time zone %', NEW.timezone USING ERRCODE = 'KS400';
 END $$;
 REVOKE ALL ON FUNCTION keen_users_check_timezone() FROM PUBLIC;
 
@@ -227,6 +271,11 @@ GRANT UPDATE (display_name, avatar_url, timezone, preferences, last_login_at, la
     ON users TO keen_app;
 GRANT DELETE ON users TO keen_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON users TO keen_system;
+-- The ledger's functions (keen_ledger, ledger.sql) read who is an admin and their zone, no
+-- secrets.
+GRANT SELECT (id, email, username, display_name, avatar_url, role, is_admin, admin_privileges,
+              email_verified, account_status, mfa_enabled, timezone, preferences, created_at,
+              updated_at, last_login_at, last_login_ip) ON users TO keen_ledger;
 
 -- === auth_tokens ==============================================================================
 CREATE TABLE auth_tokens (

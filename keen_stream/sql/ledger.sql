@@ -1,11 +1,18 @@
 -- keen_stream's schema, part 3 of 5: the credit ledger (docs/ledger.md).
 --
 -- Every balance change happens inside one of the SECURITY DEFINER functions below (owned by
--- keen_system): keen_app may read its own account and ledger, never write them. Each function
+-- keen_ledger): keen_app may read its own account and ledger, never write them. Each function
 -- takes the acting user from keen_current_user_id() / keen_is_admin() and re-checks that the
 -- target account is the caller's own (or that the caller is an admin). Money functions that
 -- must be atomic and fast live here so that a deduction is one round trip. The functions that
 -- create money (purchase, refund, adjustment) and the price are keen_billing's alone.
+--
+-- Separation of duties: keen_ledger (foundation.sql; nobody acts as it) owns every function
+-- of this file and alone may write the money tables (credit_accounts, credit_transactions,
+-- credit_holds, credit_pricing). keen_system (maintenance, registration) reads them and writes
+-- none of them; it reaches money only by executing what it is granted: the batch, the expiry
+-- sweep, verify, and keen_credit_open_account. (Triggers on these tables that write elsewhere,
+-- keen_audit and the stream capture, are SECURITY DEFINER functions of keen_system.)
 --
 -- Lock order, everywhere: idempotency key (advisory) -> hold row -> root session row (only when
 -- it has a budget) -> account row.
@@ -67,9 +74,9 @@ BEGIN
        AND (a.auto_recharge_threshold IS NULL OR a.auto_recharge_threshold >= 0)
        AND (a.auto_recharge_amount IS NULL OR a.auto_recharge_amount > 0);
 END $$;
-ALTER FUNCTION keen_credit_account_valid(credit_accounts) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_account_valid(credit_accounts) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_account_valid(credit_accounts) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_credit_account_valid(credit_accounts) TO keen_app;
+GRANT EXECUTE ON FUNCTION keen_credit_account_valid(credit_accounts) TO keen_app, keen_system;
 ALTER TABLE credit_accounts
     ADD CONSTRAINT credit_accounts_valid CHECK (keen_credit_account_valid(credit_accounts));
 
@@ -88,10 +95,42 @@ CREATE POLICY credit_accounts_delete ON credit_accounts FOR DELETE TO keen_app
 GRANT SELECT ON credit_accounts TO keen_app;
 GRANT UPDATE (daily_limit, monthly_limit, auto_recharge_enabled, auto_recharge_threshold,
               auto_recharge_amount, updated_at) ON credit_accounts TO keen_app;
-GRANT SELECT, INSERT, UPDATE, DELETE ON credit_accounts TO keen_system;
+GRANT SELECT ON credit_accounts TO keen_system;
+GRANT SELECT, INSERT, UPDATE ON credit_accounts TO keen_ledger;
+
+-- Registration opens an account (balance 0), and create-admin makes an admin's account
+-- unlimited: keen_system may do both through this function and may not write credit_accounts
+-- otherwise. Unlimited only for an active admin (the flag follows the role, which users_audit
+-- records).
+CREATE FUNCTION keen_credit_open_account(p_user uuid, p_unlimited boolean) RETURNS uuid
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+AS $$
+DECLARE
+    v_account uuid;
+BEGIN
+    IF NOT coalesce(p_unlimited, false) THEN
+        INSERT INTO credit_accounts (user_id) VALUES (p_user) RETURNING id INTO v_account;
+        RETURN v_account;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM users u WHERE u.id = p_user AND u.is_admin
+                                           AND u.account_status = 'active') THEN
+        RAISE EXCEPTION 'only an active admin''s account may be unlimited'
+            USING ERRCODE = 'KS403';
+    END IF;
+    INSERT INTO credit_accounts (user_id, unlimited_credits, bypass_billing, daily_limit,
+                                 monthly_limit)
+    VALUES (p_user, true, true, NULL, NULL)
+    ON CONFLICT (user_id) DO UPDATE SET unlimited_credits = true, bypass_billing = true,
+        daily_limit = NULL, monthly_limit = NULL, updated_at = now()
+    RETURNING id INTO v_account;
+    RETURN v_account;
+END $$;
+ALTER FUNCTION keen_credit_open_account(uuid, boolean) OWNER TO keen_ledger;
+REVOKE ALL ON FUNCTION keen_credit_open_account(uuid, boolean) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_credit_open_account(uuid, boolean) TO keen_system;
 
 -- === The price ================================================================================
--- One row, changed only by keen_credit_set_markup (owned by keen_system), every change audited.
+-- One row, changed only by keen_credit_set_markup (owned by keen_ledger), every change audited.
 -- No function tenant code may execute takes a markup: the price is the server's.
 CREATE TABLE credit_pricing (
     id UUID PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -108,11 +147,15 @@ CREATE TABLE credit_pricing (
 -- The price has no owning user: the audit rows' user_id stays NULL (admins read them).
 CREATE TRIGGER credit_pricing_audit AFTER INSERT OR UPDATE OR DELETE ON credit_pricing
     FOR EACH ROW EXECUTE FUNCTION keen_audit('no_owner');
--- The price of a new install (migration 0007 carried over the last markup charged instead).
-INSERT INTO credit_pricing (markup, reason) VALUES (5.00, 'the markup in force at migration 0007');
+-- The price of a new install: migration 0007's default. An upgrade seeds the operator's
+-- markup instead (`keen-stream migrate --markup`, `-x markup=`, KEEN_CREDIT_MARKUP, else this
+-- 5.00) and names its source in the reason; it also gives active holds made at another markup
+-- (a tenant chose it before 0007) this price.
+INSERT INTO credit_pricing (markup, reason)
+VALUES (5.00, 'the operator''s markup at migration 0007 (the default)');
 
 GRANT SELECT ON credit_pricing TO keen_app, keen_system, keen_billing;
-GRANT UPDATE (markup, reason, changed_by, updated_at) ON credit_pricing TO keen_system;
+GRANT SELECT, UPDATE (markup, reason, changed_by, updated_at) ON credit_pricing TO keen_ledger;
 
 -- === Holds ====================================================================================
 CREATE TABLE credit_holds (
@@ -170,7 +213,8 @@ CREATE POLICY credit_holds_delete ON credit_holds FOR DELETE TO keen_app
     USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()));
 
 GRANT SELECT ON credit_holds TO keen_app;
-GRANT SELECT, INSERT, UPDATE, DELETE ON credit_holds TO keen_system;
+GRANT SELECT ON credit_holds TO keen_system;
+GRANT SELECT, INSERT, UPDATE ON credit_holds TO keen_ledger;
 
 -- === The ledger ===============================================================================
 -- Append-only. The chain: every row has the next number of its account; (account_id,
@@ -241,8 +285,9 @@ BEGIN
        AND (t.keen_markup_multiplier IS NULL OR t.keen_markup_multiplier > 0)
        AND length(t.description) <= 1000;
 END $$;
-ALTER FUNCTION keen_credit_transaction_valid(credit_transactions) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_transaction_valid(credit_transactions) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_transaction_valid(credit_transactions) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_credit_transaction_valid(credit_transactions) TO keen_system;
 ALTER TABLE credit_transactions
     ADD CONSTRAINT credit_transactions_valid
     CHECK (keen_credit_transaction_valid(credit_transactions));
@@ -260,7 +305,8 @@ CREATE POLICY credit_transactions_delete ON credit_transactions FOR DELETE TO ke
     USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()));
 
 GRANT SELECT ON credit_transactions TO keen_app;
-GRANT SELECT, INSERT, UPDATE, DELETE ON credit_transactions TO keen_system;
+GRANT SELECT ON credit_transactions TO keen_system;
+GRANT SELECT, INSERT ON credit_transactions TO keen_ledger;
 
 -- === Auto recharge ============================================================================
 -- One row per threshold crossing; the billing service acts on 'requested' rows.
@@ -299,8 +345,11 @@ CREATE POLICY credit_auto_recharge_requests_delete ON credit_auto_recharge_reque
     FOR DELETE TO keen_app
     USING (user_id = (SELECT keen_current_user_id()) OR (SELECT keen_is_admin()));
 
+-- Written by the charges (keen_ledger), resolved by the billing service as keen_system (the
+-- queue holds no money).
 GRANT SELECT ON credit_auto_recharge_requests TO keen_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON credit_auto_recharge_requests TO keen_system;
+GRANT SELECT, INSERT ON credit_auto_recharge_requests TO keen_ledger;
 
 -- === The rules, written once ==================================================================
 -- keen_credits_for is THE rounding rule (mirrored by keen_stream.dal.credits.credits_for):
@@ -308,24 +357,25 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON credit_auto_recharge_requests TO keen_sy
 CREATE FUNCTION keen_credits_for(p_cost numeric, p_markup numeric) RETURNS numeric
 LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT (ceil(p_cost * p_markup * 1000000) / 1000000)::numeric(18,6) $$;
-ALTER FUNCTION keen_credits_for(numeric, numeric) OWNER TO keen_system;
+ALTER FUNCTION keen_credits_for(numeric, numeric) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credits_for(numeric, numeric) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_credits_for(numeric, numeric) TO keen_app;
+GRANT EXECUTE ON FUNCTION keen_credits_for(numeric, numeric) TO keen_app, keen_system;
 
 -- Spend windows. Plain SQL functions without SECURITY DEFINER or a pinned path, so the planner
 -- inlines them into the statements that call them (a pinned path would forbid it): no call per
 -- row, and the same text in the deduction, the hold, the settle, the refusal and the DAL's
--- reads (which run as keen_app). They name no table. IMMUTABLE: every time-zone conversion
--- they use is.
+-- reads (which run as keen_app or keen_system). They name no table. IMMUTABLE: every
+-- time-zone conversion they use is (PostgreSQL's own timezone(text, ...) is).
 
 -- Spend of a window that is still open at p_now; an ended window's spend no longer counts.
 CREATE FUNCTION keen_spend_in_window(p_spent numeric, p_end timestamptz, p_now timestamptz)
 RETURNS numeric
 LANGUAGE sql IMMUTABLE PARALLEL SAFE
 AS $$ SELECT CASE WHEN p_now < p_end THEN p_spent ELSE 0 END $$;
-ALTER FUNCTION keen_spend_in_window(numeric, timestamptz, timestamptz) OWNER TO keen_system;
+ALTER FUNCTION keen_spend_in_window(numeric, timestamptz, timestamptz) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_spend_in_window(numeric, timestamptz, timestamptz) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_spend_in_window(numeric, timestamptz, timestamptz) TO keen_app;
+GRANT EXECUTE ON FUNCTION keen_spend_in_window(numeric, timestamptz, timestamptz)
+    TO keen_app, keen_system;
 
 -- Where the window a charge at p_now counts in ends (p_unit 'day' or 'month'; p_end: the
 -- account's current window end, NULL for none). An open window keeps its end. Otherwise the
@@ -348,9 +398,10 @@ AS $$
         AT TIME ZONE p_tz
     END
 $$;
-ALTER FUNCTION keen_spend_window_end(text, timestamptz, text, timestamptz) OWNER TO keen_system;
+ALTER FUNCTION keen_spend_window_end(text, timestamptz, text, timestamptz) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_spend_window_end(text, timestamptz, text, timestamptz) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION keen_spend_window_end(text, timestamptz, text, timestamptz) TO keen_app;
+GRANT EXECUTE ON FUNCTION keen_spend_window_end(text, timestamptz, text, timestamptz)
+    TO keen_app, keen_system;
 
 -- The window after the user's zone changes to p_tz: an open window ends at the later of its
 -- end and the end of the new zone's current day (month), so the spend already made counts
@@ -364,10 +415,10 @@ AS $$
     SELECT greatest(public.keen_spend_window_end(p_unit, p_end, p_tz, p_now),
                     public.keen_spend_window_end(p_unit, NULL, p_tz, p_now))
 $$;
-ALTER FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz) OWNER TO keen_system;
+ALTER FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_spend_window_rezoned(text, timestamptz, text, timestamptz)
-    TO keen_app;
+    TO keen_app, keen_system;
 
 -- THE "can this account pay p_credits now" rule: the available balance (active holds
 -- reserved) and both limits, active holds counting as spent. Admin / unlimited accounts are
@@ -389,11 +440,11 @@ AS $$
                + p_held + p_credits <= p_monthly_limit)
 $$;
 ALTER FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz)
-    OWNER TO keen_system;
+    OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric, numeric, timestamptz, timestamptz)
-    TO keen_app;
+    TO keen_app, keen_system;
 
 -- keen_app may change users.timezone but not the account's windows: SECURITY DEFINER.
 -- Always writes the account row, under its lock: a deduction that read the old zone and
@@ -413,7 +464,7 @@ BEGIN
      WHERE a.user_id = NEW.id;
     RETURN NULL;
 END $$;
-ALTER FUNCTION keen_users_timezone_changed() OWNER TO keen_system;
+ALTER FUNCTION keen_users_timezone_changed() OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_users_timezone_changed() FROM PUBLIC;
 CREATE TRIGGER users_spend_windows AFTER UPDATE OF timezone ON users FOR EACH ROW
     WHEN (OLD.timezone IS DISTINCT FROM NEW.timezone)
@@ -450,7 +501,7 @@ BEGIN
     END IF;
     RETURN round(p_value, 6);
 END $$;
-ALTER FUNCTION keen_money_check(numeric, text, boolean) OWNER TO keen_system;
+ALTER FUNCTION keen_money_check(numeric, text, boolean) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_money_check(numeric, text, boolean) FROM PUBLIC;
 
 -- The caller acts on p_user's account: their own, or any account when they are an admin.
@@ -466,7 +517,7 @@ BEGIN
         RAISE EXCEPTION 'no credit account for this user' USING ERRCODE = 'KS404';
     END IF;
 END $$;
-ALTER FUNCTION keen_ledger_authorize(uuid) OWNER TO keen_system;
+ALTER FUNCTION keen_ledger_authorize(uuid) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_ledger_authorize(uuid) FROM PUBLIC;
 
 -- Runs only when a conditional UPDATE found nothing: say why the charge does not fit (as
@@ -522,7 +573,7 @@ BEGIN
         END IF;
     END IF;
 END $$;
-ALTER FUNCTION keen_ledger_refuse(uuid, numeric, numeric, integer) OWNER TO keen_system;
+ALTER FUNCTION keen_ledger_refuse(uuid, numeric, numeric, integer) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_ledger_refuse(uuid, numeric, numeric, integer) FROM PUBLIC;
 
 -- Take p_credits from a root session's budget, atomically, or raise SessionBudgetExceeded.
@@ -545,7 +596,7 @@ BEGIN
                 'used', v_used::text, 'required', p_credits::text)::text;
     END IF;
 END $$;
-ALTER FUNCTION keen_budget_take(uuid, numeric) OWNER TO keen_system;
+ALTER FUNCTION keen_budget_take(uuid, numeric) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_budget_take(uuid, numeric) FROM PUBLIC;
 
 -- Give credits back to a root's budget (settle below estimate, release, expiry, refund).
@@ -556,7 +607,7 @@ AS $$
     UPDATE agent_sessions SET budget_used = greatest(budget_used - p_credits, 0)
      WHERE id = p_root AND p_credits > 0 AND credit_budget IS NOT NULL
 $$;
-ALTER FUNCTION keen_budget_give_back(uuid, numeric) OWNER TO keen_system;
+ALTER FUNCTION keen_budget_give_back(uuid, numeric) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_budget_give_back(uuid, numeric) FROM PUBLIC;
 
 -- Resolve a session (by row id or by its handle) for p_user. Another user's session reads
@@ -588,7 +639,7 @@ BEGIN
         RAISE EXCEPTION 'no such session' USING ERRCODE = 'KS404';
     END IF;
 END $$;
-ALTER FUNCTION keen_ledger_session(uuid, uuid, text) OWNER TO keen_system;
+ALTER FUNCTION keen_ledger_session(uuid, uuid, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_ledger_session(uuid, uuid, text) FROM PUBLIC;
 
 -- A retry with the same key returns the original row; the same key with other parameters
@@ -616,7 +667,7 @@ BEGIN
     END IF;
     RETURN t;
 END $$;
-ALTER FUNCTION keen_ledger_replay(uuid, text, text) OWNER TO keen_system;
+ALTER FUNCTION keen_ledger_replay(uuid, text, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_ledger_replay(uuid, text, text) FROM PUBLIC;
 
 -- Exactly one request per crossing: the balance went from >= threshold to < threshold in
@@ -638,7 +689,7 @@ BEGIN
                 a.auto_recharge_threshold, a.auto_recharge_amount);
     END IF;
 END $$;
-ALTER FUNCTION keen_ledger_recharge_check(credit_transactions, numeric) OWNER TO keen_system;
+ALTER FUNCTION keen_ledger_recharge_check(credit_transactions, numeric) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_ledger_recharge_check(credit_transactions, numeric) FROM PUBLIC;
 
 -- An admin / unlimited account's charge: a zero-amount row that keeps the provider cost.
@@ -665,7 +716,7 @@ BEGIN
     RETURN t;
 END $$;
 ALTER FUNCTION keen_ledger_bypass(uuid, uuid, numeric, numeric, uuid, text, text, text, uuid)
-    OWNER TO keen_system;
+    OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_ledger_bypass(uuid, uuid, numeric, numeric, uuid, text, text, text, uuid)
     FROM PUBLIC;
 
@@ -689,19 +740,18 @@ BEGIN
     END IF;
     RETURN v_actor;
 END $$;
-ALTER FUNCTION keen_billing_actor(boolean) OWNER TO keen_system;
+ALTER FUNCTION keen_billing_actor(boolean) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_billing_actor(boolean) FROM PUBLIC;
 
 -- === Deductions ===============================================================================
 -- THE deduction: validation, authorization, the balance and limits check and the charge, the
 -- ledger row, in one call. No SECURITY DEFINER frame and no pinned search_path of its own (a
 -- GUC save/restore per call, ~5% of a batched item's server time): it runs only inside the
--- SECURITY DEFINER functions that pin the path (the single call and the batch), and only
--- keen_system may execute it. p_markup comes from those callers, which read credit_pricing.
-CREATE FUNCTION keen_credit_deduct_core(p_user uuid, p_cost numeric,
-                                                   p_markup numeric, p_session uuid,
-                                                   p_session_handle text,
-                                                   p_description text, p_key text)
+-- SECURITY DEFINER functions that pin the path (the single call and the batch), and only its
+-- owner may execute it. p_markup comes from those callers, which read credit_pricing.
+CREATE FUNCTION keen_credit_deduct_core(p_user uuid, p_cost numeric, p_markup numeric,
+                                        p_session uuid, p_session_handle text,
+                                        p_description text, p_key text)
 RETURNS credit_transactions
 LANGUAGE plpgsql
 AS $$
@@ -811,7 +861,7 @@ BEGIN
     RETURN t;
 END $$;
 ALTER FUNCTION keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text)
-    OWNER TO keen_system;
+    OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text)
     FROM PUBLIC;
 
@@ -828,7 +878,7 @@ BEGIN
     RETURN keen_credit_deduct_core(p_user, p_cost, v_markup, p_session, p_session_handle,
                                    p_description, p_key);
 END $$;
-ALTER FUNCTION keen_credit_deduct(uuid, numeric, uuid, text, text, text) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_deduct(uuid, numeric, uuid, text, text, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_deduct(uuid, numeric, uuid, text, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_deduct(uuid, numeric, uuid, text, text, text) TO keen_app;
 
@@ -894,9 +944,11 @@ BEGIN
     PERFORM set_config('app.current_user_id', '', true);
 END $$;
 ALTER FUNCTION keen_credit_deduct_many(uuid[], numeric[], text[], text[], text[])
-    OWNER TO keen_system;
+    OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_deduct_many(uuid[], numeric[], text[], text[], text[])
     FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_credit_deduct_many(uuid[], numeric[], text[], text[], text[])
+    TO keen_system;
 
 -- === Holds ====================================================================================
 -- A hold reserves estimated credits from the available balance (and the session budget), at
@@ -925,7 +977,7 @@ BEGIN
     END IF;
     IF v_cost IS NULL OR v_cost <= 0 OR v_cost > 999999999999.999999
        OR v_cost <> round(v_cost, 6) THEN
-        v_cost := keen_money_check(p_cost, 'estimated_claude_cost', false);
+        v_cost := keen_money_check(p_cost, 'claude_cost_usd', false);
     END IF;
     IF p_ttl IS NULL OR p_ttl <= interval '0' OR p_ttl > interval '1 day' THEN
         RAISE EXCEPTION 'hold ttl must be between 0 and 1 day' USING ERRCODE = 'KS400';
@@ -935,9 +987,9 @@ BEGIN
         RAISE EXCEPTION 'ledger: no markup configured (credit_pricing is empty)';
     END IF;
     IF v_cost * v_markup > 999999999999.999999 THEN
-        RAISE EXCEPTION 'estimated_claude_cost x markup is out of range'
+        RAISE EXCEPTION 'claude_cost_usd x markup is out of range'
             USING ERRCODE = 'KS422',
-            DETAIL = json_build_object('field', 'estimated_claude_cost')::text;
+            DETAIL = json_build_object('field', 'claude_cost_usd')::text;
     END IF;
     v_credits := keen_credits_for(v_cost, v_markup);
     IF p_session IS NOT NULL OR p_session_handle IS NOT NULL THEN
@@ -1004,17 +1056,18 @@ BEGIN
     RETURN h;
 END $$;
 ALTER FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text)
-    OWNER TO keen_system;
+    OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text)
     FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interval, text, text)
     TO keen_app;
 
--- Charges the actual cost (at the hold's recorded markup) and frees the rest of the hold. Up
--- to the reserved credits it always succeeds; an excess is charged only if it fits (balance,
--- limits and budget, as for a deduction), else the error leaves the hold active and unchanged.
-CREATE FUNCTION keen_credit_settle(p_hold uuid, p_cost numeric,
-                                              p_description text)
+-- Charges the actual cost (at the hold's recorded markup) and frees the rest of the hold,
+-- deciding the admin bypass when it charges, not from the hold (an admin demoted since
+-- reserving pays). Up to the reserved credits the charge always succeeds; the part the hold did
+-- not reserve is charged only if it fits (balance, limits and budget, as for a deduction), else
+-- the error leaves the hold active and unchanged.
+CREATE FUNCTION keen_credit_settle(p_hold uuid, p_cost numeric, p_description text)
 RETURNS credit_transactions
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
@@ -1027,11 +1080,13 @@ DECLARE
     v_seq bigint;
     v_recharge boolean;
     v_attempt integer := 0;
+    v_uncovered numeric;
+    v_bypass boolean := false;
     t credit_transactions%ROWTYPE;
 BEGIN
     IF v_cost IS NULL OR v_cost <= 0 OR v_cost > 999999999999.999999
        OR v_cost <> round(v_cost, 6) THEN
-        v_cost := keen_money_check(p_cost, 'actual_claude_cost', false);
+        v_cost := keen_money_check(p_cost, 'claude_cost_usd', false);
     END IF;
     SELECT * INTO h FROM credit_holds WHERE id = p_hold FOR UPDATE;
     IF NOT FOUND THEN
@@ -1057,7 +1112,7 @@ BEGIN
                 'status', CASE WHEN h.status = 'active' THEN 'expired' ELSE h.status END)::text;
     END IF;
     IF v_cost * h.keen_markup_multiplier > 999999999999.999999 THEN
-        RAISE EXCEPTION 'actual_claude_cost x markup is out of range' USING ERRCODE = 'KS422';
+        RAISE EXCEPTION 'claude_cost_usd x markup is out of range' USING ERRCODE = 'KS422';
     END IF;
     v_credits := keen_credits_for(v_cost, h.keen_markup_multiplier);
     v_excess := v_credits - h.estimated_credits;
@@ -1068,19 +1123,19 @@ BEGIN
             PERFORM keen_budget_give_back(h.budget_root_id, -v_excess);
         END IF;
     END IF;
-    IF h.is_admin_bypass THEN
-        t := keen_ledger_bypass(h.user_id, h.account_id, v_cost, h.keen_markup_multiplier,
-                                h.session_id, coalesce(p_description, h.description),
-                                NULL, NULL, h.id);
-    ELSE
-        LOOP
-            -- Up to the reserved credits this always fits (they were held); an excess is
-            -- checked like a deduction.
-            UPDATE credit_accounts a
-               SET current_balance = a.current_balance - v_credits,
-                   held_amount = a.held_amount - h.amount,
-                   lifetime_spent = a.lifetime_spent + v_credits,
-                   last_sequence = a.last_sequence + 1,
+    -- Who pays is decided now, as for a deduction, not when the hold was made: an admin
+    -- demoted (or suspended) since reserving pays like any user, and an account that has
+    -- become admin / unlimited pays nothing. v_uncovered: the part of the charge the hold
+    -- did not reserve (its excess; all of it for a hold made as a bypass, which held 0).
+    v_uncovered := v_credits - h.amount;
+    LOOP
+        -- Up to the reserved credits this always fits (they were held); the rest is
+        -- checked like a deduction.
+        UPDATE credit_accounts a
+           SET current_balance = a.current_balance - v_credits,
+               held_amount = a.held_amount - h.amount,
+               lifetime_spent = a.lifetime_spent + v_credits,
+               last_sequence = a.last_sequence + 1,
                spent_day = keen_spend_in_window(a.spent_day, a.spend_day_end, now())
                            + v_credits,
                spend_day_end = keen_spend_window_end('day', a.spend_day_end, u.timezone,
@@ -1089,18 +1144,37 @@ BEGIN
                              + v_credits,
                spend_month_end = keen_spend_window_end('month', a.spend_month_end,
                                                        u.timezone, now()),
-                   updated_at = now()
-              FROM users u
-             WHERE a.id = h.account_id AND u.id = h.user_id
-               AND (v_excess <= 0 OR keen_credit_fits(v_excess, a.current_balance, a.held_amount, a.daily_limit, a.spent_day, a.spend_day_end, a.monthly_limit, a.spent_month, a.spend_month_end, now()))
-            RETURNING a.current_balance, a.last_sequence,
-                      a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
-                      AND a.current_balance + v_credits >= a.auto_recharge_threshold
-                 INTO v_balance, v_seq, v_recharge;
-            EXIT WHEN FOUND;
-            v_attempt := v_attempt + 1;
-            PERFORM keen_ledger_refuse(h.account_id, v_excess, v_excess, v_attempt);
-        END LOOP;
+               updated_at = now()
+          FROM users u
+         WHERE a.id = h.account_id AND u.id = h.user_id
+           AND NOT (a.unlimited_credits OR a.bypass_billing
+                    OR (u.is_admin AND u.account_status = 'active'))
+           AND (v_uncovered <= 0 OR keen_credit_fits(v_uncovered, a.current_balance, a.held_amount, a.daily_limit, a.spent_day, a.spend_day_end, a.monthly_limit, a.spent_month, a.spend_month_end, now()))
+        RETURNING a.current_balance, a.last_sequence,
+                  a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
+                  AND a.current_balance + v_credits >= a.auto_recharge_threshold
+             INTO v_balance, v_seq, v_recharge;
+        EXIT WHEN FOUND;
+        -- Not charged: an admin / unlimited account now, or a refusal.
+        SELECT a.unlimited_credits OR a.bypass_billing
+               OR (u.is_admin AND u.account_status = 'active')
+          INTO v_bypass
+          FROM credit_accounts a JOIN users u ON u.id = a.user_id
+         WHERE a.id = h.account_id;
+        EXIT WHEN v_bypass;
+        v_attempt := v_attempt + 1;
+        PERFORM keen_ledger_refuse(h.account_id, v_uncovered, v_uncovered, v_attempt);
+    END LOOP;
+    IF v_bypass THEN
+        IF h.amount > 0 THEN  -- reserved before the account stopped paying: free it
+            UPDATE credit_accounts SET held_amount = held_amount - h.amount,
+                                       updated_at = now()
+             WHERE id = h.account_id;
+        END IF;
+        t := keen_ledger_bypass(h.user_id, h.account_id, v_cost, h.keen_markup_multiplier,
+                                h.session_id, coalesce(p_description, h.description),
+                                NULL, NULL, h.id);
+    ELSE
         INSERT INTO credit_transactions
             (user_id, account_id, transaction_type, amount, balance_after, claude_cost_usd,
              keen_markup_multiplier, session_id, description, sequence_number, hold_id)
@@ -1118,7 +1192,7 @@ BEGIN
      WHERE id = h.id;
     RETURN t;
 END $$;
-ALTER FUNCTION keen_credit_settle(uuid, numeric, text) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_settle(uuid, numeric, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_settle(uuid, numeric, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_settle(uuid, numeric, text) TO keen_app;
 
@@ -1152,7 +1226,7 @@ BEGIN
      WHERE id = h.id RETURNING * INTO h;
     RETURN h;
 END $$;
-ALTER FUNCTION keen_credit_release(uuid) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_release(uuid) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_release(uuid) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_release(uuid) TO keen_app;
 
@@ -1181,10 +1255,12 @@ BEGIN
     END LOOP;
     RETURN n;
 END $$;
-ALTER FUNCTION keen_credit_expire_holds(integer) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_expire_holds(integer) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_expire_holds(integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_credit_expire_holds(integer) TO keen_system;
 
 -- === Money in: keen_billing only ==============================================================
+-- Minting and the price are keen_billing's alone, not even their owner's (keen_ledger).
 -- A purchase, recorded by the billing context (the payment webhook, once the provider's
 -- signature is checked). The row records the price in force.
 CREATE FUNCTION keen_credit_purchase(p_user uuid, p_amount numeric, p_description text,
@@ -1232,16 +1308,16 @@ BEGIN
     RETURNING * INTO t;
     RETURN t;
 END $$;
-ALTER FUNCTION keen_credit_purchase(uuid, numeric, text, text, text) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_purchase(uuid, numeric, text, text, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_purchase(uuid, numeric, text, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_purchase(uuid, numeric, text, text, text) TO keen_billing;
-REVOKE EXECUTE ON FUNCTION keen_credit_purchase(uuid, numeric, text, text, text) FROM keen_system;
+REVOKE EXECUTE ON FUNCTION keen_credit_purchase(uuid, numeric, text, text, text) FROM keen_ledger;
 
 -- Refunds a usage row, never beyond what it charged (across all its refunds): the account
 -- row lock serialises refunds of one transaction, and the sum is read after taking it. Any
 -- account; an acting admin is recorded when given.
-CREATE FUNCTION keen_credit_refund(p_user uuid, p_transaction uuid,
-                                              p_amount numeric, p_reason text, p_key text)
+CREATE FUNCTION keen_credit_refund(p_user uuid, p_transaction uuid, p_amount numeric,
+                                   p_reason text, p_key text)
 RETURNS credit_transactions
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
@@ -1320,10 +1396,10 @@ BEGIN
     END IF;
     RETURN t;
 END $$;
-ALTER FUNCTION keen_credit_refund(uuid, uuid, numeric, text, text) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_refund(uuid, uuid, numeric, text, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_refund(uuid, uuid, numeric, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_refund(uuid, uuid, numeric, text, text) TO keen_billing;
-REVOKE EXECUTE ON FUNCTION keen_credit_refund(uuid, uuid, numeric, text, text) FROM keen_system;
+REVOKE EXECUTE ON FUNCTION keen_credit_refund(uuid, uuid, numeric, text, text) FROM keen_ledger;
 
 -- A signed correction, an admin acting (checked and recorded). It cannot take credits that
 -- holds have reserved.
@@ -1378,10 +1454,10 @@ BEGIN
     END IF;
     RETURN t;
 END $$;
-ALTER FUNCTION keen_credit_adjust(uuid, numeric, text, text) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_adjust(uuid, numeric, text, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_adjust(uuid, numeric, text, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_adjust(uuid, numeric, text, text) TO keen_billing;
-REVOKE EXECUTE ON FUNCTION keen_credit_adjust(uuid, numeric, text, text) FROM keen_system;
+REVOKE EXECUTE ON FUNCTION keen_credit_adjust(uuid, numeric, text, text) FROM keen_ledger;
 
 -- The price, changed by an admin in the billing context; the audit trigger on credit_pricing
 -- records the old and new values, the reason, the admin and the role.
@@ -1410,10 +1486,10 @@ BEGIN
     END IF;
     RETURN r;
 END $$;
-ALTER FUNCTION keen_credit_set_markup(numeric, text) OWNER TO keen_system;
+ALTER FUNCTION keen_credit_set_markup(numeric, text) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_set_markup(numeric, text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_set_markup(numeric, text) TO keen_billing;
-REVOKE EXECUTE ON FUNCTION keen_credit_set_markup(numeric, text) FROM keen_system;
+REVOKE EXECUTE ON FUNCTION keen_credit_set_markup(numeric, text) FROM keen_ledger;
 
 -- === Verification =============================================================================
 -- The checks of `keen-stream ledger verify`, one row per problem (system only: it reads
@@ -1485,5 +1561,6 @@ SELECT o.account_id, o.user_id, 'refunds exceed the charge of ' || o.id::text,
  GROUP BY o.id, o.account_id, o.user_id, o.amount
 HAVING sum(r.amount) > -o.amount
 $$;
-ALTER FUNCTION keen_ledger_verify() OWNER TO keen_system;
+ALTER FUNCTION keen_ledger_verify() OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_ledger_verify() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_ledger_verify() TO keen_system;

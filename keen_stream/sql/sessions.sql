@@ -333,3 +333,6 @@ GRANT UPDATE (current_phase, last_activity_at, iteration_count, tool_calls_count
               keen_cost_credits, credit_budget, streaming_enabled, websocket_connections)
     ON agent_sessions TO keen_app;
 GRANT SELECT, INSERT, UPDATE, DELETE ON agent_sessions TO keen_system;
+-- Session budgets: the ledger's functions (keen_ledger, ledger.sql) read sessions and take and
+-- give back budget_used under the root row's lock.
+GRANT SELECT, UPDATE (budget_used) ON agent_sessions TO keen_ledger;

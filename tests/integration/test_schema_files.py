@@ -10,6 +10,7 @@ fix the ``.sql`` file (or the migration) until the report is empty.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -145,6 +146,27 @@ async def test_foundation_creates_every_role_the_schema_uses(
     created = set(re.findall(r"CREATE ROLE (\w+)", sql_text(SQL_FILES[0])))
     assert "keen_app" in used
     assert used <= created, f"foundation.sql does not create {sorted(used - created)}"
+
+
+def _role_statements(text: str) -> dict[str, set[str]]:
+    """Each ``CREATE ROLE name ATTR ...`` in ``text``: the role and its attribute words."""
+    return {
+        name: set(attributes.split())
+        for name, attributes in re.findall(r"CREATE ROLE (\w+)((?:\s+[A-Z]+)+)", text)
+    }
+
+
+def test_foundation_creates_each_role_as_the_migrations_do() -> None:
+    """The test cluster's roles were created by the migrations before the files ran, so the
+    files' CREATE ROLE blocks are no-ops there: compare their attributes (BYPASSRLS above all)
+    with the migrations' own statements."""
+    versions = Path(__file__).parents[2] / "keen_stream" / "migrations" / "versions"
+    migrated: dict[str, set[str]] = {}
+    for path in sorted(versions.glob("*.py")):
+        migrated |= _role_statements(path.read_text(encoding="utf-8"))
+    from_files = _role_statements(sql_text(SQL_FILES[0]))
+    assert "keen_ledger" in migrated and "BYPASSRLS" in migrated["keen_ledger"]
+    assert from_files == migrated
 
 
 async def test_a_failing_statement_names_its_file(empty_dsn: str) -> None:
