@@ -9,8 +9,10 @@ and every process it forks (backends, WAL writer, checkpointer, ...) inherit tha
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
+import resource
 import subprocess
 import time
 import uuid
@@ -31,6 +33,9 @@ SERVER_SETTINGS = {
     "checkpoint_timeout": "15min",
     "synchronous_commit": "on",
 }
+
+
+SERVER_CPU, CLIENT_CPU = 0, 1
 
 
 def create_pinned(cpu: int, *, fsync: bool) -> OwnedPostgres:
@@ -79,16 +84,63 @@ def cpu_times() -> dict[int, tuple[int, int, int]]:
     return times
 
 
-def cpu_use_since(before: dict[int, tuple[int, int, int]]) -> str:
-    """How busy each CPU was since ``before`` (every process on it, ours or not)."""
-    after = cpu_times()
-    parts = []
-    for cpu, (busy, steal, total) in sorted(before.items()):
-        elapsed = max(1, after[cpu][2] - total)
-        part = f"cpu{cpu} {100 * (after[cpu][0] - busy) / elapsed:.0f}% busy"
-        stolen = 100 * (after[cpu][1] - steal) / elapsed
-        parts.append(part + (f" ({stolen:.0f}% stolen)" if stolen >= 1 else ""))
-    return ", ".join(parts)
+def _proc_cpu(pid: int) -> float:
+    """utime + stime + cutime + cstime of ``pid`` (its own and its reaped children's), seconds."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def server_cpu(cluster: OwnedPostgres) -> float:
+    """CPU seconds the cluster has used: the postmaster, its live children and (through the
+    postmaster's cutime/cstime) every backend that has exited."""
+    postmaster = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    total = _proc_cpu(postmaster)
+    with contextlib.suppress(OSError):
+        children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+        total += sum(_proc_cpu(int(p)) for p in children)
+    return total
+
+
+def client_cpu() -> float:
+    """CPU seconds of this process (every thread) and its waited-for children (pgbench)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+class CpuWindow:
+    """How busy each CPU was over a workload, and how much of that was ours.
+
+    Everything else on the machine counts in "busy" too: taskset keeps our processes in place,
+    it does not keep other processes off these CPUs."""
+
+    def __init__(self, cluster: OwnedPostgres) -> None:
+        self.cluster = cluster
+        self.cpus = cpu_times()
+        self.server = server_cpu(cluster)
+        self.client = client_cpu()
+        self.started = time.monotonic()
+
+    async def report(self) -> str:
+        await asyncio.sleep(0.3)  # let the postmaster reap the closed pool's backends
+        after = cpu_times()
+        wall = time.monotonic() - self.started
+        ours = {SERVER_CPU: server_cpu(self.cluster) - self.server,
+                CLIENT_CPU: client_cpu() - self.client}
+        who = {SERVER_CPU: "server", CLIENT_CPU: "clients"}
+        parts = []
+        for cpu, (busy, steal, total) in sorted(self.cpus.items()):
+            elapsed = max(1, after[cpu][2] - total)
+            part = f"cpu{cpu} {100 * (after[cpu][0] - busy) / elapsed:.0f}% busy"
+            if cpu in ours:
+                part += f" ({who[cpu]} {100 * ours[cpu] / wall:.0f}%"
+            stolen = 100 * (after[cpu][1] - steal) / elapsed
+            part += f", {stolen:.0f}% stolen" if stolen >= 1 else ""
+            parts.append(part + (")" if cpu in ours else ""))
+        return ", ".join(parts)
 
 
 # --- the seed spec's deductCredits, ported to asyncpg ----------------------------------------

@@ -53,7 +53,7 @@ from keen_stream.settings import Settings
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 COST = Decimal("0.001")  # 0.005 credits at the default 5x markup
 START_BALANCE = Decimal(1_000_000)
-SERVER_CPU, CLIENT_CPU = 0, 1  # --isolated-cores
+SERVER_CPU, CLIENT_CPU = 0, 1  # --isolated-cores (as in load_tests/isolated_cores.py)
 
 PLAIN_DEBIT = """\
 \\set aid random(1, {accounts})
@@ -333,8 +333,7 @@ async def main(args: argparse.Namespace) -> int:
 async def isolated_main(args: argparse.Namespace) -> int:
     """--isolated-cores: PostgreSQL alone on SERVER_CPU, every client on CLIENT_CPU."""
     from load_tests.isolated_cores import (
-        cpu_times,
-        cpu_use_since,
+        CpuWindow,
         create_pinned,
         seed_pool,
         seed_run,
@@ -382,20 +381,20 @@ async def isolated_main(args: argparse.Namespace) -> int:
             return tps
 
         # Interleaved, so that drift in a shared machine's load hits every workload alike. Each
-        # line is followed by how busy each CPU was meanwhile (other processes on the machine
-        # count too: taskset keeps ours in place, not theirs out).
+        # line is followed by how busy each CPU was meanwhile and how much of it was ours (the
+        # window includes the 1 s warm-up and the pool's connects).
         for callers in (8, 32):
-            started = cpu_times()
+            window = CpuWindow(cluster)
             r[f"pgbench {callers}"] = pgbench(dsn, callers, secs, n, prefix=pin)
             print(f"  pgbench plain debit, {callers} clients: {r[f'pgbench {callers}']:,.0f}/s")
-            print(f"    {cpu_use_since(started)}", flush=True)
-            started = cpu_times()
+            print(f"    {await window.report()}", flush=True)
+            window = CpuWindow(cluster)
             r[f"api {callers}"] = await api_tps(settings, callers, users, secs)
-            print(f"    {cpu_use_since(started)}", flush=True)
+            print(f"    {await window.report()}", flush=True)
             for key, one_transaction in (("seed", False), ("seed1", True)):
-                started = cpu_times()
+                window = CpuWindow(cluster)
                 r[f"{key} {callers}"] = await seed(callers, one_transaction)
-                print(f"    {cpu_use_since(started)}", flush=True)
+                print(f"    {await window.report()}", flush=True)
         db = await KeenDatabase.connect(settings=settings, migrate=False)
         try:
             report = await db.credits.verify_ledger()
