@@ -165,11 +165,11 @@ class CpuWindow:
 # - The pool does nothing on release, like node-postgres' Pool (asyncpg's default reset would be
 #   one more round trip per checkout that the seed never paid).
 # - It runs as the superuser that owns the tables, so RLS and column privileges do not apply; the
-#   triggers do (the append-only guard, the hub's credit_transactions_stream outbox trigger of
-#   migration 0004, the row CHECKs of 0002). Money is Decimal (the seed used JS numbers); the
-#   markup is the seed's constant 5.0. session_id is NULL (the seed passed a string; ours is a
-#   uuid referencing agent_sessions). The bench users are never admins, so the seed's
-#   handleAdminBypass branch is not ported: an admin here is an error.
+#   triggers and checks do (the hub's credit_transactions_stream outbox trigger of migration
+#   0004, the row CHECK functions of 0002, foreign keys, unique indexes). Money is Decimal
+#   (the seed used JS numbers); the markup is the seed's constant 5.0. session_id is NULL (the
+#   seed passed a string; ours is a uuid referencing agent_sessions). The bench users are never
+#   admins, so the seed's handleAdminBypass branch is not ported: an admin here is an error.
 SEED_IS_ADMIN_USER = """
     SELECT ca.unlimited_credits, u.is_admin
       FROM credit_accounts ca
