@@ -92,7 +92,7 @@ BEGIN
         kind := 'session.progress';
     END IF;
     data := jsonb_build_object(
-        'session_key', NEW.session_id,
+        'session_handle', NEW.session_id,
         'parent_session_id', NEW.parent_session_id,
         'root_session_id', NEW.root_session_id,
         'depth', NEW.session_depth,
