@@ -45,10 +45,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-import ledger_bench  # noqa: E402
-
 from keen_stream.dal.database import KeenDatabase  # noqa: E402
 from keen_stream.settings import Settings  # noqa: E402
+from load_tests import ledger_bench  # noqa: E402
 
 VARIANTS = ("none", "capture", "hub", "notify")
 CALLERS = 32

@@ -38,10 +38,9 @@ import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ledger_bench
-
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.settings import Settings
+from load_tests import ledger_bench
 
 BODY = "SELECT current_balance FROM credit_accounts WHERE user_id = $1"
 CALLERS = (1, 8)

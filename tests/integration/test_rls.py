@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
@@ -18,7 +18,7 @@ from keen_stream.dal.database import TENANT_TABLES, KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.errors import InsufficientPrivileges
 
-Owner = asyncpg.Connection
+Owner: TypeAlias = asyncpg.Connection
 
 
 async def _session_row(owner: Owner, user_id: uuid.UUID) -> uuid.UUID:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import TypeAlias
 
 import asyncpg
 import pytest
@@ -12,7 +13,7 @@ from keen_stream.dal.models import User
 from keen_stream.dal.models.sessions import SessionCompletion, SessionCreate
 from keen_stream.errors import InsufficientPrivileges, KeenError
 
-Owner = asyncpg.Connection
+Owner: TypeAlias = asyncpg.Connection
 
 
 async def _session(db: KeenDatabase, user: User, handle: str, parent: str | None = None):

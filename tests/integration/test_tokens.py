@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
+from typing import TypeAlias
 
 import asyncpg
 import pytest
@@ -21,7 +22,7 @@ from keen_stream.errors import (
     TokenScopeError,
 )
 
-Owner = asyncpg.Connection
+Owner: TypeAlias = asyncpg.Connection
 
 
 async def test_token_is_returned_once_and_stored_only_as_a_hash(

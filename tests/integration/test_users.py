@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from typing import TypeAlias
 
 import asyncpg
 import pytest
@@ -22,7 +23,7 @@ from keen_stream.errors import (
 )
 from tests.conftest import PASSWORD
 
-Owner = asyncpg.Connection
+Owner: TypeAlias = asyncpg.Connection
 
 
 async def _user_count(owner: Owner) -> int:
