@@ -1,1 +1,4 @@
-"""Load tests: scripts that print ratios against a baseline run in the same run (docs/performance.md)."""
+"""Load tests: scripts that print ratios against a baseline measured in the same run.
+
+Figures and how to run each: docs/performance.md.
+"""
