@@ -144,7 +144,7 @@ class CpuWindow:
 
 
 # --- the seed spec's deductCredits, ported to asyncpg ----------------------------------------
-# /work/shared/seed/phase-1-database-layer.md, "Credit Management Implementation":
+# The original phase-1 specification (TypeScript), "Credit Management Implementation":
 # CreditManager.deductCredits -> isAdminUser (a pool query), then
 # dbManager.executeUserTransaction -> getUserConnection (SET LOCAL app.current_user_id, then
 # checkAdminUser, a second pool query) -> BEGIN -> SELECT * ... FOR UPDATE -> balance check in

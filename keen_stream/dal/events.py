@@ -9,7 +9,7 @@ cursor order, (xid, id), and only below the horizon: a transaction that holds an
 commits late is waited for, never skipped.
 
 Wake-up: no NOTIFY inside business transactions (it serializes commits; see
-shared/notes/postgres.md). The triggers raise one NOTICE per transaction on DAL connections;
+docs/architecture.md). The triggers raise one NOTICE per transaction on DAL connections;
 after the commit, :class:`EventNotifier` sends a coalesced ``NOTIFY keen_stream_events`` from its
 own connection. The table stays the truth: a reader that misses a NOTIFY finds the rows on its
 next poll.

@@ -6,8 +6,8 @@ the authorization rule again (the event's user is the client's user, or the clie
 the same rule as RLS), check the event-type filter, and hand the client the frame. The frame is
 encoded once per event, as the complete WebSocket frame bytes; on uvicorn's sans-I/O protocol
 those bytes go straight to each client's transport (``TransportSender``), skipping the ASGI
-message dict and per-client re-encoding (shared/notes/postgres.md: that is where per-client
-``send_text`` loses 57-68% against ``websockets.broadcast``).
+message dict and per-client re-encoding (that is where per-client ``send_text`` loses 57-68%
+against ``websockets.broadcast``; docs/performance.md).
 
 Backpressure: a client's queue is its transport write buffer, bounded by
 ``hub_send_buffer_limit`` bytes. A client over it is closed (4008) with its last delivered cursor

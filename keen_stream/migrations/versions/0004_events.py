@@ -8,7 +8,7 @@ Design (docs/architecture.md has the long form):
 - Triggers on agent_sessions and credit_transactions append a row to ``stream_events`` in the
   writing transaction, so an event exists if and only if its change committed. They never call
   pg_notify: a notifying transaction takes a cluster-wide lock through its commit
-  (shared/notes/postgres.md). The wake-up is sent after commit, outside the business transaction.
+  (docs/architecture.md). The wake-up is sent after commit, outside the business transaction.
 - Each row stores its transaction id (xid8). Readers deliver in (xid, id) order and only rows
   whose xid is below the "horizon" (the oldest transaction of this database still running), so
   a transaction that holds an early id and commits late is waited for, never skipped.
