@@ -1067,6 +1067,10 @@ GRANT EXECUTE ON FUNCTION keen_credit_reserve(uuid, numeric, uuid, text, interva
 -- reserving pays). Up to the reserved credits the charge always succeeds; the part the hold did
 -- not reserve is charged only if it fits (balance, limits and budget, as for a deduction), else
 -- the error leaves the hold active and unchanged.
+-- Its charging UPDATE repeats the deduction's (keen_credit_deduct_core), the spend-window
+-- columns included, on purpose: each is one statement that checks and charges under the row's
+-- lock, and PL/pgSQL cannot share a statement between functions without a call per charge.
+-- The window rule itself is written once (keen_spend_in_window, keen_spend_window_end).
 CREATE FUNCTION keen_credit_settle(p_hold uuid, p_cost numeric, p_description text)
 RETURNS credit_transactions
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
