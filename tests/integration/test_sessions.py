@@ -159,11 +159,11 @@ async def test_no_children_under_an_ended_parent(db: KeenDatabase, alice: User) 
 @pytest.mark.parametrize(
     ("fields", "error"),
     [
-        ({"session_id": "has space"}, InvalidInput),
-        ({"session_id": "x" * 65}, InvalidInput),
-        ({"session_id": ""}, InvalidInput),
-        ({"session_id": "semi;colon"}, InvalidInput),
-        ({"parent_session_id": "bad parent"}, InvalidInput),
+        ({"session_handle": "has space"}, InvalidInput),
+        ({"session_handle": "x" * 65}, InvalidInput),
+        ({"session_handle": ""}, InvalidInput),
+        ({"session_handle": "semi;colon"}, InvalidInput),
+        ({"parent_session_handle": "bad parent"}, InvalidInput),
         ({"vision": ""}, InvalidInput),
         ({"vision": "v" * 100_001}, InvalidInput),
         ({"vision": "nul\x00byte"}, InvalidInput),
@@ -178,14 +178,16 @@ async def test_bad_create_input_is_refused_and_writes_nothing(
     alice: User,
     owner_conn: asyncpg.Connection,
     fields: dict[str, Any],
-    error: type,
+    error: type[InvalidInput],
 ) -> None:
     values: dict[str, Any] = {
-        "session_id": "ok", "vision": "v", "working_directory": "/w", "git_branch": "main"
+        "session_handle": "ok", "vision": "v", "working_directory": "/w", "git_branch": "main"
     }
     values.update(fields)
-    with pytest.raises(error):
+    with pytest.raises(error) as refused:
         await db.sessions.create_session(alice.id, **values)
+    # refused for the field under test, and for nothing else
+    assert [p["field"] for p in refused.value.details["errors"]] == list(fields)
     assert await count_sessions(owner_conn) == 0
 
 
