@@ -126,10 +126,14 @@ async def _generator(
                     found = HUB_FIELDS.search(message)
                     if found is not None:
                         count = ITERATIONS.search(message, found.end())
-                        records.append((index[found.group(1)], int(count.group(1)), now))
+                        # An event without an iteration count matches no commit: skip it (it
+                        # must not end this reader, which would stop counting the connection).
+                        if count is not None:
+                            records.append((index[found.group(1)], int(count.group(1)), now))
                 else:
                     sent = BARE_SENT.search(message)
-                    latencies.append(now - float(sent.group(1)))
+                    if sent is not None:
+                        latencies.append(now - float(sent.group(1)))
         except Exception:  # the connection ended
             pass
 
@@ -449,23 +453,25 @@ async def run_bare(
         target=bare_server_main, args=(port, args.rate, len(user_ids), frame_size, ready, go, stop)
     )
     server.start()
+    pid = server.pid
+    assert pid is not None  # set by start()
     try:
         ready.wait(60)
         await asyncio.sleep(0.5)
-        rss_before = rss(server.pid)
+        rss_before = rss(pid)
         workers, ggo, gstop, results, _ = start_generators(
             "bare", f"ws://127.0.0.1:{port}/", clients, user_ids, args.procs
         )
         await asyncio.sleep(2.0)
-        rss_after = rss(server.pid)
+        rss_after = rss(pid)
         ggo.set()
         await asyncio.sleep(0.2)
-        cpu0, t0 = cpu(server.pid), time.perf_counter()
+        cpu0, t0 = cpu(pid), time.perf_counter()
         go.set()
         await asyncio.sleep(args.seconds)
         stop.set()
         await asyncio.sleep(1.0)
-        cpu1, t1 = cpu(server.pid), time.perf_counter()
+        cpu1, t1 = cpu(pid), time.perf_counter()
         gstop.set()
         parts = collect(workers, results)
     finally:

@@ -208,13 +208,13 @@ async def main() -> int:
     base_api, base_sql = results["none"]["api"], results["none"]["sql"]
     print(f"\n{'mean of rounds':<10}{'api tps':>10}{'÷ none':>8}{'SQL tps':>10}{'÷ none':>8}")
     for variant in VARIANTS:
-        api = [a / b for a, b in zip(results[variant]["api"], base_api, strict=True)]
-        sql = [a / b for a, b in zip(results[variant]["sql"], base_sql, strict=True)]
+        api_ratios = [a / b for a, b in zip(results[variant]["api"], base_api, strict=True)]
+        sql_ratios = [a / b for a, b in zip(results[variant]["sql"], base_sql, strict=True)]
         print(
-            f"{variant:<10}{mean(results[variant]['api']):>10,.0f}{mean(api):>8.2f}"
-            f"{mean(results[variant]['sql']):>10,.0f}{mean(sql):>8.2f}"
-            f"   (rounds: api {', '.join(f'{x:.2f}' for x in api)};"
-            f" SQL {', '.join(f'{x:.2f}' for x in sql)})"
+            f"{variant:<10}{mean(results[variant]['api']):>10,.0f}{mean(api_ratios):>8.2f}"
+            f"{mean(results[variant]['sql']):>10,.0f}{mean(sql_ratios):>8.2f}"
+            f"   (rounds: api {', '.join(f'{x:.2f}' for x in api_ratios)};"
+            f" SQL {', '.join(f'{x:.2f}' for x in sql_ratios)})"
         )
     print(f"pgbench plain debit: {mean(results['plain']['sql']):,.0f} tps")
     print(

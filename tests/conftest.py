@@ -16,7 +16,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, Unpack
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -24,6 +24,7 @@ import pytest
 
 from keen_stream.dal.database import KeenDatabase, init_connection
 from keen_stream.dal.models import User
+from keen_stream.dal.models.users import UserCreateFields
 from keen_stream.dal.users import upsert_super_admin
 from keen_stream.embedded import EmbeddedPostgres
 from keen_stream.migrate import MIGRATIONS_DIR, upgrade_async
@@ -220,9 +221,9 @@ UserFactory = Callable[..., Awaitable[User]]
 
 @pytest.fixture
 def make_user(db: KeenDatabase) -> UserFactory:
-    async def make(**fields: object) -> User:
+    async def make(**fields: Unpack[UserCreateFields]) -> User:
         n = next(_counter)
-        values: dict[str, object] = {
+        values: UserCreateFields = {
             "email": f"user{n}@example.com",
             "username": f"user_{n}",
             "password": PASSWORD,

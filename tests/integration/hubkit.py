@@ -106,7 +106,7 @@ class WsClient:
         await self.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
 
     async def recv(self, within: float = 10.0) -> dict[str, Any]:
-        frame = json.loads(await asyncio.wait_for(self.ws.recv(), within))
+        frame: dict[str, Any] = json.loads(await asyncio.wait_for(self.ws.recv(), within))
         self.received.append(frame)
         return frame
 

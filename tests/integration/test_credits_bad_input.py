@@ -6,6 +6,7 @@ import uuid
 from datetime import timedelta
 from decimal import Decimal
 
+import asyncpg
 import pytest
 
 from keen_stream.errors import (
@@ -191,7 +192,9 @@ async def test_functions_validate_for_direct_callers(db, alice, owner_conn, fund
     with pytest.raises(KeenError) as raised:
         async with db.user_transaction(alice.id) as conn:
             await conn.fetchval(query, alice.id)
-    assert raised.value.__cause__.sqlstate == code
+    cause = raised.value.__cause__
+    assert isinstance(cause, asyncpg.PostgresError)  # the database's refusal, mapped
+    assert cause.sqlstate == code
     assert await ledger_state(owner_conn) == funded["before"]
 
 
@@ -212,7 +215,9 @@ async def test_billing_functions_validate_for_direct_callers(
     with pytest.raises(KeenError) as raised:
         async with db.billing_transaction() as conn:
             await conn.fetchval(query, alice.id)
-    assert raised.value.__cause__.sqlstate == code
+    cause = raised.value.__cause__
+    assert isinstance(cause, asyncpg.PostgresError)  # the database's refusal, mapped
+    assert cause.sqlstate == code
     assert await ledger_state(owner_conn) == funded["before"]
 
 

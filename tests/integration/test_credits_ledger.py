@@ -416,7 +416,7 @@ async def test_limits_setters(db, alice, bob):
     with pytest.raises(InvalidAmount):
         await db.credits.set_spending_limits(alice.id, daily_limit=D("0"))
     with pytest.raises(InvalidAmount):
-        await db.credits.set_spending_limits(alice.id, monthly_limit=1.5)  # type: ignore[arg-type]
+        await db.credits.set_spending_limits(alice.id, monthly_limit=1.5)  # a float: refused
     with pytest.raises(NotFound):  # bob cannot see alice's account
         await db.credits.set_spending_limits(alice.id, daily_limit=D("1"), actor_id=bob.id)
     assert (await db.credits.get_balance(alice.id)).monthly_limit == D("50")

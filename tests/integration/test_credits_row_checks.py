@@ -71,7 +71,9 @@ BAD_ROWS = {
 }
 
 
-async def _insert(owner_conn: asyncpg.Connection, user: User, charge: Any, row: dict) -> None:
+async def _insert(
+    owner_conn: asyncpg.Connection, user: User, charge: Any, row: dict[str, Any]
+) -> None:
     acct = await account(owner_conn, user)
     await owner_conn.execute(
         INSERT_ROW, user.id, acct["id"], row["transaction_type"], row["amount"],

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
@@ -93,7 +94,7 @@ async def test_bad_frames_get_error_frames_and_the_connection_keeps_working(
             bob.id, session_handle="bob-s", vision="v", working_directory="/w", git_branch="main"
         )
         c = await open_client(hub.url, await stream_token(db, alice.id))
-        cases = [
+        cases: list[tuple[dict[str, Any] | str, str]] = [
             ("{not json", "invalid_json"),
             ("[1, 2]", "invalid_frame"),
             ({"type": "dance"}, "unknown_type"),
@@ -165,6 +166,7 @@ async def test_a_flood_is_refused_then_closed_but_an_admin_may_send_fast(
             while True:
                 frames.append(json.loads(await asyncio.wait_for(flooder.ws.recv(), 10)))
         except ConnectionClosed as exc:
+            assert exc.rcvd is not None  # the hub sent a close frame
             code, reason = exc.rcvd.code, exc.rcvd.reason
         assert code == 4029 and reason == "rate limit exceeded"
         assert sum(f["type"] == "pong" for f in frames) <= 6

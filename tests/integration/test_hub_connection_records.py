@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import UTC, datetime
+from ipaddress import ip_address
 
 import pytest
 
@@ -53,12 +54,15 @@ async def test_a_batch_refused_for_good_is_dropped_and_the_next_one_is_written(
     bob_token = await stream_token(db, bob.id)
     async with running_hub(fresh_dsn, hub_flush_interval=3600.0) as hub:
         recorder = hub.service.recorder
+        node_id = hub.service.node_id
+        assert node_id is not None  # registered when the hub started
         # A record the database refuses whatever the retry (here: past a CHECK, as a bug in
         # the hub could produce it; the model would refuse it, so it is built unchecked).
         recorder.opened(ConnectionOpened.model_construct(
-            connection_id="ws-bad", user_id=bob.id, token_id=None, client_ip="127.0.0.1",
+            connection_id="ws-bad", user_id=bob.id, token_id=None,
+            client_ip=ip_address("127.0.0.1"),
             user_agent="x" * 2000, client_type="test", admin_connection=False,
-            can_view_all_sessions=False, hub_node_id=hub.service.node_id,
+            can_view_all_sessions=False, hub_node_id=node_id,
             connected_at=datetime.now(UTC),
         ))
         with pytest.raises(KeenError) as refused:

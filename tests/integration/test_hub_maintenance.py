@@ -47,13 +47,13 @@ async def test_hub_sweeps_idle_sessions_expires_holds_and_refreshes_the_dashboar
     ) as hub:
 
         async def swept() -> bool:
-            status = await owner_conn.fetchval(
+            status: str | None = await owner_conn.fetchval(
                 "SELECT execution_status FROM agent_sessions WHERE session_id = 'idle-one'"
             )
-            hold_status = await owner_conn.fetchval(
+            hold_status: str | None = await owner_conn.fetchval(
                 "SELECT status FROM credit_holds WHERE id = $1", hold.id
             )
-            buckets = await owner_conn.fetchval("SELECT count(*) FROM admin_dashboard_metrics")
+            buckets: int = await owner_conn.fetchval("SELECT count(*) FROM admin_dashboard_metrics")
             return status == "timed_out" and hold_status == "expired" and buckets >= 1
 
         await _eventually(swept)

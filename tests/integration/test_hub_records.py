@@ -119,7 +119,8 @@ async def test_nodes_heartbeat_and_a_dead_nodes_rows_are_reaped(db, fresh_dsn, o
         await wait_for(lambda: hub.service.recorder.flushes > 0, "a flush")
 
         async def reaped() -> bool:
-            return (await db.connections.get("ws-dead")).connection_status == "reaped"
+            status: str = (await db.connections.get("ws-dead")).connection_status
+            return status == "reaped"
 
         for _ in range(200):
             if await reaped():

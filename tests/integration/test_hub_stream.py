@@ -318,7 +318,7 @@ async def test_a_slow_consumer_is_closed_and_resumes_while_others_get_everything
                 received.append(json.loads(await asyncio.wait_for(slow_ws.recv(), 30)))
         except Exception:  # ConnectionClosed
             pass
-        assert slow_ws.close_code == 4008
+        assert slow_ws.close_code == 4008 and slow_ws.close_reason is not None
         since = slow_ws.close_reason.rpartition("since=")[2]
         events = [f for f in received if f["type"] == "event"]
         assert events and events[-1]["cursor"] == since

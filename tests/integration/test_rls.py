@@ -22,12 +22,13 @@ Owner: TypeAlias = asyncpg.Connection
 
 
 async def _session_row(owner: Owner, user_id: uuid.UUID) -> uuid.UUID:
-    return await owner.fetchval(
+    row_id: uuid.UUID = await owner.fetchval(
         """INSERT INTO agent_sessions (user_id, session_id, git_branch, vision, working_directory)
            VALUES ($1, $2, 'main', 'v', '/tmp') RETURNING id""",
         user_id,
         f"s-{uuid.uuid4().hex[:12]}",
     )
+    return row_id
 
 
 async def _arrange_rows(owner: Owner, user: User) -> None:
@@ -175,7 +176,8 @@ async def test_every_tenant_table_has_one_policy_per_command(owner_conn: Owner) 
 
 
 async def _count(owner: Owner, table: str, column: str, uid: uuid.UUID) -> int:
-    return await owner.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", uid)
+    count: int = await owner.fetchval(f"SELECT count(*) FROM {table} WHERE {column} = $1", uid)
+    return count
 
 
 async def _snapshot(owner: Owner, table: str, column: str, uid: uuid.UUID) -> list[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
@@ -38,7 +39,8 @@ def new(session_id: str, parent: str | None = None, **extra: object) -> SessionC
 
 
 async def count_sessions(owner_conn: asyncpg.Connection) -> int:
-    return await owner_conn.fetchval("SELECT count(*) FROM agent_sessions")
+    count: int = await owner_conn.fetchval("SELECT count(*) FROM agent_sessions")
+    return count
 
 
 async def row(owner_conn: asyncpg.Connection, handle: str) -> asyncpg.Record:
@@ -77,7 +79,7 @@ async def test_admin_flags_come_from_the_database_not_the_caller(
     with pytest.raises(InvalidInput):
         await db.sessions.create_session(
             alice.id, session_handle="x", vision="v", working_directory="/w", git_branch="main",
-            is_admin_session=True,
+            is_admin_session=True,  # type: ignore[call-arg]  # not a parameter: the point
         )
     # keen_app cannot write the flags even with raw SQL: the columns are not granted.
     with pytest.raises(Exception, match="permission denied"):
@@ -157,11 +159,11 @@ async def test_no_children_under_an_ended_parent(db: KeenDatabase, alice: User) 
 @pytest.mark.parametrize(
     ("fields", "error"),
     [
-        ({"session_id": "has space"}, InvalidInput),
-        ({"session_id": "x" * 65}, InvalidInput),
-        ({"session_id": ""}, InvalidInput),
-        ({"session_id": "semi;colon"}, InvalidInput),
-        ({"parent_session_id": "bad parent"}, InvalidInput),
+        ({"session_handle": "has space"}, InvalidInput),
+        ({"session_handle": "x" * 65}, InvalidInput),
+        ({"session_handle": ""}, InvalidInput),
+        ({"session_handle": "semi;colon"}, InvalidInput),
+        ({"parent_session_handle": "bad parent"}, InvalidInput),
         ({"vision": ""}, InvalidInput),
         ({"vision": "v" * 100_001}, InvalidInput),
         ({"vision": "nul\x00byte"}, InvalidInput),
@@ -172,12 +174,20 @@ async def test_no_children_under_an_ended_parent(db: KeenDatabase, alice: User) 
     ],
 )
 async def test_bad_create_input_is_refused_and_writes_nothing(
-    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection, fields: dict, error: type
+    db: KeenDatabase,
+    alice: User,
+    owner_conn: asyncpg.Connection,
+    fields: dict[str, Any],
+    error: type[InvalidInput],
 ) -> None:
-    values = {"session_id": "ok", "vision": "v", "working_directory": "/w", "git_branch": "main"}
+    values: dict[str, Any] = {
+        "session_handle": "ok", "vision": "v", "working_directory": "/w", "git_branch": "main"
+    }
     values.update(fields)
-    with pytest.raises(error):
+    with pytest.raises(error) as refused:
         await db.sessions.create_session(alice.id, **values)
+    # refused for the field under test, and for nothing else
+    assert [p["field"] for p in refused.value.details["errors"]] == list(fields)
     assert await count_sessions(owner_conn) == 0
 
 
@@ -255,7 +265,7 @@ async def test_concurrent_progress_updates_lose_no_increment(
     ],
 )
 async def test_bad_progress_is_refused_and_changes_nothing(
-    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection, kwargs: dict
+    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection, kwargs: dict[str, Any]
 ) -> None:
     await db.sessions.create_session(alice.id, new("p"))
     await db.sessions.update_progress(alice.id, "p", iterations=1, files_created=["keep.py"])
@@ -401,7 +411,9 @@ async def test_list_filters_by_status(db: KeenDatabase, alice: User) -> None:
 
 
 # --- trees and roll-ups -----------------------------------------------------------------------
-async def build_tree(db: KeenDatabase, owner: User, owner_conn: asyncpg.Connection) -> dict:
+async def build_tree(
+    db: KeenDatabase, owner: User, owner_conn: asyncpg.Connection
+) -> dict[str, tuple[str, str, int, int]]:
     """root -> {a -> {a1 -> {a1x}, a2}, b}: four levels, seven sessions, set costs."""
     shape = [("root", None), ("a", "root"), ("b", "root"), ("a1", "a"), ("a2", "a"),
              ("a1x", "a1")]
@@ -478,7 +490,8 @@ async def test_budget_only_on_running_roots_and_exact(
         await db.sessions.set_budget(alice.id, "br.1", Decimal(5))
     for bad in (0.5, Decimal("-1"), Decimal(0), "abc", Decimal("1.0000001")):
         with pytest.raises(InvalidInput):
-            await db.sessions.set_budget(alice.id, "br", bad)
+            # a float among the bad values: the wrong type is the point
+            await db.sessions.set_budget(alice.id, "br", bad)  # type: ignore[arg-type]
     assert (await row(owner_conn, "br"))["credit_budget"] == Decimal("25.123456")
     await owner_conn.execute("UPDATE agent_sessions SET budget_used = 20 WHERE session_id = 'br'")
     with pytest.raises(InvalidInput):

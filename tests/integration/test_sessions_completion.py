@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
@@ -24,9 +25,10 @@ def new(session_id: str, parent: str | None = None) -> SessionCreate:
 
 
 async def charges(owner_conn: asyncpg.Connection, handle: str) -> list[asyncpg.Record]:
-    return await owner_conn.fetch(
+    rows: list[asyncpg.Record] = await owner_conn.fetch(
         """SELECT t.* FROM credit_transactions t JOIN agent_sessions s ON s.id = t.session_id
             WHERE s.session_id = $1 ORDER BY t.sequence_number""", handle)
+    return rows
 
 
 async def row(owner_conn: asyncpg.Connection, handle: str) -> asyncpg.Record:
@@ -34,8 +36,9 @@ async def row(owner_conn: asyncpg.Connection, handle: str) -> asyncpg.Record:
 
 
 async def balance(owner_conn: asyncpg.Connection, user: User) -> Decimal:
-    return await owner_conn.fetchval(
+    value: Decimal = await owner_conn.fetchval(
         "SELECT current_balance FROM credit_accounts WHERE user_id = $1", user.id)
+    return value
 
 
 async def test_complete_admin_session_lifecycle_with_bypass(
@@ -201,7 +204,7 @@ async def test_a_refused_charge_leaves_the_session_running_and_nothing_booked(
     ],
 )
 async def test_bad_completion_input_is_refused_and_changes_nothing(
-    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection, fields: dict
+    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection, fields: dict[str, Any]
 ) -> None:
     await db.billing.purchase(alice.id, Decimal("100"), description="top-up")
     await db.sessions.create_session(alice.id, new("in"))

@@ -12,6 +12,7 @@ import asyncio
 import itertools
 from datetime import datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 import pytest
@@ -43,7 +44,8 @@ async def test_switching_zones_never_raises_the_limit(
     of 5 spend 15 in one day."""
     await fund(db, alice, "100")
     limit = {"day": "daily_limit", "month": "monthly_limit"}[period]
-    await db.credits.set_spending_limits(alice.id, **{limit: D("5")})
+    limits: dict[str, Any] = {limit: D("5")}
+    await db.credits.set_spending_limits(alice.id, **limits)
     await db.credits.deduct_credits(alice.id, D("1"), None, "5 credits in UTC")
     for zone in ZONES:
         await db.users.update_profile(alice.id, timezone=zone)
@@ -81,12 +83,14 @@ async def test_a_zone_change_keeps_the_spend_and_never_ends_a_window_earlier(
 
 async def test_window_ends_at_fixed_instants(owner_conn):
     async def end(period: str, previous: str | None, zone: str, now: str) -> datetime:
-        return await owner_conn.fetchval(
+        ends: datetime = await owner_conn.fetchval(
             WINDOW_END, period, previous and at(previous), zone, at(now)
         )
+        return ends
 
     async def rezoned(period: str, previous: str, zone: str, now: str) -> datetime:
-        return await owner_conn.fetchval(REZONED, period, at(previous), zone, at(now))
+        ends: datetime = await owner_conn.fetchval(REZONED, period, at(previous), zone, at(now))
+        return ends
 
     now = "2026-01-31T13:00:00Z"
     # A first charge opens a window to the end of the local day / month.

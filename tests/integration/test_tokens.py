@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import timedelta
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
@@ -164,7 +164,7 @@ async def test_admin_tokens_bypass_limits(db: KeenDatabase, admin: User, alice: 
     ],
 )
 async def test_bad_issue_input_is_refused_and_writes_nothing(
-    db: KeenDatabase, owner_conn: Owner, alice: User, kwargs: dict
+    db: KeenDatabase, owner_conn: Owner, alice: User, kwargs: dict[str, Any]
 ) -> None:
     args = {"token_type": "session", **kwargs}
     token_type = args.pop("token_type")
@@ -237,7 +237,7 @@ async def test_a_demoted_admins_token_loses_its_bypass(
     [{"name": "bad\x00name"}, {"expires_in": timedelta(days=365 * 1000)}],
 )
 async def test_issue_refuses_values_postgres_cannot_store(
-    db: KeenDatabase, owner_conn: Owner, alice: User, kwargs: dict
+    db: KeenDatabase, owner_conn: Owner, alice: User, kwargs: dict[str, Any]
 ) -> None:
     with pytest.raises(InvalidInput):
         await db.tokens.issue(alice.id, "session", **kwargs)

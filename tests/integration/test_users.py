@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 import asyncpg
 import pytest
@@ -27,7 +27,8 @@ Owner: TypeAlias = asyncpg.Connection
 
 
 async def _user_count(owner: Owner) -> int:
-    return await owner.fetchval("SELECT count(*) FROM users")
+    count: int = await owner.fetchval("SELECT count(*) FROM users")
+    return count
 
 
 async def test_create_hashes_password_with_argon2id_and_opens_a_credit_account(
@@ -77,7 +78,7 @@ async def test_duplicate_email_and_username_are_clear_errors_and_write_nothing(
     ],
 )
 async def test_invalid_registration_is_refused_and_writes_nothing(
-    db: KeenDatabase, owner_conn: Owner, fields: dict
+    db: KeenDatabase, owner_conn: Owner, fields: dict[str, Any]
 ) -> None:
     values = {"email": "dave@example.com", "username": "dave", "password": PASSWORD, **fields}
     before = await _user_count(owner_conn)

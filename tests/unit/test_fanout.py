@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from keen_stream.dal.models.events import Cursor, StreamEvent
 from keen_stream.hub.fanout import Client, FanOut, Frame, HubStats, Subscription
@@ -204,10 +205,10 @@ async def test_the_portable_asgi_sender_keeps_order_and_counts_its_backlog():
 
     from keen_stream.hub.fanout import AsgiSender, make_sender
 
-    sent: list[dict] = []
+    sent: list[dict[str, Any]] = []
     gate = asyncio.Event()
 
-    async def send(message: dict) -> None:
+    async def send(message: dict[str, Any]) -> None:
         await gate.wait()
         sent.append(message)
 

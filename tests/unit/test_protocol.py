@@ -94,19 +94,23 @@ def test_session_ids_cursors_and_event_patterns_are_validated():
         parse_since("later")
     assert info.value.code == "invalid_cursor"
     assert event_type_filter(None) is None and event_type_filter(["*"]) is None
-    assert event_type_filter(["session.*"]) == {t for t in EVENT_TYPES if t.startswith("session.")}
-    assert event_type_filter(["credit.usage", "session.created"]) == {
-        "credit.usage",
-        "session.created",
-    }
+    assert event_type_filter(["session.*"]) == frozenset(
+        t for t in EVENT_TYPES if t.startswith("session.")
+    )
+    assert event_type_filter(["credit.usage", "session.created"]) == frozenset(
+        {"credit.usage", "session.created"}
+    )
     with pytest.raises(ProtocolError):
         event_type_filter(["session.%"])
 
 
 def test_auth_errors_map_to_documented_close_codes():
-    assert close_code_for(TokenExpired()) == CloseCode.TOKEN_EXPIRED == 4004
-    assert close_code_for(TokenRevoked()) == CloseCode.TOKEN_REVOKED == 4005
-    assert close_code_for(TokenScopeError()) == CloseCode.INVALID_TOKEN == 4003
+    assert close_code_for(TokenExpired()) == CloseCode.TOKEN_EXPIRED
+    assert CloseCode.TOKEN_EXPIRED.value == 4004
+    assert close_code_for(TokenRevoked()) == CloseCode.TOKEN_REVOKED
+    assert CloseCode.TOKEN_REVOKED.value == 4005
+    assert close_code_for(TokenScopeError()) == CloseCode.INVALID_TOKEN
+    assert CloseCode.INVALID_TOKEN.value == 4003
 
 
 def _event(data: str = '{"phase":"PLAN","cost":"1.500000"}', session: bool = True) -> StreamEvent:
