@@ -31,11 +31,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-
-def _with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}/{name}{query}"
+from keen_stream.settings import with_database
 
 
 def create_db(admin_dsn: str) -> int:
@@ -53,7 +49,7 @@ def create_db(admin_dsn: str) -> int:
     except (OSError, asyncpg.PostgresError, TimeoutError) as exc:
         print(f"no scratch database on {admin_dsn}: {exc}", file=sys.stderr)
         return 1
-    print(_with_database(admin_dsn, name))
+    print(with_database(admin_dsn, name))
     return 0
 
 

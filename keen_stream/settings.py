@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -123,3 +124,11 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """The process-wide settings, read from the environment once."""
     return Settings()
+
+
+def with_database(dsn: str, database: str) -> str:
+    """``dsn`` pointing at ``database`` instead (host, socket, user and options kept)."""
+    parts = urlsplit(dsn)
+    # Built by hand: urlunsplit drops the "//" of an empty host (postgresql:///db, a socket).
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{parts.scheme}://{parts.netloc}/{database}{query}"

@@ -36,7 +36,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil
@@ -46,16 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.sessions import SQL as SESSION_SQL
 from keen_stream.migrate import upgrade
-from keen_stream.settings import Settings
+from keen_stream.settings import Settings, with_database
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_FIELDS = re.compile(r'"type":"event".*?"user_id":"([0-9a-f-]{36})"')
 ITERATIONS = re.compile(r'"iteration_count": ?(\d+)')
 BARE_SENT = re.compile(r'"t": ?([0-9.]+)')
-
-
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
 def free_port() -> int:

@@ -39,7 +39,6 @@ import uuid
 from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import asyncpg
 
@@ -48,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keen_stream.dal.credits import SQL
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.migrate import upgrade
-from keen_stream.settings import Settings
+from keen_stream.settings import Settings, with_database
 
 PGBENCH = "/usr/lib/postgresql/15/bin/pgbench"
 COST = Decimal("0.001")  # 0.005 credits at the default 5x markup
@@ -89,13 +88,6 @@ PGBENCH_TABLES = [
     "ALTER TABLE bench_users ADD PRIMARY KEY (aid)",
     "GRANT SELECT ON bench_users TO keen_app, keen_system",
 ]
-
-
-def with_database(dsn: str, name: str) -> str:
-    parts = urlsplit(dsn)
-    netloc = f"//{parts.netloc}" if parts.netloc or dsn.startswith(f"{parts.scheme}://") else ""
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}:{netloc}/{name}{query}"
 
 
 async def create_scratch(

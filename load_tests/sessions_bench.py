@@ -27,7 +27,6 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.sessions import SQL as SESSION_SQL
 from keen_stream.migrate import upgrade
-from keen_stream.settings import Settings
+from keen_stream.settings import Settings, with_database
 
 VARIANTS = {
     "A activity-keyed (shipped)": (
@@ -48,10 +47,6 @@ VARIANTS = {
         " WHERE execution_status = 'running'"
     ),
 }
-
-
-def with_database(dsn: str, name: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + name))
 
 
 async def populate(conn: asyncpg.Connection, sessions: int, ended: int) -> list[tuple[str, str]]:

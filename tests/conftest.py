@@ -28,21 +28,13 @@ from keen_stream.dal.models.users import UserCreateFields
 from keen_stream.dal.users import upsert_super_admin
 from keen_stream.embedded import EmbeddedPostgres
 from keen_stream.migrate import MIGRATIONS_DIR, upgrade_async
-from keen_stream.settings import Settings
+from keen_stream.settings import Settings, with_database
 from tests.pgcluster import OwnedPostgres, owned_postgres_available
 
 ROOT = Path(__file__).resolve().parent.parent
 ADMIN_EMAIL = "ahiya.butman@gmail.com"
 PASSWORD = "correct horse battery staple"
 _counter = itertools.count()
-
-
-def with_database(dsn: str, name: str) -> str:
-    """``dsn`` pointing at database ``name`` (keeps host, socket, user and options)."""
-    parts = urlsplit(dsn)
-    # Built by hand: urlunsplit drops the "//" of an empty host (postgresql:///db).
-    query = f"?{parts.query}" if parts.query else ""
-    return f"{parts.scheme}://{parts.netloc}/{name}{query}"
 
 
 def make_settings(dsn: str, **overrides: object) -> Settings:
