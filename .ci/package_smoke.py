@@ -120,9 +120,7 @@ def dal(checkout: str) -> int:
             suffix = uuid.uuid4().hex[:12]
             email = f"smoke-{suffix}@example.com"
             password = secrets.token_urlsafe(16)
-            user = await db.users.create(
-                email=email, username=f"smoke_{suffix}", password=password
-            )
+            user = await db.users.create(email=email, username=f"smoke_{suffix}", password=password)
             logged_in = await db.users.authenticate(email, password)
             if logged_in.id != user.id or logged_in.last_login_at is None:
                 raise AssertionError(f"authenticate returned {logged_in!r} for {user!r}")

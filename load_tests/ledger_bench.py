@@ -71,13 +71,20 @@ OTHER_TRIGGERS = """
 """
 # The API's server-side work without the Python client: the very statement deduct_credits sends
 # (one round trip, its own implicit transaction), with pgbench's variables for the parameters.
-LEDGER_DEBIT = "\\set aid random(1, {accounts})\n" + (
-    SQL["deduct_call"]
-    .replace("$1", "(SELECT user_id::text FROM bench_users WHERE aid = :aid)")
-    .replace("$2", str(COST)).replace("$3", "NULL").replace("$4", "'bench'")
-    .replace("$5", "NULL")
-    .replace("{", "{{").replace("}", "}}")
-) + ";\n"
+LEDGER_DEBIT = (
+    "\\set aid random(1, {accounts})\n"
+    + (
+        SQL["deduct_call"]
+        .replace("$1", "(SELECT user_id::text FROM bench_users WHERE aid = :aid)")
+        .replace("$2", str(COST))
+        .replace("$3", "NULL")
+        .replace("$4", "'bench'")
+        .replace("$5", "NULL")
+        .replace("{", "{{")
+        .replace("}", "}}")
+    )
+    + ";\n"
+)
 
 PGBENCH_TABLES = [
     "CREATE TABLE bench_accounts (aid integer PRIMARY KEY, balance numeric(18,6) NOT NULL)",
@@ -139,15 +146,37 @@ async def drop_scratch(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
-def pgbench(dsn: str, clients: int, seconds: int, accounts: int, script_text: str = PLAIN_DEBIT,
-            prefix: Sequence[str] = ()) -> float:
+def pgbench(
+    dsn: str,
+    clients: int,
+    seconds: int,
+    accounts: int,
+    script_text: str = PLAIN_DEBIT,
+    prefix: Sequence[str] = (),
+) -> float:
     with tempfile.NamedTemporaryFile("w", suffix=".sql", delete=False) as script:
         script.write(script_text.format(accounts=accounts))
     try:
         out = subprocess.run(
-            [*prefix, PGBENCH, "-n", "-M", "prepared", "-c", str(clients), "-j", "2",
-             "-T", str(seconds), "-f", script.name, dsn],
-            check=False, capture_output=True, text=True,
+            [
+                *prefix,
+                PGBENCH,
+                "-n",
+                "-M",
+                "prepared",
+                "-c",
+                str(clients),
+                "-j",
+                "2",
+                "-T",
+                str(seconds),
+                "-f",
+                script.name,
+                dsn,
+            ],
+            check=False,
+            capture_output=True,
+            text=True,
         )
     finally:
         os.unlink(script.name)
@@ -184,8 +213,10 @@ async def fund_accounts(settings: Settings) -> list[uuid.UUID]:
     db = await KeenDatabase.connect(settings=settings, migrate=False)
     try:
         async with db.system_transaction() as conn:
-            users = [row["user_id"] for row in await conn.fetch(
-                "SELECT user_id FROM bench_users ORDER BY aid")]
+            users = [
+                row["user_id"]
+                for row in await conn.fetch("SELECT user_id FROM bench_users ORDER BY aid")
+            ]
         sem = asyncio.Semaphore(32)
 
         async def fund(user: uuid.UUID) -> None:
@@ -199,8 +230,12 @@ async def fund_accounts(settings: Settings) -> list[uuid.UUID]:
 
 
 async def api_tps(
-    settings: Settings, callers: int, accounts: list[uuid.UUID], seconds: float,
-    keys: bool = False, batch: bool = True,
+    settings: Settings,
+    callers: int,
+    accounts: list[uuid.UUID],
+    seconds: float,
+    keys: bool = False,
+    batch: bool = True,
 ) -> float:
     # A pool per run, closed before pgbench runs again: 2 x 32 connections could exceed
     # a shared server's max_connections.
@@ -212,9 +247,12 @@ async def api_tps(
         tps = await api_run(db, accounts, callers, seconds, keys=keys)
         stats = {k: v - before[k] for k, v in db.credits.batch_stats().items()}
         size = stats["batched_items"] / stats["batches"] if stats["batches"] else 0
-        print(f"  api, {callers} callers on {len(accounts)} account(s): {tps:,.0f}/s;"
-              f" {stats['singles']:,} alone, {stats['batched_items']:,} in"
-              f" {stats['batches']:,} batches (mean {size:.1f})", flush=True)
+        print(
+            f"  api, {callers} callers on {len(accounts)} account(s): {tps:,.0f}/s;"
+            f" {stats['singles']:,} alone, {stats['batched_items']:,} in"
+            f" {stats['batches']:,} batches (mean {size:.1f})",
+            flush=True,
+        )
         return tps
     finally:
         await db.close()
@@ -230,8 +268,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--accounts", type=int, default=1000)
     parser.add_argument("--keys", action="store_true", help="also run with idempotency keys")
-    parser.add_argument("--unbatched", action="store_true",
-                        help="also run the API at 32 callers with batching off")
+    parser.add_argument(
+        "--unbatched", action="store_true", help="also run the API at 32 callers with batching off"
+    )
     parser.add_argument(
         "--ledger-only",
         action="store_true",
@@ -241,10 +280,14 @@ def parse_args() -> argparse.Namespace:
         "--isolated-cores",
         action="store_true",
         help=f"a private PostgreSQL on CPU {SERVER_CPU}, every client on CPU {CLIENT_CPU}; "
-             "API, plain debit and the seed spec's deduction",
+        "API, plain debit and the seed spec's deduction",
     )
-    parser.add_argument("--fsync", choices=("on", "off"), default="on",
-                        help="the private server's fsync (--isolated-cores only; default on)")
+    parser.add_argument(
+        "--fsync",
+        choices=("on", "off"),
+        default="on",
+        help="the private server's fsync (--isolated-cores only; default on)",
+    )
     return parser.parse_args()
 
 
@@ -253,8 +296,10 @@ async def main(args: argparse.Namespace) -> int:
         return await isolated_main(args)
     name = f"keen_ledger_bench_{os.getpid()}"
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    print(f"scratch database {name}; {args.seconds} s per run; {args.accounts} accounts; "
-          f"event loop: {loop}")
+    print(
+        f"scratch database {name}; {args.seconds} s per run; {args.accounts} accounts; "
+        f"event loop: {loop}"
+    )
     dsn = await create_scratch(args.dsn, name, args.accounts, ledger_only=args.ledger_only)
     r: dict[str, float] = {}
     n, secs = args.accounts, args.seconds
@@ -291,12 +336,16 @@ async def main(args: argparse.Namespace) -> int:
         first = format(r[a], fmt) if a in r else ""
         print(f"{label:<52}{first:>11}{format(r[b], fmt):>11}")
 
-    r.update({
-        "ratio 8": r["api 8"] / r["pgbench 8"], "ratio 32": r["api 32"] / r["pgbench 32"],
-        "sql ratio 8": r["sql 8"] / r["pgbench 8"], "sql ratio 32": r["sql 32"] / r["pgbench 32"],
-        "hot ratio": r["api hot"] / r["pgbench hot"],
-        "sql hot ratio": r["sql hot"] / r["pgbench hot"],
-    })
+    r.update(
+        {
+            "ratio 8": r["api 8"] / r["pgbench 8"],
+            "ratio 32": r["api 32"] / r["pgbench 32"],
+            "sql ratio 8": r["sql 8"] / r["pgbench 8"],
+            "sql ratio 32": r["sql 32"] / r["pgbench 32"],
+            "hot ratio": r["api hot"] / r["pgbench hot"],
+            "sql hot ratio": r["sql hot"] / r["pgbench hot"],
+        }
+    )
     print(f"\n{'tps':<52}{'8 callers':>11}{'32 callers':>11}")
     row("pgbench plain debit (UPDATE + INSERT)", "pgbench 8", "pgbench 32")
     row("db.credits.deduct_credits (public API, Python)", "api 8", "api 32")
@@ -315,8 +364,10 @@ async def main(args: argparse.Namespace) -> int:
         r["unbatched ratio"] = r["api unbatched 32"] / r["pgbench 32"]
         row("deduct_credits, batching off (KEEN_LEDGER_BATCH_MAX=1)", "", "api unbatched 32")
         row("  ratio", "", "unbatched ratio", ".2f")
-    print(f"\nledger verify: {report.transactions} transactions, "
-          f"{'clean' if report.ok else f'{len(report.problems)} PROBLEMS'}")
+    print(
+        f"\nledger verify: {report.transactions} transactions, "
+        f"{'clean' if report.ok else f'{len(report.problems)} PROBLEMS'}"
+    )
     met = "met" if r["ratio 32"] >= 0.8 else "NOT met"
     print(f"target >= 0.80 x plain debit at 32 callers: {met} ({r['ratio 32']:.2f})")
     return 0 if report.ok else 1
@@ -337,20 +388,31 @@ async def isolated_main(args: argparse.Namespace) -> int:
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
     mine = sorted(os.sched_getaffinity(0))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"isolated cores: server on CPU {SERVER_CPU}; this process on CPU(s) {mine}, pgbench"
-          f" under {' '.join(pin)}; {secs} s per run; {n} accounts; event loop: {loop};"
-          f" load average {load}", flush=True)
+    print(
+        f"isolated cores: server on CPU {SERVER_CPU}; this process on CPU(s) {mine}, pgbench"
+        f" under {' '.join(pin)}; {secs} s per run; {n} accounts; event loop: {loop};"
+        f" load average {load}",
+        flush=True,
+    )
     cluster = create_pinned(SERVER_CPU, fsync=args.fsync == "on")
     r: dict[str, float] = {}
     try:
         pinned = ", ".join(f"{k} x{v}" for k, v in server_affinities(cluster).items())
-        admin_dsn = (f"postgresql://postgres@/postgres?host={cluster.socket_dir}"
-                     f"&port={cluster.port}")
+        admin_dsn = f"postgresql://postgres@/postgres?host={cluster.socket_dir}&port={cluster.port}"
         conn = await asyncpg.connect(admin_dsn)
         try:
-            shown = {k: await conn.fetchval(f"SHOW {k}") for k in (
-                "server_version", "fsync", "synchronous_commit", "shared_buffers",
-                "max_connections", "wal_buffers", "max_wal_size")}
+            shown = {
+                k: await conn.fetchval(f"SHOW {k}")
+                for k in (
+                    "server_version",
+                    "fsync",
+                    "synchronous_commit",
+                    "shared_buffers",
+                    "max_connections",
+                    "wal_buffers",
+                    "max_wal_size",
+                )
+            }
         finally:
             await conn.close()
         print(f"private server {cluster.root} (unix socket), server processes' CPUs: {pinned}")
@@ -364,8 +426,9 @@ async def isolated_main(args: argparse.Namespace) -> int:
             pool = await seed_pool(dsn, 32)
             try:
                 await seed_run(pool, users, callers, 1.0, COST, one_transaction=one_transaction)
-                tps = await seed_run(pool, users, callers, secs, COST,
-                                     one_transaction=one_transaction)
+                tps = await seed_run(
+                    pool, users, callers, secs, COST, one_transaction=one_transaction
+                )
             finally:
                 await pool.close()
             what = "one transaction" if one_transaction else "literal"
@@ -403,8 +466,10 @@ async def isolated_main(args: argparse.Namespace) -> int:
     def row(label: str, key: str, fmt: str = ",.0f") -> None:
         print(f"{label:<58}{format(r[key + ' 8'], fmt):>11}{format(r[key + ' 32'], fmt):>11}")
 
-    print(f"\n{'tps (server alone on CPU 0, clients on CPU 1)':<58}{'8 callers':>11}"
-          f"{'32 callers':>11}")
+    print(
+        f"\n{'tps (server alone on CPU 0, clients on CPU 1)':<58}{'8 callers':>11}"
+        f"{'32 callers':>11}"
+    )
     row("pgbench plain debit (UPDATE + INSERT), the baseline", "pgbench")
     row("db.credits.deduct_credits (public API, Python)", "api")
     row("  ratio / plain debit", "api ratio", ".2f")
@@ -414,10 +479,14 @@ async def isolated_main(args: argparse.Namespace) -> int:
     row("  ratio / plain debit", "seed1 ratio", ".2f")
     row("public API / seed literal", "api/seed", ".2f")
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    print(f"\nfsync = {shown['fsync']}, synchronous_commit = {shown['synchronous_commit']};"
-          f" load average at the end {load}")
-    print(f"ledger verify: {report.transactions} transactions, "
-          f"{'clean' if report.ok else f'{len(report.problems)} PROBLEMS'}")
+    print(
+        f"\nfsync = {shown['fsync']}, synchronous_commit = {shown['synchronous_commit']};"
+        f" load average at the end {load}"
+    )
+    print(
+        f"ledger verify: {report.transactions} transactions, "
+        f"{'clean' if report.ok else f'{len(report.problems)} PROBLEMS'}"
+    )
     return 0 if report.ok else 1
 
 

@@ -45,6 +45,10 @@ from load_tests import ledger_bench
 BODY = "SELECT current_balance FROM credit_accounts WHERE user_id = $1"
 CALLERS = (1, 8)
 VARIANTS = ("before", "shipped", "on release")
+#: The benchmark's own backends (the pools'), not the one asking.
+BACKENDS = """
+    SELECT pid FROM pg_stat_activity
+     WHERE datname = current_database() AND pid <> pg_backend_pid()"""
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -126,18 +130,18 @@ async def main() -> int:
                     for variant, db in dbs.items():
                         # Read each time: the pools replace connections (idle lifetime, the
                         # reset closing one), and a stale list would miss the new backends.
-                        pids = [r["pid"] for r in await owner.fetch(
-                            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-                            " AND pid <> pg_backend_pid()")]
+                        pids = [r["pid"] for r in await owner.fetch(BACKENDS)]
                         server0, client0 = server_cpu(pids), time.process_time()
                         wall0 = time.perf_counter()
                         done = await run(db, users, callers, args.seconds)
                         wall = time.perf_counter() - wall0
-                        results.setdefault((variant, callers), []).append((
-                            done / wall,
-                            (server_cpu(pids) - server0) / done * 1e6,
-                            (time.process_time() - client0) / done * 1e6,
-                        ))
+                        results.setdefault((variant, callers), []).append(
+                            (
+                                done / wall,
+                                (server_cpu(pids) - server0) / done * 1e6,
+                                (time.process_time() - client0) / done * 1e6,
+                            )
+                        )
                 print(f"round {round_no} of {args.rounds} done", flush=True)
         finally:
             await owner.close()
@@ -146,18 +150,25 @@ async def main() -> int:
     finally:
         await ledger_bench.drop_scratch(args.dsn, name)
 
-    print(f"\nmedians of {args.rounds} rounds, {args.seconds:g} s each; a tenant transaction ="
-          " BEGIN, context, one read, COMMIT")
+    print(
+        f"\nmedians of {args.rounds} rounds, {args.seconds:g} s each; a tenant transaction ="
+        " BEGIN, context, one read, COMMIT"
+    )
     for callers in CALLERS:
-        print(f"\n{callers} caller(s)    {'tx/s':>8}{'ratio':>7}{'server us/tx':>15}{'ratio':>7}"
-              f"{'client us/tx':>15}{'ratio':>7}")
+        print(
+            f"\n{callers} caller(s)    {'tx/s':>8}{'ratio':>7}{'server us/tx':>15}{'ratio':>7}"
+            f"{'client us/tx':>15}{'ratio':>7}"
+        )
         base = [median(r[i] for r in results[("before", callers)]) for i in range(3)]
         for variant in VARIANTS:
             figures = [median(r[i] for r in results[(variant, callers)]) for i in range(3)]
-            print(f"  {variant:<12}" + "".join(
-                f"{value:>{width},.0f}" + (f"{value / b:>7.2f}" if b else f"{'-':>7}")
-                for value, b, width in zip(figures, base, (8, 15, 15), strict=True)
-            ))
+            print(
+                f"  {variant:<12}"
+                + "".join(
+                    f"{value:>{width},.0f}" + (f"{value / b:>7.2f}" if b else f"{'-':>7}")
+                    for value, b, width in zip(figures, base, (8, 15, 15), strict=True)
+                )
+            )
     return 0
 
 

@@ -52,31 +52,40 @@ VARIANTS = {
 async def populate(conn: asyncpg.Connection, sessions: int, ended: int) -> list[tuple[str, str]]:
     await conn.execute(
         "INSERT INTO users (email, username, password_hash)"
-        " SELECT 'b' || g || '@example.com', 'bench_' || g, 'x' FROM generate_series(1, 50) g")
-    await conn.execute(
-        "INSERT INTO credit_accounts (user_id) SELECT id FROM users")
+        " SELECT 'b' || g || '@example.com', 'bench_' || g, 'x' FROM generate_series(1, 50) g"
+    )
+    await conn.execute("INSERT INTO credit_accounts (user_id) SELECT id FROM users")
     # History the sweep must not have to read: ended sessions.
     await conn.execute(
         """INSERT INTO agent_sessions (user_id, session_id, git_branch, vision, working_directory)
            SELECT u.id, 'old-' || u.username || '-' || g, 'main', 'v', '/w'
-             FROM users u CROSS JOIN generate_series(1, $1) g""", ended // 50)
+             FROM users u CROSS JOIN generate_series(1, $1) g""",
+        ended // 50,
+    )
     await conn.execute(
-        "UPDATE agent_sessions SET execution_status = 'completed', success = true,"
-        " end_time = now()")
+        "UPDATE agent_sessions SET execution_status = 'completed', success = true, end_time = now()"
+    )
     await conn.execute(
         """INSERT INTO agent_sessions (user_id, session_id, git_branch, vision, working_directory)
            SELECT u.id, 'live-' || g, 'main', 'v', '/w'
              FROM generate_series(1, $1) g
-             JOIN users u ON u.username = 'bench_' || (1 + g % 50)""", sessions)
+             JOIN users u ON u.username = 'bench_' || (1 + g % 50)""",
+        sessions,
+    )
     await conn.execute("VACUUM ANALYZE agent_sessions")
     rows = await conn.fetch(
-        "SELECT user_id::text, session_id FROM agent_sessions WHERE execution_status = 'running'")
+        "SELECT user_id::text, session_id FROM agent_sessions WHERE execution_status = 'running'"
+    )
     return [(r["user_id"], r["session_id"]) for r in rows]
 
 
 async def run(
-    db: KeenDatabase, live: list[tuple[str, str]], clients: int, seconds: float,
-    *, transaction: bool = False,
+    db: KeenDatabase,
+    live: list[tuple[str, str]],
+    clients: int,
+    seconds: float,
+    *,
+    transaction: bool = False,
 ) -> int:
     """Progress reports for ``seconds``; ``transaction``: the same function inside BEGIN/COMMIT
     (how a report ran before migration 0006: four messages instead of one)."""
@@ -90,11 +99,13 @@ async def run(
             user_id, handle = live[i % len(live)]
             if transaction:
                 async with db.user_transaction(user_id) as conn:
-                    await conn.fetchrow(SESSION_SQL["progress"], user_id, handle, None, 1, 1,
-                                        100, 0, [], [], [])
+                    await conn.fetchrow(
+                        SESSION_SQL["progress"], user_id, handle, None, 1, 1, 100, 0, [], [], []
+                    )
             else:
-                await db.sessions.update_progress(user_id, handle, iterations=1, tool_calls=1,
-                                                  tokens=100)
+                await db.sessions.update_progress(
+                    user_id, handle, iterations=1, tool_calls=1, tokens=100
+                )
             done += 1
             i += clients
 
@@ -105,15 +116,16 @@ async def run(
 async def hot_counts(conn: asyncpg.Connection) -> tuple[int, int]:
     await conn.execute("SELECT pg_stat_force_next_flush()")
     row = await conn.fetchrow(
-        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables"
-        " WHERE relname = 'agent_sessions'")
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'agent_sessions'"
+    )
     return row["n_tup_upd"], row["n_tup_hot_upd"]
 
 
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--dsn", default=os.environ.get("KEEN_TEST_DATABASE_URL",
-                                                        "postgresql:///postgres"))
+    parser.add_argument(
+        "--dsn", default=os.environ.get("KEEN_TEST_DATABASE_URL", "postgresql:///postgres")
+    )
     parser.add_argument("--seconds", type=float, default=15)
     parser.add_argument("--sessions", type=int, default=500)
     parser.add_argument("--ended", type=int, default=50_000)
@@ -128,8 +140,9 @@ async def main() -> int:
         await asyncio.to_thread(upgrade, dsn)
         owner = await asyncpg.connect(dsn)
         live = await populate(owner, args.sessions, args.ended)
-        settings = Settings(database_url=dsn, pool_min_size=args.clients,
-                            pool_max_size=args.clients)
+        settings = Settings(
+            database_url=dsn, pool_min_size=args.clients, pool_max_size=args.clients
+        )
         results: dict[str, float] = {}
         async with await KeenDatabase.connect(settings=settings, migrate=False) as db:
             await run(db, live, args.clients, 2)  # warm up
@@ -152,11 +165,15 @@ async def main() -> int:
                 sweep_ms = (time.perf_counter() - sweep_started) / 20 * 1000
                 rounds[label].append(tps)
                 results[label] = sum(rounds[label]) / len(rounds[label])
-                print(f"{label:30} {tps:8.0f} progress updates/s   HOT {hot_share:6.1%}"
-                      f"   sweep {sweep_ms:6.2f} ms")
+                print(
+                    f"{label:30} {tps:8.0f} progress updates/s   HOT {hot_share:6.1%}"
+                    f"   sweep {sweep_ms:6.2f} ms"
+                )
         a, b = results.values()
-        print(f"B/A throughput ratio: {b / a:.2f}  ({args.clients} clients, "
-              f"{args.sessions} running sessions, {args.ended} ended)")
+        print(
+            f"B/A throughput ratio: {b / a:.2f}  ({args.clients} clients, "
+            f"{args.sessions} running sessions, {args.ended} ended)"
+        )
         # One statement (shipped) vs the same report inside BEGIN ... COMMIT, index A.
         await owner.execute("DROP INDEX idx_agent_sessions_running_activity")
         await owner.execute(VARIANTS["A activity-keyed (shipped)"])

@@ -157,6 +157,7 @@ async def empty_dsn(pg_admin_dsn: str) -> AsyncIterator[str]:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await conn.close()
 
+
 @pytest.fixture
 def owned_pg() -> Iterator[OwnedPostgres]:
     """A private PostgreSQL server (started) that the test may stop, restart or crash."""

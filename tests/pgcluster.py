@@ -116,8 +116,10 @@ class OwnedPostgres:
             shutil.chown(cluster.socket_dir, "postgres", "postgres")
         cluster._run(
             "initdb",
-            "-D", str(cluster.data_dir),
-            "-U", "postgres",
+            "-D",
+            str(cluster.data_dir),
+            "-U",
+            "postgres",
             "--auth=trust",
             "--encoding=UTF8",
             "--no-sync",
@@ -155,8 +157,9 @@ class OwnedPostgres:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> None:
-        self._run("pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w",
-                  "-t", "60", "start")
+        self._run(
+            "pg_ctl", "-D", str(self.data_dir), "-l", str(self.log_file), "-w", "-t", "60", "start"
+        )
 
     def stop(self, mode: StopMode = "fast") -> None:
         """Stop the server. ``immediate`` is a crash: backends are killed, no checkpoint."""

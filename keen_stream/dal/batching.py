@@ -99,8 +99,9 @@ class Batcher(Generic[T, R]):
         while self._waiting and self._in_flight < self.max_in_flight:
             # Share the waiting calls among the free slots: one batch holding everyone would
             # leave the other slots (and the server's other cores) idle while it runs.
-            size = min(self.max_batch,
-                       -(-len(self._waiting) // (self.max_in_flight - self._in_flight)))
+            size = min(
+                self.max_batch, -(-len(self._waiting) // (self.max_in_flight - self._in_flight))
+            )
             batch: list[tuple[T, asyncio.Future[R]]] = []
             deferred: list[tuple[T, asyncio.Future[R]]] = []
             while self._waiting and len(batch) < size:

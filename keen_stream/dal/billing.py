@@ -65,8 +65,9 @@ class BillingDAO:
         uid = parse_uuid(user_id, "user_id")
         value = parse_money(amount, "amount")
         text = parse_text(description, "description")
-        stripe = parse_text(stripe_payment_intent_id, "stripe_payment_intent_id", max_length=255,
-                       required=False)
+        stripe = parse_text(
+            stripe_payment_intent_id, "stripe_payment_intent_id", max_length=255, required=False
+        )
         key = parse_idempotency_key(idempotency_key)
         async with self._db.billing_transaction(actor_id) as conn:
             row = await conn.fetchrow(SQL["purchase"], uid, value, text, stripe, key)

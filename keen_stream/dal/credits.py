@@ -297,8 +297,9 @@ class CreditManager:
         return await self._deductions.submit(item)
 
     async def _deduct_one(self, d: _Deduction) -> CreditTransaction:
-        row = await self._db.user_call(d.user_id, SQL["deduct_call"], d.cost, d.handle,
-                                       d.description, d.key)
+        row = await self._db.user_call(
+            d.user_id, SQL["deduct_call"], d.cost, d.handle, d.description, d.key
+        )
         return _tx(row)
 
     async def _deduct_many(
@@ -336,8 +337,12 @@ class CreditManager:
             if row["error_state"] is None:
                 outcomes[at] = CreditTransaction.model_validate({k: row[k] for k in TX_NAMES})
                 continue
-            error = from_fields(row["error_state"], row["error_message"], row["error_detail"],
-                                row["error_constraint"])
+            error = from_fields(
+                row["error_state"],
+                row["error_message"],
+                row["error_detail"],
+                row["error_constraint"],
+            )
             if isinstance(error, TransactionConflict):
                 # Lost a lock race with another kind of transaction (a session ending, say):
                 # only this item was undone; it runs again on its own.
@@ -485,8 +490,7 @@ class CreditManager:
         if row is None:
             raise NotFound("no credit account for this user")
         if row["required"] is None:
-            raise InvalidAmount("claude_cost_usd x markup is out of range",
-                                field="claude_cost_usd")
+            raise InvalidAmount("claude_cost_usd x markup is out of range", field="claude_cost_usd")
         unlimited = row["unlimited"]
         shortfall = Decimal(0) if unlimited else max(Decimal(0), row["required"] - row["available"])
         return CreditValidation(

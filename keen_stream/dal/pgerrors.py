@@ -142,7 +142,9 @@ def _server_error(exc: asyncpg.PostgresError) -> errors.DatabaseError:
         return errors.TransactionConflict(f"transaction conflict: {text}", sqlstate=sqlstate)
     # FATAL ends the session whatever its SQLSTATE (e.g. 28P01 or 3D000 while connecting).
     fatal = (getattr(exc, "severity_en", None) or getattr(exc, "severity", None)) in (
-        "FATAL", "PANIC")
+        "FATAL",
+        "PANIC",
+    )
     if sqlstate == _STATEMENT_LOST:
         return errors.DatabaseUnavailable(
             f"the connection lost a prepared statement and is closed: {text}", sqlstate=sqlstate

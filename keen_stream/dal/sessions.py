@@ -112,7 +112,8 @@ SQL: Final = {
         ORDER BY s.start_time DESC, s.id DESC
         LIMIT $4""",
     "tree": _TREE + " SELECT * FROM tree ORDER BY session_depth, start_time, id",
-    "rollup": _TREE + """
+    "rollup": _TREE
+    + """
         SELECT count(*) AS sessions,
                count(*) FILTER (WHERE execution_status = 'running') AS running,
                count(*) FILTER (WHERE execution_status = 'completed') AS completed,

@@ -80,10 +80,15 @@ def parse_text(
     ``required``; a required one must not be blank."""
     if value is None and not required:
         return None
-    if (not isinstance(value, str) or len(value) > max_length
-            or (required and not value.strip()) or not storable(value)):
-        raise InvalidInput(f"{what} must be a non-empty string of at most {max_length}"
-                           " characters", field=what)
+    if (
+        not isinstance(value, str)
+        or len(value) > max_length
+        or (required and not value.strip())
+        or not storable(value)
+    ):
+        raise InvalidInput(
+            f"{what} must be a non-empty string of at most {max_length} characters", field=what
+        )
     return value
 
 
@@ -92,8 +97,9 @@ def parse_idempotency_key(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not 1 <= len(value) <= 255 or not storable(value):
-        raise InvalidInput("idempotency_key must be a string of 1 to 255 characters",
-                           field="idempotency_key")
+        raise InvalidInput(
+            "idempotency_key must be a string of 1 to 255 characters", field="idempotency_key"
+        )
     return value
 
 
@@ -151,8 +157,7 @@ def parse_markup(value: Any) -> Decimal:
     """A markup as the ledger stores it (0.01 to 99.99, in hundredths), or InvalidAmount."""
     markup = parse_money(value, "markup")
     if markup >= 100 or markup != markup.quantize(MARKUP_QUANTUM):
-        raise InvalidAmount("markup must be between 0.01 and 99.99, in hundredths",
-                            field="markup")
+        raise InvalidAmount("markup must be between 0.01 and 99.99, in hundredths", field="markup")
     return markup.quantize(MARKUP_QUANTUM)
 
 

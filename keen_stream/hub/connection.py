@@ -422,9 +422,7 @@ class Connection:
             raise
         fanout.release(client)
 
-    async def _send_replayed(
-        self, subscription: Subscription, events: list[StreamEvent]
-    ) -> bool:
+    async def _send_replayed(self, subscription: Subscription, events: list[StreamEvent]) -> bool:
         """Send replayed events at the client's pace: past half the send buffer, wait for it
         to read (a page of large frames can be bigger than the whole buffer)."""
         client = self.client

@@ -27,6 +27,7 @@ from keen_stream.settings import Settings
 
 logger = logging.getLogger(__name__)
 
+
 class ConnectionLost(Exception):
     """The listener's connection ended (termination callback or failed probe)."""
 
@@ -200,4 +201,3 @@ class EventListener:
                 next_probe = loop.time() + settings.listener_probe_interval
                 continue
             await self._wake.wait(min(wait, next_probe - now))
-

@@ -78,8 +78,7 @@ class ConnectionRecorder:
                 # Writing it again would fail the same way, every interval, with everyone's
                 # newer records queued behind it: drop this batch (it is only bookkeeping).
                 count = len(opened) + len(subs) + len(pings) + len(closed)
-                logger.error("dropped %d connection records that cannot be written: %s",
-                             count, exc)
+                logger.error("dropped %d connection records that cannot be written: %s", count, exc)
                 raise
             # Keep what failed, without overwriting anything newer.
             self._opened = {**opened, **self._opened}

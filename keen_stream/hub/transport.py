@@ -288,8 +288,11 @@ class GuardedWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def keepalive_timeout(self) -> None:
         timeout = self.ping_timeout
-        if (self.read_paused and timeout is not None
-                and not (self.close_sent or self.transport.is_closing())):
+        if (
+            self.read_paused
+            and timeout is not None
+            and not (self.close_sent or self.transport.is_closing())
+        ):
             # uvicorn stops reading while a received frame waits for the hub (flow control),
             # and the hub handles a client's frames one at a time, a resume's whole replay
             # inside its subscribe: the pong may be sitting unread. Not the client's fault;

@@ -203,8 +203,16 @@ class HubNode:
             log.write(f"--- start {self.starts} at {time.time():.3f} ---\n".encode())
             log.flush()
             self.proc = subprocess.Popen(  # the child keeps its own copy of the log descriptor
-                [sys.executable, "-m", "keen_stream", "serve",
-                 "--host", "127.0.0.1", "--port", str(self.port)],
+                [
+                    sys.executable,
+                    "-m",
+                    "keen_stream",
+                    "serve",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -220,8 +228,9 @@ class HubNode:
             while True:
                 if self.proc is None or self.proc.poll() is not None:
                     code = None if self.proc is None else self.proc.returncode
-                    raise HubNodeError(f"hub {self.name} is not running (exit {code})\n"
-                                       f"{self.log_tail()}")
+                    raise HubNodeError(
+                        f"hub {self.name} is not running (exit {code})\n{self.log_tail()}"
+                    )
                 try:
                     response = await http.get(f"{self.http}/healthz")
                     if response.status_code == 200:
@@ -231,8 +240,9 @@ class HubNode:
                 except httpx.TransportError as exc:
                     last = error_type(exc)
                 if loop.time() > deadline:
-                    raise HubNodeError(f"hub {self.name} not healthy after {within} s: {last}\n"
-                                       f"{self.log_tail()}")
+                    raise HubNodeError(
+                        f"hub {self.name} not healthy after {within} s: {last}\n{self.log_tail()}"
+                    )
                 await asyncio.sleep(0.05)
 
     async def stop(self, grace: float = 20.0) -> int:
@@ -353,8 +363,13 @@ async def read_stream(dsn: str, after: Cursor | None = None) -> list[StreamRow]:
     finally:
         await conn.close()
     return [
-        StreamRow((int(r["xid"]), r["id"]), r["user_id"], r["session_id"],
-                  r["root_session_id"], r["event_type"])
+        StreamRow(
+            (int(r["xid"]), r["id"]),
+            r["user_id"],
+            r["session_id"],
+            r["root_session_id"],
+            r["event_type"],
+        )
         for r in rows
     ]
 
@@ -437,7 +452,10 @@ class Writer:
         """Start a root session for ``user_id`` (kept open by default); returns its row id."""
         handle = self._handle(user_id)
         session = await self.db.sessions.create_session(
-            user_id, session_handle=handle, vision="fault test", working_directory="/w",
+            user_id,
+            session_handle=handle,
+            vision="fault test",
+            working_directory="/w",
             git_branch="main",
         )
         self._open[user_id].append(_OpenSession(handle, 0, keep))
@@ -533,8 +551,12 @@ class Writer:
             parent = rng.choice(parents or sessions)
             handle = self._handle(user_id)
             await db.sessions.create_session(
-                user_id, session_handle=handle, vision="sub-agent", working_directory="/w",
-                git_branch="main", parent_session_handle=parent.handle,
+                user_id,
+                session_handle=handle,
+                vision="sub-agent",
+                working_directory="/w",
+                git_branch="main",
+                parent_session_handle=parent.handle,
             )
             sessions.append(_OpenSession(handle, parent.depth + 1, False))
         elif op == "deduct":
@@ -762,8 +784,11 @@ class ResumingClient:
     @property
     def live(self) -> bool:
         """Connected, and the current connection's latest subscribe was answered."""
-        return (self.url is not None and bool(self.replies)
-                and self.replies[-1].connection == self.connections)
+        return (
+            self.url is not None
+            and bool(self.replies)
+            and self.replies[-1].connection == self.connections
+        )
 
     # --- the loop -----------------------------------------------------------------------------
     def _stopped(self) -> bool:
@@ -822,8 +847,9 @@ class ResumingClient:
         self.connects.append((number, url, self.timeline.phase))
         served = False
         try:
-            await ws.send(json.dumps({"type": "auth", "token": self.token,
-                                      "client_type": "fault-test"}))
+            await ws.send(
+                json.dumps({"type": "auth", "token": self.token, "client_type": "fault-test"})
+            )
             ready = json.loads(await asyncio.wait_for(ws.recv(), 15))
             if ready.get("type") != "ready":
                 self.unexpected.append(f"connection {number}: {ready}")
@@ -863,19 +889,35 @@ class ResumingClient:
         kind = frame.get("type")
         phase = self.timeline.phase
         if kind == "event":
-            self.received.append(Received(
-                parse_cursor(frame["cursor"]), frame["event_type"], frame["user_id"],
-                frame.get("session_id"), number, state.subscription, phase,
-            ))
+            self.received.append(
+                Received(
+                    parse_cursor(frame["cursor"]),
+                    frame["event_type"],
+                    frame["user_id"],
+                    frame.get("session_id"),
+                    number,
+                    state.subscription,
+                    phase,
+                )
+            )
             self.last = frame["cursor"]
         elif kind == "subscribed":
             ref = frame.get("id")
             state.subscription = ref if isinstance(ref, int) else -1
             recovered = bool(frame.get("recovered"))
-            self.replies.append(SubscribeReply(
-                number, state.subscription, state.url, state.sent.get(state.subscription),
-                frame["cursor"], recovered, frame.get("reason"), phase, self.timeline.elapsed(),
-            ))
+            self.replies.append(
+                SubscribeReply(
+                    number,
+                    state.subscription,
+                    state.url,
+                    state.sent.get(state.subscription),
+                    frame["cursor"],
+                    recovered,
+                    frame.get("reason"),
+                    phase,
+                    self.timeline.elapsed(),
+                )
+            )
             if not recovered:
                 self.recovered_false += 1
                 self.last = frame["cursor"]  # the protocol: reload state, continue from here
@@ -936,8 +978,15 @@ class ClientVerdict:
 
     @property
     def ok(self) -> bool:
-        return not (self.lost or self.duplicates_within or self.out_of_order or self.foreign
-                    or self.recovered_false or self.false_recovered or self.unexpected)
+        return not (
+            self.lost
+            or self.duplicates_within
+            or self.out_of_order
+            or self.foreign
+            or self.recovered_false
+            or self.false_recovered
+            or self.unexpected
+        )
 
     def line(self) -> str:
         phases = ", ".join(f"{p}: {n}" for p, n in self.lost_by_phase.items()) or "-"
@@ -978,8 +1027,10 @@ class Verdict:
         return all(c.ok for c in self.clients) and not self.notes
 
     def summary(self) -> str:
-        errors = ", ".join(f"{k.rsplit('.', 1)[-1]}={n}" for k, n in
-                           self.writer_errors.most_common()) or "none"
+        errors = (
+            ", ".join(f"{k.rsplit('.', 1)[-1]}={n}" for k, n in self.writer_errors.most_common())
+            or "none"
+        )
         return (
             f"fault scenario: events={self.events} faults={self.faults} "
             f"deliveries={self.total('deliveries')} lost={self.total('lost')} "
@@ -1011,8 +1062,11 @@ def entitled_rows(client: ResumingClient, rows: Iterable[StreamRow]) -> list[Str
     """The rows ``client`` must receive: after its starting ``since``, allowed by the
     authorization rule and its subscription."""
     start = parse_cursor(client.baseline) if client.baseline else (0, 0)
-    return [r for r in rows if r.cursor > start
-            and client.spec.entitles(r, client.user_id, client.is_admin)]
+    return [
+        r
+        for r in rows
+        if r.cursor > start and client.spec.entitles(r, client.user_id, client.is_admin)
+    ]
 
 
 def verify(
@@ -1025,7 +1079,9 @@ def verify(
     """Compare each client's receipts with the outbox (see :class:`ClientVerdict`)."""
     verdicts = [_verify_one(client, rows) for client in clients]
     return Verdict(
-        events=len(rows), faults=faults, clients=verdicts,
+        events=len(rows),
+        faults=faults,
+        clients=verdicts,
         writer_errors=writer_errors or Counter(),
     )
 
@@ -1060,7 +1116,8 @@ def _verify_one(client: ResumingClient, rows: Sequence[StreamRow]) -> ClientVerd
     v.distinct = len(seen)
     v.foreign = sorted(seen - entitled)
     v.unauthorized = sum(
-        1 for c in v.foreign
+        1
+        for c in v.foreign
         if not client.is_admin and (c not in by_cursor or by_cursor[c].user_id != client.user_id)
     )
     v.lost = sorted(entitled - seen)
@@ -1080,8 +1137,12 @@ def _verify_one(client: ResumingClient, rows: Sequence[StreamRow]) -> ClientVerd
             skipped = lost[done:upto]
             v.lost_by_phase[r.phase] += len(skipped)
             reply = replies.get((r.connection, r.subscription))
-            if (reply is not None and reply.recovered and reply.since is not None
-                    and parse_cursor(reply.since) < skipped[0]):
+            if (
+                reply is not None
+                and reply.recovered
+                and reply.since is not None
+                and parse_cursor(reply.since) < skipped[0]
+            ):
                 key = (r.connection, r.subscription)
                 false_claims[key] = false_claims.get(key, 0) + len(skipped)
             done = upto
@@ -1110,9 +1171,11 @@ async def wait_caught_up(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while True:
-        behind = [name for name, (client, target) in targets.items()
-                  if client.last_cursor is None or client.last_cursor < target]
+        behind = [
+            name
+            for name, (client, target) in targets.items()
+            if client.last_cursor is None or client.last_cursor < target
+        ]
         if not behind or loop.time() > deadline:
             return behind
         await asyncio.sleep(0.1)
-

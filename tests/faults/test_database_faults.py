@@ -70,40 +70,56 @@ class Workload:
         session = f"s{n}"
 
         async def session_life() -> None:
-            await db.sessions.create_session(uid, session_handle=session, vision="v",
-                                             working_directory="/w", git_branch="main")
+            await db.sessions.create_session(
+                uid, session_handle=session, vision="v", working_directory="/w", git_branch="main"
+            )
             await db.sessions.update_progress(uid, session, iterations=1, tool_calls=2)
-            await db.sessions.complete_session(uid, session, success=True,
-                                               claude_cost_usd=Decimal("0.001"))
+            await db.sessions.complete_session(
+                uid, session, success=True, claude_cost_usd=Decimal("0.001")
+            )
 
         async def hold() -> None:
             held = await db.credits.reserve(uid, Decimal("0.002"))
             await db.credits.settle(held, Decimal("0.001"))
 
         async def deductions() -> None:  # concurrent: these leave in batches
-            await asyncio.gather(*(
-                db.credits.deduct_credits(u.id, Decimal("0.0001"), None, "burst")
-                for u in self.users
-            ))
+            await asyncio.gather(
+                *(
+                    db.credits.deduct_credits(u.id, Decimal("0.0001"), None, "burst")
+                    for u in self.users
+                )
+            )
 
         async def reader() -> None:
             conn = await db.events.connect_reader()
             conn.terminate()
 
         opened = ConnectionOpened(
-            connection_id=f"c{n}", user_id=uid, token_id=None, client_ip="127.0.0.1",
-            client_type="test", admin_connection=False, can_view_all_sessions=False,
-            hub_node_id=self.node, connected_at=datetime.now(UTC),
+            connection_id=f"c{n}",
+            user_id=uid,
+            token_id=None,
+            client_ip="127.0.0.1",
+            client_type="test",
+            admin_connection=False,
+            can_view_all_sessions=False,
+            hub_node_id=self.node,
+            connected_at=datetime.now(UTC),
         )
         return [
-            ("users.create", lambda: db.users.create(
-                email=f"w{n}@example.com", username=f"w_{n}", password=PASSWORD)),
+            (
+                "users.create",
+                lambda: db.users.create(
+                    email=f"w{n}@example.com", username=f"w_{n}", password=PASSWORD
+                ),
+            ),
             ("users.get", lambda: db.users.get(uid)),
             ("users.authenticate", lambda: db.users.authenticate(user.email, PASSWORD)),
             ("tokens.issue", lambda: db.tokens.issue(uid, "session")),
             ("tokens.validate", lambda: db.tokens.validate(token)),
-            ("credits.deduct", lambda: db.credits.deduct_credits(
-                uid, Decimal("0.0001"), None, "single")),
+            (
+                "credits.deduct",
+                lambda: db.credits.deduct_credits(uid, Decimal("0.0001"), None, "single"),
+            ),
             ("credits.deduct batched", deductions),
             ("credits.reserve+settle", hold),
             ("credits.get_balance", lambda: db.credits.get_balance(uid)),
@@ -169,13 +185,11 @@ async def stop_for_a_while(pg: OwnedPostgres) -> None:
 async def test_every_call_during_outages_raises_a_keen_error_and_the_dal_recovers(
     owned_pg: OwnedPostgres, owned_dsn: str
 ) -> None:
-    settings = make_settings(owned_dsn, pool_max_size=8, connect_timeout=2,
-                             pool_acquire_timeout=2)
+    settings = make_settings(owned_dsn, pool_max_size=8, connect_timeout=2, pool_acquire_timeout=2)
     db = await KeenDatabase.connect(settings=settings, migrate=False)
     try:
         users = [
-            await db.users.create(email=f"u{i}@example.com", username=f"u_{i}",
-                                  password=PASSWORD)
+            await db.users.create(email=f"u{i}@example.com", username=f"u_{i}", password=PASSWORD)
             for i in range(4)
         ]
         for user in users:

@@ -87,8 +87,9 @@ class Scenario:
         await asyncio.gather(*(self.nodes[n].wait_healthy() for n in names or self.nodes))
 
     async def all_live(self, within: float = 30.0) -> None:
-        await wait_for(lambda: all(c.live for c in self.clients), "every client subscribed",
-                       within=within)
+        await wait_for(
+            lambda: all(c.live for c in self.clients), "every client subscribed", within=within
+        )
 
     def fault(self, name: str) -> str:
         """Start the next fault: its phase name is ``"<n> <name>"``."""
@@ -136,8 +137,10 @@ class Scenario:
         await asyncio.sleep(0.05)
         self.drop(*dropped)  # they resume while the database goes down and comes back
         await restart
-        self.note(f"pg_ctl restart -m {mode} took {time.monotonic() - started:.2f}s; "
-                  f"dropped {', '.join(dropped)}")
+        self.note(
+            f"pg_ctl restart -m {mode} took {time.monotonic() - started:.2f}s; "
+            f"dropped {', '.join(dropped)}"
+        )
         await self.healthy()
         await self.settle()
 
@@ -169,10 +172,16 @@ class Scenario:
             a.start()
             await a.wait_healthy()
             await self.all_live()
-            early = [c.name for c in self.clients for r in c.replies
-                     if r.phase == self.timeline.phase and r.cursor == r.since]
-            self.note(f"node A restarted under transaction {xid}; clients resumed on it "
-                      f"before its first event: {early or 'none'}")
+            early = [
+                c.name
+                for c in self.clients
+                for r in c.replies
+                if r.phase == self.timeline.phase and r.cursor == r.since
+            ]
+            self.note(
+                f"node A restarted under transaction {xid}; clients resumed on it "
+                f"before its first event: {early or 'none'}"
+            )
         if any(c.url != a.url for c in self.clients):
             self.problem("a client is not on the restarted node A")
         b.start()
@@ -195,11 +204,14 @@ class Scenario:
         node = next(n for n in self.nodes.values() if n.url == resumer.url)
         replayed = await self.replay_stalled(node) - before[node.name]
         await asyncio.to_thread(self.pg.stop, "fast")
-        self.note(f"database stopped; the replay on node {node.name} waits for the client "
-                  f"after {replayed:.0f} of {missed} events")
+        self.note(
+            f"database stopped; the replay on node {node.name} waits for the client "
+            f"after {replayed:.0f} of {missed} events"
+        )
         if replayed >= missed:
-            self.problem(f"the whole replay ({replayed:.0f} events) went out "
-                                 "before the outage; raise BURST")
+            self.problem(
+                f"the whole replay ({replayed:.0f} events) went out before the outage; raise BURST"
+            )
         await asyncio.sleep(0.5)
         resumer.release()  # the replay's next page now needs the stopped database
         await asyncio.sleep(2.0)
@@ -208,8 +220,11 @@ class Scenario:
         await self.healthy()
         await self.settle()
         interruptions = [f"error {code}" for _, code, p in resumer.error_frames if p == phase]
-        interruptions += [f"close {d.code}" for d in resumer.disconnects
-                          if d.phase == phase and "client" not in d.reason]
+        interruptions += [
+            f"close {d.code}"
+            for d in resumer.disconnects
+            if d.phase == phase and "client" not in d.reason
+        ]
         self.note(f"admin-resumer saw {interruptions or 'no interruption'}")
         if not interruptions:
             self.problem("the resume was not interrupted by the outage")
@@ -264,9 +279,11 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
         admin = await upsert_super_admin(db, ADMIN_EMAIL, PASSWORD)
         users: list[User] = []
         for i in range(4):
-            users.append(await db.users.create(
-                email=f"fault{i}@example.com", username=f"fault_{i}", password=PASSWORD
-            ))
+            users.append(
+                await db.users.create(
+                    email=f"fault{i}@example.com", username=f"fault_{i}", password=PASSWORD
+                )
+            )
             await fund(db, users[-1], "1000")
         writer = Writer(
             db,
@@ -283,19 +300,38 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
         plan: list[tuple[str, User, SubscriptionSpec, int, int | None]] = [
             ("u0-mine-a", users[0], SubscriptionSpec("mine"), 0, None),
             ("u0-mine-b", users[0], SubscriptionSpec("mine"), 1, None),
-            ("u1-filtered", users[1],
-             SubscriptionSpec("mine", events=("session.*", "credit.usage")), 0, None),
-            ("u2-root", users[2],
-             SubscriptionSpec("sessions", sessions=(str(roots[users[2].id]),)), 1, None),
+            (
+                "u1-filtered",
+                users[1],
+                SubscriptionSpec("mine", events=("session.*", "credit.usage")),
+                0,
+                None,
+            ),
+            (
+                "u2-root",
+                users[2],
+                SubscriptionSpec("sessions", sessions=(str(roots[users[2].id]),)),
+                1,
+                None,
+            ),
             ("admin-all", admin, SubscriptionSpec("all"), 0, None),
             ("admin-resumer", admin, SubscriptionSpec("all"), 1, 16384),
         ]
         for name, user, spec, start_at, receive_buffer in plan:
-            clients.append(ResumingClient(
-                name, urls, await stream_token(db, user.id), spec,
-                user_id=user.id, is_admin=user.id == admin.id, since=since,
-                timeline=timeline, start_at=start_at, receive_buffer=receive_buffer,
-            ))
+            clients.append(
+                ResumingClient(
+                    name,
+                    urls,
+                    await stream_token(db, user.id),
+                    spec,
+                    user_id=user.id,
+                    is_admin=user.id == admin.id,
+                    since=since,
+                    timeline=timeline,
+                    start_at=start_at,
+                    receive_buffer=receive_buffer,
+                )
+            )
         await asyncio.gather(*(node.wait_healthy() for node in nodes.values()))
         for client in clients:
             client.start()
@@ -329,13 +365,16 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
     verdict = verify(clients, rows, faults=s.faults, writer_errors=writer.errors)
     verdict.notes += s.problems
     verdict.notes += [f"{name} did not catch up with the stream" for name in behind]
-    report = "\n".join([
-        verdict.report(),
-        "faults:", *(f"  {line}" for line in s.log),
-        f"writer: {dict(writer.ops)}",
-        f"writer errors by phase: {dict(writer.errors_by_phase)}",
-        f"writer errors by operation: {dict(writer.errors_by_op)}",
-        f"elapsed: {timeline.elapsed():.1f}s",
-    ])
+    report = "\n".join(
+        [
+            verdict.report(),
+            "faults:",
+            *(f"  {line}" for line in s.log),
+            f"writer: {dict(writer.ops)}",
+            f"writer errors by phase: {dict(writer.errors_by_phase)}",
+            f"writer errors by operation: {dict(writer.errors_by_op)}",
+            f"elapsed: {timeline.elapsed():.1f}s",
+        ]
+    )
     print(report)
     assert verdict.ok, report

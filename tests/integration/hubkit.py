@@ -236,8 +236,10 @@ async def late_close_proxy(
         first = await reader.read(65536)  # the startup message (TLS is off)
         up_writer.write(first)
         logged_in = asyncio.Event() if should_stall(first) else None
-        for task in (pipe(reader, up_writer, silent_once=logged_in),
-                     pipe(up_reader, writer, delay, logs_in=logged_in)):
+        for task in (
+            pipe(reader, up_writer, silent_once=logged_in),
+            pipe(up_reader, writer, delay, logs_in=logged_in),
+        ):
             t = asyncio.create_task(task)
             pipes.add(t)
             t.add_done_callback(pipes.discard)

@@ -68,8 +68,11 @@ def watchdogs(data_dir: Path) -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "status"]):
         cmdline = process.info["cmdline"] or []
-        if ("--watch" in cmdline and str(data_dir) in cmdline
-                and process.info["status"] != psutil.STATUS_ZOMBIE):
+        if (
+            "--watch" in cmdline
+            and str(data_dir) in cmdline
+            and process.info["status"] != psutil.STATUS_ZOMBIE
+        ):
             found.append(process)
     return found
 

@@ -14,12 +14,24 @@ from keen_stream.errors import InsufficientPrivileges, InvalidInput
 
 
 def new(session_id: str, parent: str | None = None) -> SessionCreate:
-    return SessionCreate(session_handle=session_id, vision="v", working_directory="/w",
-                         git_branch="main", parent_session_handle=parent)
+    return SessionCreate(
+        session_handle=session_id,
+        vision="v",
+        working_directory="/w",
+        git_branch="main",
+        parent_session_handle=parent,
+    )
 
 
-async def set_outcome(owner_conn: asyncpg.Connection, handle: str, status: str, usd: str,
-                      credits: str, tokens: int, context: int) -> None:
+async def set_outcome(
+    owner_conn: asyncpg.Connection,
+    handle: str,
+    status: str,
+    usd: str,
+    credits: str,
+    tokens: int,
+    context: int,
+) -> None:
     """Arrange an ended session's figures directly (the ledger is not under test here)."""
     await owner_conn.execute(
         """UPDATE agent_sessions SET execution_status = $2::text,
@@ -27,7 +39,13 @@ async def set_outcome(owner_conn: asyncpg.Connection, handle: str, status: str, 
                end_time = start_time + interval '30 minutes', claude_cost_usd = $3,
                keen_cost_credits = $4, tokens_used = $5, context_tokens_used = $6
            WHERE session_id = $1""",
-        handle, status, Decimal(usd), Decimal(credits), tokens, context)
+        handle,
+        status,
+        Decimal(usd),
+        Decimal(credits),
+        tokens,
+        context,
+    )
 
 
 async def backdate_ledger(owner_conn: asyncpg.Connection, user: User, days: int) -> None:
@@ -36,7 +54,10 @@ async def backdate_ledger(owner_conn: asyncpg.Connection, user: User, days: int)
     try:
         await owner_conn.execute(
             "UPDATE credit_transactions SET created_at = created_at - make_interval(days => $2)"
-            " WHERE user_id = $1", user.id, days)
+            " WHERE user_id = $1",
+            user.id,
+            days,
+        )
     finally:
         await owner_conn.execute("SET session_replication_role = DEFAULT")
 
@@ -57,15 +78,18 @@ async def test_view_all_analytics_privilege_and_inactive_admins(
 ) -> None:
     await owner_conn.execute(
         """UPDATE users SET admin_privileges = '{"view_all_analytics": true}' WHERE id = $1""",
-        alice.id)
+        alice.id,
+    )
     await owner_conn.execute(
         """UPDATE users SET admin_privileges = '{"view_all_analytics": "yes"}' WHERE id = $1""",
-        bob.id)
+        bob.id,
+    )
     assert (await db.analytics.get_admin_analytics("week", actor_id=alice.id)).time_range == "week"
     with pytest.raises(InsufficientPrivileges):
         await db.analytics.get_admin_analytics(actor_id=bob.id)
     await owner_conn.execute(
-        "UPDATE users SET account_status = 'suspended' WHERE id = $1", admin.id)
+        "UPDATE users SET account_status = 'suspended' WHERE id = $1", admin.id
+    )
     with pytest.raises(InsufficientPrivileges):
         await db.analytics.get_admin_analytics(actor_id=admin.id)
     with pytest.raises(InsufficientPrivileges):

@@ -86,8 +86,9 @@ async def test_an_admin_sets_the_markup_from_the_command_line(
 ) -> None:
     settings = make_settings(fresh_dsn, admin_password="first-secret-password")
     assert await _run("create-admin", settings=settings) == 0
-    assert await _run("ledger", "set-markup", "4.25", "--reason", "new prices",
-                      settings=settings) == 0
+    assert (
+        await _run("ledger", "set-markup", "4.25", "--reason", "new prices", settings=settings) == 0
+    )
     assert await _run("ledger", "markup", settings=settings) == 0
     assert "markup: 4.25 credits" in capsys.readouterr().out
     audit = await owner_conn.fetchrow(
@@ -101,15 +102,38 @@ async def test_set_markup_refuses_an_unknown_or_ordinary_user(
     fresh_dsn: str, owner_conn: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
     settings = make_settings(fresh_dsn)
-    assert await _run("ledger", "set-markup", "1", "--reason", "x", "--admin-email",
-                      "nobody@example.com", settings=settings) == 2
+    assert (
+        await _run(
+            "ledger",
+            "set-markup",
+            "1",
+            "--reason",
+            "x",
+            "--admin-email",
+            "nobody@example.com",
+            settings=settings,
+        )
+        == 2
+    )
     db = await KeenDatabase.connect(settings=settings, migrate=False)
     try:
-        await db.users.create(email="plain@example.com", username="plain",
-                              password="a long enough password")
+        await db.users.create(
+            email="plain@example.com", username="plain", password="a long enough password"
+        )
     finally:
         await db.close()
-    assert await _run("ledger", "set-markup", "1", "--reason", "x", "--admin-email",
-                      "plain@example.com", settings=settings) == 2
+    assert (
+        await _run(
+            "ledger",
+            "set-markup",
+            "1",
+            "--reason",
+            "x",
+            "--admin-email",
+            "plain@example.com",
+            settings=settings,
+        )
+        == 2
+    )
     assert "admin" in capsys.readouterr().err
     assert await owner_conn.fetchval("SELECT markup FROM credit_pricing") == 5

@@ -67,8 +67,7 @@ async def test_bad_amounts_everywhere(db, alice, admin, owner_conn, funded, amou
             await call()
     async with db.user_transaction(alice.id) as conn:
         with pytest.raises(error):
-            await db.credits.deduct_in(conn, alice.id, amount, session_id=None,
-                                       description="x")
+            await db.credits.deduct_in(conn, alice.id, amount, session_id=None, description="x")
     assert await ledger_state(owner_conn) == funded["before"]
 
 
@@ -123,12 +122,14 @@ async def test_another_tenants_session_is_not_found(db, alice, bob, owner_conn, 
     async with db.user_transaction(alice.id) as conn:
         with pytest.raises(NotFound):
             async with conn.transaction():
-                await db.credits.deduct_in(conn, alice.id, D("1"), session_id=bobs["id"],
-                                           description="x")
+                await db.credits.deduct_in(
+                    conn, alice.id, D("1"), session_id=bobs["id"], description="x"
+                )
         with pytest.raises(NotFound):
             async with conn.transaction():
-                await db.credits.deduct_in(conn, alice.id, D("1"), session_id=uuid.uuid4(),
-                                           description="x")
+                await db.credits.deduct_in(
+                    conn, alice.id, D("1"), session_id=uuid.uuid4(), description="x"
+                )
     assert await ledger_state(owner_conn) == before
 
 
@@ -178,13 +179,16 @@ async def test_settle_by_bare_id_needs_an_actor(db, funded):
         ("SELECT id FROM keen_credit_deduct($1, 0.0000001, NULL, NULL, 'x', NULL)", "KS422"),
         ("SELECT id FROM keen_credit_deduct($1, 1e13, NULL, NULL, 'x', NULL)", "KS422"),
         ("SELECT id FROM keen_credit_deduct($1, NULL, NULL, NULL, 'x', NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_deduct($1, 999999999999, NULL, NULL, 'x', NULL)",
-         "KS422"),  # x markup overflows
+        (
+            "SELECT id FROM keen_credit_deduct($1, 999999999999, NULL, NULL, 'x', NULL)",
+            "KS422",
+        ),  # x markup overflows
         ("SELECT id FROM keen_credit_deduct($1, 1, NULL, NULL, 'x', '')", "KS400"),
-        ("SELECT id FROM keen_credit_reserve($1, 'Infinity', NULL, NULL, '1 minute', 'x',"
-         " NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_reserve($1, 1, NULL, NULL, '2 days', 'x', NULL)",
-         "KS400"),
+        (
+            "SELECT id FROM keen_credit_reserve($1, 'Infinity', NULL, NULL, '1 minute', 'x', NULL)",
+            "KS422",
+        ),
+        ("SELECT id FROM keen_credit_reserve($1, 1, NULL, NULL, '2 days', 'x', NULL)", "KS400"),
         ("SELECT id FROM keen_credit_deduct($1, 1, NULL, 'no_such', 'x', NULL)", "KS404"),
     ],
 )
@@ -203,8 +207,11 @@ async def test_functions_validate_for_direct_callers(db, alice, owner_conn, fund
     [
         ("SELECT id FROM keen_credit_purchase($1, 'NaN', 'x', NULL, NULL)", "KS422"),
         ("SELECT id FROM keen_credit_purchase($1, -5, 'x', NULL, NULL)", "KS422"),
-        ("SELECT id FROM keen_credit_purchase(CASE WHEN $1::uuid IS NULL THEN $1"
-         " ELSE gen_random_uuid() END, 5, 'x', NULL, NULL)", "KS404"),
+        (
+            "SELECT id FROM keen_credit_purchase(CASE WHEN $1::uuid IS NULL THEN $1"
+            " ELSE gen_random_uuid() END, 5, 'x', NULL, NULL)",
+            "KS404",
+        ),
         ("SELECT id FROM keen_credit_refund($1, gen_random_uuid(), -1, 'x', NULL)", "KS422"),
         ("SELECT id FROM keen_credit_refund($1, gen_random_uuid(), NULL, 'x', NULL)", "KS404"),
     ],

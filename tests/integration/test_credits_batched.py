@@ -100,8 +100,13 @@ async def test_waiting_deductions_leave_together_each_with_its_own_outcome(
                 (alice, D("0.6"), None),
             ]
             pending = [
-                asyncio.create_task(outcome(bdb.credits.deduct_credits(
-                    user.id, cost, None, key or f"call {n}", idempotency_key=key)))
+                asyncio.create_task(
+                    outcome(
+                        bdb.credits.deduct_credits(
+                            user.id, cost, None, key or f"call {n}", idempotency_key=key
+                        )
+                    )
+                )
                 for n, (user, cost, key) in enumerate(calls)
             ]
             await asyncio.sleep(0.05)
@@ -141,10 +146,12 @@ async def test_an_item_refused_for_its_session_or_key_is_undone_alone(
     async with one_slot(fresh_dsn) as bdb:
         async with held_slot(bdb, owner_conn, bob) as first:
             pending = [
-                asyncio.create_task(outcome(call)) for call in (
+                asyncio.create_task(outcome(call))
+                for call in (
                     # same key, other parameters
-                    bdb.credits.deduct_credits(alice.id, D("0.4"), None, "other",
-                                               idempotency_key="k"),
+                    bdb.credits.deduct_credits(
+                        alice.id, D("0.4"), None, "other", idempotency_key="k"
+                    ),
                     # bob's session, but charged as alice
                     bdb.credits.deduct_credits(alice.id, D("0.2"), bobs["session_id"], "x"),
                     # over the session's budget of 2 credits: the budget is taken back too
@@ -191,8 +198,7 @@ async def test_tenants_cannot_run_a_batch(db: KeenDatabase, alice: User, bob: Us
     await fund(db, bob, "10")
     with pytest.raises(InsufficientPrivileges):
         async with db.user_transaction(alice.id) as conn:
-            await conn.fetch(SQL["deduct_many"], [bob.id], [D("1")], [None], ["x"],
-                             [None])
+            await conn.fetch(SQL["deduct_many"], [bob.id], [D("1")], [None], ["x"], [None])
     assert (await db.credits.get_balance(bob.id)).current == D("10")
 
 
@@ -202,17 +208,27 @@ async def test_each_item_acts_as_its_own_user_and_the_context_ends_with_the_stat
     await fund(db, alice, "10")
     await fund(db, bob, "10")
     rows = await db.system_call(
-        SQL["deduct_many"], [alice.id, bob.id], [D("0.2"), D("0.4")], [None, None],
-        ["a", "b"], [None, None])
+        SQL["deduct_many"],
+        [alice.id, bob.id],
+        [D("0.2"), D("0.4")],
+        [None, None],
+        ["a", "b"],
+        [None, None],
+    )
     assert [(r["ord"], r["error_state"], r["user_id"], r["amount"]) for r in rows] == [
-        (1, None, alice.id, D("-1")), (2, None, bob.id, D("-2"))]
+        (1, None, alice.id, D("-1")),
+        (2, None, bob.id, D("-2")),
+    ]
     # one event per ledger row, each for its own user
     events = await owner_conn.fetch(
-        "SELECT user_id FROM stream_events WHERE event_type LIKE 'credit%' ORDER BY id")
+        "SELECT user_id FROM stream_events WHERE event_type LIKE 'credit%' ORDER BY id"
+    )
     assert [e["user_id"] for e in events][-2:] == [alice.id, bob.id]
     async with db.pool.acquire() as conn:
         assert await conn.fetchval("SELECT current_setting('app.current_user_id', true)") in (
-            None, "")
+            None,
+            "",
+        )
 
 
 @pytest.mark.parametrize("size", [0, 51])
@@ -224,8 +240,14 @@ async def test_malformed_batches_are_refused_and_write_nothing(
     users = [alice.id] * max(size, 1)
     costs = [D("0.1")] * size  # lengths differ when size is 0
     with pytest.raises(InvalidInput):
-        await db.system_call(SQL["deduct_many"], users, costs, [None] * len(users),
-                             ["x"] * len(users), [None] * len(users))
+        await db.system_call(
+            SQL["deduct_many"],
+            users,
+            costs,
+            [None] * len(users),
+            ["x"] * len(users),
+            [None] * len(users),
+        )
     assert await ledger_state(owner_conn) == before
 
 
@@ -243,14 +265,22 @@ async def test_a_batch_takes_key_locks_before_account_rows_so_single_calls_canno
         await tx.start()
         await single.execute(
             "SELECT pg_advisory_xact_lock(hashtextextended('keen_ledger:' || id || ':k', 0))"
-            " FROM credit_accounts WHERE user_id = $1", alice.id)
+            " FROM credit_accounts WHERE user_id = $1",
+            alice.id,
+        )
         async with one_slot(fresh_dsn) as bdb:
             async with held_slot(bdb, owner_conn, bob) as first:
                 pending = [
-                    asyncio.create_task(outcome(bdb.credits.deduct_credits(
-                        alice.id, D("0.2"), None, "plain"))),
-                    asyncio.create_task(outcome(bdb.credits.deduct_credits(
-                        alice.id, D("0.2"), None, "keyed", idempotency_key="k"))),
+                    asyncio.create_task(
+                        outcome(bdb.credits.deduct_credits(alice.id, D("0.2"), None, "plain"))
+                    ),
+                    asyncio.create_task(
+                        outcome(
+                            bdb.credits.deduct_credits(
+                                alice.id, D("0.2"), None, "keyed", idempotency_key="k"
+                            )
+                        )
+                    ),
                 ]
                 await asyncio.sleep(0.05)
             await first
@@ -258,14 +288,16 @@ async def test_a_batch_takes_key_locks_before_account_rows_so_single_calls_canno
             for _ in range(200):
                 if await owner_conn.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory'"
-                    " AND datname = current_database()"):
+                    " AND datname = current_database()"
+                ):
                     break
                 await asyncio.sleep(0.01)
             else:
                 pytest.fail("the batch never waited for the key lock")
             # the single call goes on to alice's row: free, because the batch has not taken it
-            await single.execute("SELECT 1 FROM credit_accounts WHERE user_id = $1 FOR UPDATE",
-                                 alice.id)
+            await single.execute(
+                "SELECT 1 FROM credit_accounts WHERE user_id = $1 FOR UPDATE", alice.id
+            )
             await tx.commit()
             plain, keyed = await asyncio.gather(*pending)
         assert plain.amount == keyed.amount == D("-1")

@@ -24,16 +24,22 @@ async def _catalog(dsn: str) -> dict[str, object]:
             "SELECT p.oid::regprocedure::text AS sig, p.prosecdef, p.proconfig, "
             "p.proacl::text[] AS acl, p.proowner::regrole::text AS owner, p.prosrc, "
             "p.provolatile FROM pg_proc p WHERE p.pronamespace = 'public'::regnamespace "
-            "ORDER BY 1")
+            "ORDER BY 1"
+        )
         trig = await conn.fetch(
             "SELECT tgrelid::regclass::text AS rel, tgname, pg_get_triggerdef(oid) AS d "
-            "FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2")
+            "FROM pg_trigger WHERE NOT tgisinternal ORDER BY 1, 2"
+        )
         cols = await conn.fetch(
             "SELECT attrelid::regclass::text AS rel, attname, attacl::text[] AS acl "
             "FROM pg_attribute WHERE attrelid = 'credit_accounts'::regclass AND attnum > 0 "
-            "ORDER BY attnum")
-        return {"procs": [dict(r) for r in procs], "triggers": [dict(r) for r in trig],
-                "cols": [dict(r) for r in cols]}
+            "ORDER BY attnum"
+        )
+        return {
+            "procs": [dict(r) for r in procs],
+            "triggers": [dict(r) for r in trig],
+            "cols": [dict(r) for r in cols],
+        }
     finally:
         await conn.close()
 
@@ -51,7 +57,11 @@ async def test_0005_down_restores_0004_and_up_again_restores_head(empty_dsn: str
 
 @pytest.mark.parametrize("bad", ["nul\x00byte", "lone \ud800 surrogate"])
 async def test_one_callers_unsendable_description_does_not_fail_the_others(
-    fresh_dsn: str, db: KeenDatabase, owner_conn: asyncpg.Connection, alice: User, bob: User,
+    fresh_dsn: str,
+    db: KeenDatabase,
+    owner_conn: asyncpg.Connection,
+    alice: User,
+    bob: User,
     bad: str,
 ):
     """Alone, a bad description fails only its own call; in a batch it must not fail bob's."""
@@ -60,10 +70,12 @@ async def test_one_callers_unsendable_description_does_not_fail_the_others(
     async with one_slot(fresh_dsn) as bdb:
         async with held_slot(bdb, owner_conn, alice) as first:
             pending = [
-                asyncio.create_task(outcome(bdb.credits.deduct_credits(
-                    alice.id, D("0.2"), None, bad))),
-                asyncio.create_task(outcome(bdb.credits.deduct_credits(
-                    bob.id, D("0.2"), None, "innocent"))),
+                asyncio.create_task(
+                    outcome(bdb.credits.deduct_credits(alice.id, D("0.2"), None, bad))
+                ),
+                asyncio.create_task(
+                    outcome(bdb.credits.deduct_credits(bob.id, D("0.2"), None, "innocent"))
+                ),
             ]
             await asyncio.sleep(0.05)
         await first
@@ -75,7 +87,11 @@ async def test_one_callers_unsendable_description_does_not_fail_the_others(
 
 
 async def test_a_batch_that_loses_a_deadlock_before_its_items_still_charges_them(
-    fresh_dsn: str, db: KeenDatabase, owner_conn: asyncpg.Connection, alice: User, bob: User,
+    fresh_dsn: str,
+    db: KeenDatabase,
+    owner_conn: asyncpg.Connection,
+    alice: User,
+    bob: User,
     make_user,
 ):
     """Another transaction touching two session budgets in the other order than the batch's
@@ -93,24 +109,33 @@ async def test_a_batch_that_loses_a_deadlock_before_its_items_still_charges_them
         tx = other.transaction()
         await tx.start()
         await other.execute(
-            "UPDATE agent_sessions SET budget_used = budget_used WHERE id = $1", high["id"])
+            "UPDATE agent_sessions SET budget_used = budget_used WHERE id = $1", high["id"]
+        )
         async with one_slot(fresh_dsn) as bdb:
             async with held_slot(bdb, owner_conn, carol) as first:
                 pending = [
-                    asyncio.create_task(outcome(bdb.credits.deduct_credits(
-                        user.id, D("0.2"), sessions[user.id]["session_id"], "x")))
+                    asyncio.create_task(
+                        outcome(
+                            bdb.credits.deduct_credits(
+                                user.id, D("0.2"), sessions[user.id]["session_id"], "x"
+                            )
+                        )
+                    )
                     for user in (alice, bob)
                 ]
                 await asyncio.sleep(0.05)
             await first
             for _ in range(200):  # the batch now holds `low` and waits for `high`
                 if await owner_conn.fetchval(
-                    "SELECT count(*) FROM pg_locks"
-                    " WHERE NOT granted AND locktype = 'transactionid'"):
+                    "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'"
+                ):
                     break
                 await asyncio.sleep(0.01)
-            second = asyncio.create_task(other.execute(
-                "UPDATE agent_sessions SET budget_used = budget_used WHERE id = $1", low["id"]))
+            second = asyncio.create_task(
+                other.execute(
+                    "UPDATE agent_sessions SET budget_used = budget_used WHERE id = $1", low["id"]
+                )
+            )
             await asyncio.wait_for(second, 10)
             await tx.commit()
             got = await asyncio.gather(*pending)

@@ -127,9 +127,12 @@ async def test_deduct_in_runs_inside_the_callers_transaction(db, alice, owner_co
             raise RuntimeError("the caller rolls back")
     # Rolled back with the caller's transaction: no charge, no ledger row.
     assert (await account(owner_conn, alice))["current_balance"] == D("20")
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM credit_transactions WHERE transaction_type = 'usage'"
-    ) == 0
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM credit_transactions WHERE transaction_type = 'usage'"
+        )
+        == 0
+    )
 
     async with db.user_transaction(alice.id) as conn:
         await db.credits.deduct_in(conn, alice.id, D("1"), session_id=None, description="x")
@@ -140,9 +143,7 @@ async def test_deduct_in_raises_typed_errors_on_the_callers_connection(db, alice
     async with db.user_transaction(alice.id) as conn:
         with pytest.raises(InsufficientCredits):
             async with conn.transaction():  # a savepoint lets the caller carry on
-                await db.credits.deduct_in(
-                    conn, alice.id, D("1"), session_id=None, description="x"
-                )
+                await db.credits.deduct_in(conn, alice.id, D("1"), session_id=None, description="x")
         assert await conn.fetchval("SELECT 1") == 1
 
 
@@ -172,9 +173,12 @@ async def test_idempotent_retry_returns_the_original_and_charges_once(db, alice,
 
     assert again == first
     assert (await account(owner_conn, alice))["current_balance"] == D("95")
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM credit_transactions WHERE idempotency_key = 'k1'"
-    ) == 1
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM credit_transactions WHERE idempotency_key = 'k1'"
+        )
+        == 1
+    )
 
 
 async def test_same_key_different_parameters_conflicts(db, alice, owner_conn):
@@ -243,9 +247,7 @@ async def test_a_stripe_payment_is_credited_once(db, alice, owner_conn):
     await db.billing.purchase(alice.id, D("5"), description="a", stripe_payment_intent_id="pi")
     before = await ledger_state(owner_conn)
     with pytest.raises(Conflict):
-        await db.billing.purchase(
-            alice.id, D("5"), description="a", stripe_payment_intent_id="pi"
-        )
+        await db.billing.purchase(alice.id, D("5"), description="a", stripe_payment_intent_id="pi")
     assert await ledger_state(owner_conn) == before
 
 
@@ -389,7 +391,8 @@ async def test_daily_spend_resets_on_a_new_day(db, alice, owner_conn):
     await owner_conn.execute(
         "UPDATE credit_accounts"
         "   SET spend_day_end = date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'"
-        " WHERE user_id = $1", alice.id
+        " WHERE user_id = $1",
+        alice.id,
     )
     assert (await db.credits.get_balance(alice.id)).spent_today == 0
     await db.credits.deduct_credits(alice.id, D("0.6"), None, "new day")  # 3 credits
@@ -481,8 +484,7 @@ async def test_money_functions_refuse_another_users_account(db, alice, bob, owne
     before = await ledger_state(owner_conn)
     calls = [
         ("SELECT id FROM keen_credit_deduct($1, 1, NULL, NULL, 'x', NULL)", alice.id),
-        ("SELECT id FROM keen_credit_reserve($1, 1, NULL, NULL, '1 minute', 'x', NULL)",
-         alice.id),
+        ("SELECT id FROM keen_credit_reserve($1, 1, NULL, NULL, '1 minute', 'x', NULL)", alice.id),
         ("SELECT id FROM keen_credit_settle($1, 1, NULL)", hold.id),
         ("SELECT id FROM keen_credit_release($1)", hold.id),
     ]
@@ -524,13 +526,14 @@ async def test_tenant_role_cannot_write_balances_or_the_ledger(db, alice, owner_
     assert await ledger_state(owner_conn) == before
 
 
-@pytest.mark.parametrize("statement", [
-    "UPDATE credit_transactions SET amount = amount * 2",
-    "DELETE FROM credit_transactions",
-])
-async def test_the_ledger_is_append_only_even_for_the_system_role(
-    db, alice, owner_conn, statement
-):
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE credit_transactions SET amount = amount * 2",
+        "DELETE FROM credit_transactions",
+    ],
+)
+async def test_the_ledger_is_append_only_even_for_the_system_role(db, alice, owner_conn, statement):
     await fund(db, alice, "10")
     with pytest.raises(InsufficientPrivileges):  # 0007: keen_system writes no money table
         async with db.system_transaction() as conn:

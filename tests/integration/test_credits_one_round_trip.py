@@ -69,8 +69,7 @@ async def test_the_acting_user_ends_with_the_statement(
 
         # A refused call (nothing written) leaves nothing behind either.
         with pytest.raises(asyncpg.PostgresError) as refused:
-            await conn.fetchrow(SQL["deduct_call"], str(alice.id), D("100"), None, "no",
-                                None)
+            await conn.fetchrow(SQL["deduct_call"], str(alice.id), D("100"), None, "no", None)
         assert refused.value.sqlstate == "KS402"
         after = await conn.fetchrow(CONTEXT)
         assert (after["user_setting"] or "", after["current_user"]) == ("", login)

@@ -30,9 +30,15 @@ INSERT_ROW = """
 
 def _row(**changes: Any) -> dict[str, Any]:
     row: dict[str, Any] = {
-        "transaction_type": "usage", "amount": D("-1"), "claude_cost_usd": D("0.2"),
-        "keen_markup_multiplier": D("5.00"), "description": "direct", "is_admin_bypass": False,
-        "sequence_number": 1000, "idempotency_key": None, "idempotency_fingerprint": None,
+        "transaction_type": "usage",
+        "amount": D("-1"),
+        "claude_cost_usd": D("0.2"),
+        "keen_markup_multiplier": D("5.00"),
+        "description": "direct",
+        "is_admin_bypass": False,
+        "sequence_number": 1000,
+        "idempotency_key": None,
+        "idempotency_fingerprint": None,
         "refunded": None,
     }
     row.update(changes)
@@ -76,10 +82,19 @@ async def _insert(
 ) -> None:
     acct = await account(owner_conn, user)
     await owner_conn.execute(
-        INSERT_ROW, user.id, acct["id"], row["transaction_type"], row["amount"],
-        row["claude_cost_usd"], row["keen_markup_multiplier"], row["description"],
-        row["is_admin_bypass"], row["sequence_number"], row["idempotency_key"],
-        row["idempotency_fingerprint"], charge if row["refunded"] else None,
+        INSERT_ROW,
+        user.id,
+        acct["id"],
+        row["transaction_type"],
+        row["amount"],
+        row["claude_cost_usd"],
+        row["keen_markup_multiplier"],
+        row["description"],
+        row["is_admin_bypass"],
+        row["sequence_number"],
+        row["idempotency_key"],
+        row["idempotency_fingerprint"],
+        charge if row["refunded"] else None,
     )
 
 
@@ -92,16 +107,24 @@ async def charge(db: KeenDatabase, alice: User) -> Any:
 @pytest.mark.parametrize("name", sorted(GOOD_ROWS))
 async def test_rows_that_keep_the_rules_are_accepted(owner_conn, alice, charge, name):
     await _insert(owner_conn, alice, charge, GOOD_ROWS[name])
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM credit_transactions WHERE sequence_number = 1000") == 1
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM credit_transactions WHERE sequence_number = 1000"
+        )
+        == 1
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BAD_ROWS))
 async def test_ledger_rows_breaking_a_rule_are_refused(owner_conn, alice, charge, name):
     with pytest.raises(asyncpg.CheckViolationError):
         await _insert(owner_conn, alice, charge, BAD_ROWS[name])
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM credit_transactions WHERE sequence_number = 1000") == 0
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM credit_transactions WHERE sequence_number = 1000"
+        )
+        == 0
+    )
 
 
 BAD_ACCOUNTS = {
@@ -142,4 +165,7 @@ async def test_accounts_keeping_the_rules_are_accepted(owner_conn, db, alice):
     )
     row = await account(owner_conn, alice)
     assert (row["held_amount"], row["daily_limit"], row["auto_recharge_threshold"]) == (
-        D("10"), D("1"), D("0"))
+        D("10"),
+        D("1"),
+        D("0"),
+    )

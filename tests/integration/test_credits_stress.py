@@ -82,9 +82,7 @@ async def test_concurrent_deductions_refunds_and_purchases_stay_exact(
     assert all(r["n"] == 1 for r in keyed_rows)
     for user in users:
         row = await account(owner_conn, user)
-        expected = D("25") + sum(
-            (t.amount for t in done.values() if t.user_id == user.id), D(0)
-        )
+        expected = D("25") + sum((t.amount for t in done.values() if t.user_id == user.id), D(0))
         assert row["current_balance"] == expected
         assert row["current_balance"] >= 0
         lowest = await owner_conn.fetchval(

@@ -43,8 +43,12 @@ async def unsafe_search_paths(conn: asyncpg.Connection) -> list[str]:
     for row in await conn.fetch(PINNED_FUNCTIONS):
         path = row["search_path"]
         schemas = [s.strip().strip('"') for s in path.split(",")] if path else []
-        if (len(schemas) < 2 or schemas[0] != "pg_catalog" or schemas[-1] != "pg_temp"
-                or not set(schemas[1:-1]) <= TRUSTED):
+        if (
+            len(schemas) < 2
+            or schemas[0] != "pg_catalog"
+            or schemas[-1] != "pg_temp"
+            or not set(schemas[1:-1]) <= TRUSTED
+        ):
             unsafe.append(f"{row['function']}: {path}")
     return sorted(unsafe)
 
@@ -69,8 +73,7 @@ def _single(settings: Settings) -> Settings:
 # --- the catalogue --------------------------------------------------------------------------
 async def test_every_security_definer_function_pins_a_path_ending_with_pg_temp(owner_conn):
     definers = await owner_conn.fetchval(
-        "SELECT count(*) FROM pg_proc WHERE prosecdef"
-        " AND pronamespace = 'public'::regnamespace"
+        "SELECT count(*) FROM pg_proc WHERE prosecdef AND pronamespace = 'public'::regnamespace"
     )
     assert definers >= 20
     assert await unsafe_search_paths(owner_conn) == []
@@ -121,7 +124,8 @@ async def test_a_temp_users_table_does_not_turn_a_charge_into_an_admin_bypass(
     await fund(db, alice, "1000")
     async with db.user_transaction(alice.id) as conn:
         await plant_temp_table(
-            conn, "users",
+            conn,
+            "users",
             "(id uuid, role text, is_admin boolean, account_status text, timezone text)",
         )
         await conn.execute(
@@ -132,9 +136,10 @@ async def test_a_temp_users_table_does_not_turn_a_charge_into_an_admin_bypass(
         )
     assert (tx.transaction_type, tx.amount, tx.balance_after) == ("usage", D("-1000"), D(0))
     assert (await account(owner_conn, alice))["current_balance"] == 0
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM credit_transactions WHERE is_admin_bypass"
-    ) == 0
+    assert (
+        await owner_conn.fetchval("SELECT count(*) FROM credit_transactions WHERE is_admin_bypass")
+        == 0
+    )
     assert (await db.credits.verify_ledger()).ok
 
 
@@ -151,10 +156,14 @@ async def test_a_temp_ledger_left_on_a_pooled_connection_receives_no_other_tenan
         charge = await single.credits.deduct_credits(bob.id, D("1"), None, "bob's call")
     finally:
         await single.close()
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM credit_transactions WHERE id = $1 AND user_id = $2",
-        charge.id, bob.id,
-    ) == 1
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM credit_transactions WHERE id = $1 AND user_id = $2",
+            charge.id,
+            bob.id,
+        )
+        == 1
+    )
     assert (await account(owner_conn, bob))["current_balance"] == D("5")
     assert (await db.credits.verify_ledger()).ok
 

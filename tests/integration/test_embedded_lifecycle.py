@@ -64,8 +64,10 @@ async def crash_serve(data: Path, *, with_watchdog: bool = True) -> psutil.Proce
 
 async def test_after_serve_is_killed_the_watchdog_stops_the_embedded_server(data: Path) -> None:
     server = await crash_serve(data)
-    await until(lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE,
-                "the orphaned embedded PostgreSQL was never stopped")
+    await until(
+        lambda: not server.is_running() or server.status() == psutil.STATUS_ZOMBIE,
+        "the orphaned embedded PostgreSQL was never stopped",
+    )
     await until(lambda: not (data / "postmaster.pid").exists(), "postmaster.pid left behind")
     await until(lambda: not watchdogs(data), "the watchdog did not exit with the server")
 
@@ -82,8 +84,10 @@ async def test_after_a_crash_the_next_clean_start_and_stop_reclaims_the_server(
     embedded.start()  # attaches to the orphan
     assert postmaster(data) == server
     embedded.stop()
-    await until(lambda: not (data / "postmaster.pid").exists(),
-                "a clean start and stop left the orphaned server running")
+    await until(
+        lambda: not (data / "postmaster.pid").exists(),
+        "a clean start and stop left the orphaned server running",
+    )
     assert not server.is_running() or server.status() == psutil.STATUS_ZOMBIE
 
 

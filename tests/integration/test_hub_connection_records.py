@@ -34,16 +34,21 @@ async def test_a_record_that_cannot_be_written_does_not_block_the_others(
         a = await open_client(hub.url, alice_token)
         # Tenant SQL, as keen_app: its own token row is its to delete.
         async with db.user_transaction(alice.id) as conn:
-            assert await conn.execute("DELETE FROM auth_tokens WHERE user_id = $1",
-                                      alice.id) == "DELETE 1"
+            assert (
+                await conn.execute("DELETE FROM auth_tokens WHERE user_id = $1", alice.id)
+                == "DELETE 1"
+            )
         b = await open_client(hub.url, bob_token)
         await b.subscribe()
         for _ in range(3):  # three flush intervals
             with contextlib.suppress(KeenError):
                 await recorder.flush()
-        assert await owner_conn.fetchval(
-            "SELECT subscription_scope FROM websocket_connections WHERE user_id = $1", bob.id
-        ) == "mine"
+        assert (
+            await owner_conn.fetchval(
+                "SELECT subscription_scope FROM websocket_connections WHERE user_id = $1", bob.id
+            )
+            == "mine"
+        )
         await a.close()
         await b.close()
 
@@ -58,21 +63,31 @@ async def test_a_batch_refused_for_good_is_dropped_and_the_next_one_is_written(
         assert node_id is not None  # registered when the hub started
         # A record the database refuses whatever the retry (here: past a CHECK, as a bug in
         # the hub could produce it; the model would refuse it, so it is built unchecked).
-        recorder.opened(ConnectionOpened.model_construct(
-            connection_id="ws-bad", user_id=bob.id, token_id=None,
-            client_ip=ip_address("127.0.0.1"),
-            user_agent="x" * 2000, client_type="test", admin_connection=False,
-            can_view_all_sessions=False, hub_node_id=node_id,
-            connected_at=datetime.now(UTC),
-        ))
+        recorder.opened(
+            ConnectionOpened.model_construct(
+                connection_id="ws-bad",
+                user_id=bob.id,
+                token_id=None,
+                client_ip=ip_address("127.0.0.1"),
+                user_agent="x" * 2000,
+                client_type="test",
+                admin_connection=False,
+                can_view_all_sessions=False,
+                hub_node_id=node_id,
+                connected_at=datetime.now(UTC),
+            )
+        )
         with pytest.raises(KeenError) as refused:
             await recorder.flush()
         assert not refused.value.retryable
         b = await open_client(hub.url, bob_token)
         await b.subscribe()
         await recorder.flush()  # the refused record is not tried again
-        assert await owner_conn.fetchval(
-            "SELECT subscription_scope FROM websocket_connections WHERE user_id = $1", bob.id
-        ) == "mine"
+        assert (
+            await owner_conn.fetchval(
+                "SELECT subscription_scope FROM websocket_connections WHERE user_id = $1", bob.id
+            )
+            == "mine"
+        )
         assert recorder.pending == 0
         await b.close()

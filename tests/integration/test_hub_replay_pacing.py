@@ -32,10 +32,12 @@ async def test_a_client_that_pauses_during_its_replay_is_waited_for_not_closed_a
     async with running_hub(fresh_dsn, hub_send_buffer_limit=LIMIT) as hub:
         since = await db.events.head()
         description = "call " + "x" * 195  # full-size payloads: ~740-byte frames, ~1.8 MB
-        await asyncio.gather(*(
-            db.credits.deduct_credits(alice.id, Decimal("0.001"), None, description)
-            for _ in range(EVENTS)
-        ))
+        await asyncio.gather(
+            *(
+                db.credits.deduct_credits(alice.id, Decimal("0.001"), None, description)
+                for _ in range(EVENTS)
+            )
+        )
         head = await db.events.head()
         await wait_for(lambda: hub.service.fanout.cursor >= head, "the node published them")
         port = int(hub.url.rsplit(":", 1)[1].split("/")[0])
@@ -45,8 +47,14 @@ async def test_a_client_that_pauses_during_its_replay_is_waited_for_not_closed_a
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
         sock.setblocking(False)
         token = await stream_token(db, alice.id)
-        ws = await connect(hub.url, sock=sock, max_queue=4, proxy=None, compression=None,
-                           additional_headers={"Authorization": f"Bearer {token}"})
+        ws = await connect(
+            hub.url,
+            sock=sock,
+            max_queue=4,
+            proxy=None,
+            compression=None,
+            additional_headers={"Authorization": f"Bearer {token}"},
+        )
         await wait_for(lambda: len(hub.service.fanout.clients) == 1, "the hub's client")
         client = next(iter(hub.service.fanout.clients.values()))
         assert isinstance(client.sender, TransportSender)

@@ -267,8 +267,9 @@ async def test_a_listener_connection_that_goes_silent_after_login_is_replaced(
     # back (a connection that died silently). Its next steps (SET ROLE, LISTEN) run under
     # timeouts, so it gives up on that connection and connects again instead of hanging.
     async with (
-        late_close_proxy(fresh_dsn, owner_conn, delay=0, stall_first=b"keen_stream_listener")
-        as dsn,
+        late_close_proxy(
+            fresh_dsn, owner_conn, delay=0, stall_first=b"keen_stream_listener"
+        ) as dsn,
         running_hub(dsn, connect_timeout=1.0, listener_probe_timeout=1.0) as hub,
     ):
         listener = hub.service.listener
@@ -416,9 +417,7 @@ async def test_resuming_on_a_node_that_lags_behind_skips_what_the_client_already
         await c.close()
 
 
-async def test_a_listener_failing_the_same_way_after_every_connect_backs_off(
-    db, fresh_dsn, alice
-):
+async def test_a_listener_failing_the_same_way_after_every_connect_backs_off(db, fresh_dsn, alice):
     # A delivery that raises on every read (a bug, a poisoned event) must not turn into a
     # reconnect loop: the backoff starts over only after a read was delivered.
     from keen_stream.hub.listener import EventListener

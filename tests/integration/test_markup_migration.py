@@ -32,9 +32,7 @@ async def _ledger_at_0006(conn: asyncpg.Connection) -> uuid.UUID:
     await conn.execute("INSERT INTO credit_accounts (user_id) VALUES ($1)", user)
     async with conn.transaction():
         await conn.execute("SELECT set_config('app.current_user_id', $1, true)", str(user))
-        await conn.execute(
-            "SELECT keen_credit_purchase($1, 1000, 5.00, 'paid', NULL, NULL)", user
-        )
+        await conn.execute("SELECT keen_credit_purchase($1, 1000, 5.00, 'paid', NULL, NULL)", user)
         for n in range(3):
             await conn.execute(
                 "SELECT keen_credit_deduct($1, 1, 5.00, NULL, NULL, $2, NULL)", user, f"call {n}"
@@ -78,7 +76,8 @@ async def test_a_hold_reserved_through_the_old_hole_does_not_settle_at_its_marku
     try:
         user = await _ledger_at_0006(conn)
         await _as_tenant(
-            conn, user,
+            conn,
+            user,
             "SELECT keen_credit_reserve($1, 0.000001, 0.01, NULL, NULL, interval '1 day',"
             " 'cheap hold', NULL)",
         )
@@ -110,7 +109,8 @@ async def test_the_operator_gives_the_price_the_deployment_charged(empty_dsn: st
         user = await _ledger_at_0006(conn)
         for markup in ("4.50", "0.01"):
             await _as_tenant(
-                conn, user,
+                conn,
+                user,
                 f"SELECT keen_credit_reserve($1, 1, {markup}, NULL, NULL, interval '1 hour',"
                 f" 'hold at {markup}', NULL)",
             )

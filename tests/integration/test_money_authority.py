@@ -44,18 +44,20 @@ async def test_tenant_code_cannot_choose_the_markup(db: KeenDatabase, alice: Use
     for query in (
         # 0.01 charged $1 as 0.01 credits.
         "SELECT id FROM keen_credit_deduct($1, 1.00, 0.01, NULL, NULL, 'cheap', NULL)",
-        "SELECT id FROM keen_credit_reserve($1, 1.00, 0.01, NULL, NULL, '1 minute', 'cheap',"
-        " NULL)",
+        "SELECT id FROM keen_credit_reserve($1, 1.00, 0.01, NULL, NULL, '1 minute', 'cheap', NULL)",
     ):
         await _refused(db, alice, query, alice.id)
     assert await ledger_state(owner_conn) == before
     # No function keen_app may execute that writes (VOLATILE) takes a markup at all; the pure
     # rounding rule keen_credits_for(cost, markup) moves nothing.
-    assert await owner_conn.fetch(
-        "SELECT p.oid::regprocedure::text FROM pg_proc p"
-        " WHERE p.pronamespace = 'public'::regnamespace AND 'p_markup' = ANY (p.proargnames)"
-        "   AND p.provolatile = 'v' AND has_function_privilege('keen_app', p.oid, 'EXECUTE')"
-    ) == []
+    assert (
+        await owner_conn.fetch(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p"
+            " WHERE p.pronamespace = 'public'::regnamespace AND 'p_markup' = ANY (p.proargnames)"
+            "   AND p.provolatile = 'v' AND has_function_privilege('keen_app', p.oid, 'EXECUTE')"
+        )
+        == []
+    )
     tx = await db.credits.deduct_credits(alice.id, D("1.00"), None, "priced by the server")
     assert (tx.amount, tx.keen_markup_multiplier) == (D("-5"), D("5.00"))
 
@@ -108,10 +110,13 @@ async def test_only_an_admin_in_the_billing_context_changes_the_markup(
     with pytest.raises(InvalidInput):
         await db.billing.set_markup(D("4"), reason=" ", actor_id=admin.id)
     assert await db.billing.get_markup() == D("5.00")
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM audit_log WHERE table_name = 'credit_pricing'"
-        " AND action = 'UPDATE'"
-    ) == 0
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM audit_log WHERE table_name = 'credit_pricing'"
+            " AND action = 'UPDATE'"
+        )
+        == 0
+    )
 
 
 # --- minting --------------------------------------------------------------------------------
@@ -140,8 +145,11 @@ async def test_a_user_cannot_refund_their_own_usage(
     usage = await db.credits.deduct_credits(alice.id, D("1"), None, "a real charge")
     before = await ledger_state(owner_conn)
     await _refused(
-        db, alice, "SELECT id FROM keen_credit_refund($1, $2, NULL, 'mine', NULL)",
-        alice.id, usage.id,
+        db,
+        alice,
+        "SELECT id FROM keen_credit_refund($1, $2, NULL, 'mine', NULL)",
+        alice.id,
+        usage.id,
     )
     assert await ledger_state(owner_conn) == before
     with pytest.raises(InsufficientPrivileges):  # naming herself as the acting admin
@@ -166,7 +174,9 @@ async def test_a_tenant_cannot_squat_another_customers_payment_intent(
         bob.id, D("50"), description="card payment", stripe_payment_intent_id="pi_bobs_payment"
     )
     assert (paid.user_id, paid.amount, paid.stripe_payment_intent_id) == (
-        bob.id, D("50"), "pi_bobs_payment"
+        bob.id,
+        D("50"),
+        "pi_bobs_payment",
     )
 
 
@@ -199,8 +209,11 @@ async def test_the_billing_role_is_the_only_one_that_may_mint(owner_conn):
     )
     assert len(minting) == 4
     assert {r["function"].split("(")[0]: r["callers"] for r in minting} == {
-        name: ["keen_billing"] for name in (
-            "keen_credit_purchase", "keen_credit_refund", "keen_credit_adjust",
+        name: ["keen_billing"]
+        for name in (
+            "keen_credit_purchase",
+            "keen_credit_refund",
+            "keen_credit_adjust",
             "keen_credit_set_markup",
         )
     }

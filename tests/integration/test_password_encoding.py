@@ -38,6 +38,8 @@ async def test_unencodable_text_in_any_other_field_is_invalid_input(db: KeenData
     """Not only the password: the driver cannot encode a lone surrogate in any text argument."""
     with pytest.raises(InvalidInput):
         await db.users.create(
-            email="d@example.com", username="surrogate2", password="long enough",
+            email="d@example.com",
+            username="surrogate2",
+            password="long enough",
             display_name=SURROGATE,
         )

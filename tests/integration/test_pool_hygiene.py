@@ -146,15 +146,11 @@ async def test_the_next_one_statement_call_runs_clean(single: KeenDatabase, alic
     assert row is not None
     assert row["acting"] == alice.id and row["role"] != "keen_system" and row["temp"] == 0
     assert row["search_path"] == before["search_path"]
-    row = await single.tenant_call(
-        alice.id, f"SELECT {TENANT_CALL_ARGS}, current_user AS role"
-    )
+    row = await single.tenant_call(alice.id, f"SELECT {TENANT_CALL_ARGS}, current_user AS role")
     assert row is not None and row["role"] == "keen_app"
 
 
-async def test_a_tenant_transaction_resets_in_its_commit_message(
-    fresh_dsn: str, alice: User
-):
+async def test_a_tenant_transaction_resets_in_its_commit_message(fresh_dsn: str, alice: User):
     """The reset costs no round trip: it travels with the COMMIT, in one message."""
     from keen_stream.dal.database import RESET_SESSION
 
@@ -187,8 +183,10 @@ async def test_savepoints_still_nest_inside_a_tenant_transaction(
                     "UPDATE users SET display_name = 'undone' WHERE id = $1", alice.id
                 )
                 await conn.execute("SELECT 1 / 0")
-        assert await conn.fetchval("SELECT display_name FROM users WHERE id = $1",
-                                   alice.id) == "kept"
-    assert await owner_conn.fetchval(
-        "SELECT display_name FROM users WHERE id = $1", alice.id
-    ) == "kept"
+        assert (
+            await conn.fetchval("SELECT display_name FROM users WHERE id = $1", alice.id) == "kept"
+        )
+    assert (
+        await owner_conn.fetchval("SELECT display_name FROM users WHERE id = $1", alice.id)
+        == "kept"
+    )

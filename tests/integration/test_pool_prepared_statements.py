@@ -43,9 +43,10 @@ async def test_a_tenant_cannot_plant_a_statement_the_next_borrower_runs(
         await conn.execute(f'PREPARE "{name}"(uuid) AS {planted}')
     seen = await single.users.get(bob.id)  # bob's own call, in bob's context
     assert seen.id == bob.id
-    assert await owner_conn.fetchval(
-        "SELECT display_name FROM users WHERE id = $1", bob.id
-    ) != "written by alice"
+    assert (
+        await owner_conn.fetchval("SELECT display_name FROM users WHERE id = $1", bob.id)
+        != "written by alice"
+    )
 
 
 async def test_a_statement_a_tenant_deallocated_costs_one_retryable_call_not_the_connection(

@@ -38,7 +38,8 @@ async def test_a_role_that_can_bypass_rls_is_refused(db: KeenDatabase, pg_admin_
 
 
 async def test_unmigrated_database_is_refused(pg_admin_dsn: str, settings) -> None:
-    from tests.conftest import make_settings, with_database
+    from keen_stream.settings import with_database
+    from tests.conftest import make_settings
 
     name = f"keen_empty_{os.getpid()}"
     admin = await asyncpg.connect(pg_admin_dsn)

@@ -12,14 +12,18 @@ from keen_stream import migrate
 
 async def _session_event_keys(conn: asyncpg.Connection) -> list[set[str]]:
     rows = await conn.fetch(
-        "SELECT payload FROM stream_events WHERE event_type LIKE 'session.%' ORDER BY xid, id")
+        "SELECT payload FROM stream_events WHERE event_type LIKE 'session.%' ORDER BY xid, id"
+    )
     return [set(json.loads(r["payload"])) for r in rows]
 
 
 async def _new_session(conn: asyncpg.Connection, user: object, handle: str) -> None:
     await conn.execute(
         "INSERT INTO agent_sessions (user_id, session_id, git_branch, vision, working_directory)"
-        " VALUES ($1, $2, 'main', 'v', '/w')", user, handle)
+        " VALUES ($1, $2, 'main', 'v', '/w')",
+        user,
+        handle,
+    )
 
 
 async def test_events_before_and_after_the_upgrade_say_session_handle(empty_dsn: str) -> None:
@@ -28,7 +32,8 @@ async def test_events_before_and_after_the_upgrade_say_session_handle(empty_dsn:
     try:
         user = await conn.fetchval(
             "INSERT INTO users (email, username, password_hash)"
-            " VALUES ('h@example.com', 'handles', 'x') RETURNING id")
+            " VALUES ('h@example.com', 'handles', 'x') RETURNING id"
+        )
         await _new_session(conn, user, "before")
         assert ["session_key" in keys for keys in await _session_event_keys(conn)] == [True]
 
@@ -36,9 +41,12 @@ async def test_events_before_and_after_the_upgrade_say_session_handle(empty_dsn:
         await _new_session(conn, user, "after")
         events = await _session_event_keys(conn)
         assert [("session_handle" in k, "session_key" in k) for k in events] == [(True, False)] * 2
-        assert await conn.fetchval(
-            "SELECT payload ->> 'session_handle' FROM stream_events ORDER BY xid, id LIMIT 1"
-        ) == "before"
+        assert (
+            await conn.fetchval(
+                "SELECT payload ->> 'session_handle' FROM stream_events ORDER BY xid, id LIMIT 1"
+            )
+            == "before"
+        )
 
         await asyncio.to_thread(migrate.downgrade, empty_dsn, "0007_guarantees")
         events = await _session_event_keys(conn)

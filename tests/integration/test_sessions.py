@@ -78,7 +78,11 @@ async def test_admin_flags_come_from_the_database_not_the_caller(
 ) -> None:
     with pytest.raises(InvalidInput):
         await db.sessions.create_session(
-            alice.id, session_handle="x", vision="v", working_directory="/w", git_branch="main",
+            alice.id,
+            session_handle="x",
+            vision="v",
+            working_directory="/w",
+            git_branch="main",
             is_admin_session=True,  # type: ignore[call-arg]  # not a parameter: the point
         )
     # keen_app cannot write the flags even with raw SQL: the columns are not granted.
@@ -116,7 +120,8 @@ async def test_another_tenants_parent_is_not_found_and_nothing_is_written(
             await conn.execute(
                 "INSERT INTO agent_sessions (user_id, session_id, parent_session_id, git_branch,"
                 " vision, working_directory) VALUES ($1, 'sneaky', $2, 'm', 'v', '/w')",
-                alice.id, bobs["id"],
+                alice.id,
+                bobs["id"],
             )
     assert await count_sessions(owner_conn) == before
 
@@ -181,7 +186,10 @@ async def test_bad_create_input_is_refused_and_writes_nothing(
     error: type[InvalidInput],
 ) -> None:
     values: dict[str, Any] = {
-        "session_handle": "ok", "vision": "v", "working_directory": "/w", "git_branch": "main"
+        "session_handle": "ok",
+        "vision": "v",
+        "working_directory": "/w",
+        "git_branch": "main",
     }
     values.update(fields)
     with pytest.raises(error) as refused:
@@ -204,15 +212,30 @@ async def test_progress_increments_appends_once_and_bumps_activity(
 ) -> None:
     s = await db.sessions.create_session(alice.id, new("prog"))
     a = await db.sessions.update_progress(
-        alice.id, "prog", iterations=1, tool_calls=3, tokens=1000, context_tokens=400,
-        files_created=["a.py", "b.py", "a.py"], files_modified=["README.md"],
+        alice.id,
+        "prog",
+        iterations=1,
+        tool_calls=3,
+        tokens=1000,
+        context_tokens=400,
+        files_created=["a.py", "b.py", "a.py"],
+        files_modified=["README.md"],
     )
     b = await db.sessions.update_progress(
-        alice.id, "prog", phase="PLAN", iterations=2, tokens=500,
-        files_created=["b.py", "c.py"], files_deleted=["old.py"],
+        alice.id,
+        "prog",
+        phase="PLAN",
+        iterations=2,
+        tokens=500,
+        files_created=["b.py", "c.py"],
+        files_deleted=["old.py"],
     )
     assert (b.iteration_count, b.tool_calls_count, b.tokens_used, b.context_tokens_used) == (
-        3, 3, 1500, 400)
+        3,
+        3,
+        1500,
+        400,
+    )
     assert b.files_created == ["a.py", "b.py", "c.py"]
     assert b.files_modified == ["README.md"]
     assert b.files_deleted == ["old.py"]
@@ -229,17 +252,26 @@ async def test_concurrent_progress_updates_lose_no_increment(
     async def worker(n: int) -> None:
         for i in range(rounds):
             await db.sessions.update_progress(
-                alice.id, "hot", iterations=1, tool_calls=2, tokens=7,
-                files_modified=[f"w{n}.py", "shared.py"], files_created=[f"w{n}-{i}.txt"],
+                alice.id,
+                "hot",
+                iterations=1,
+                tool_calls=2,
+                tokens=7,
+                files_modified=[f"w{n}.py", "shared.py"],
+                files_created=[f"w{n}-{i}.txt"],
             )
 
     await asyncio.gather(*(worker(n) for n in range(workers)))
     r = await row(owner_conn, "hot")
     total = workers * rounds
     assert (r["iteration_count"], r["tool_calls_count"], r["tokens_used"]) == (
-        total, 2 * total, 7 * total)
-    assert sorted(r["files_modified"]) == sorted([f"w{n}.py" for n in range(workers)] + [
-        "shared.py"])
+        total,
+        2 * total,
+        7 * total,
+    )
+    assert sorted(r["files_modified"]) == sorted(
+        [f"w{n}.py" for n in range(workers)] + ["shared.py"]
+    )
     assert len(r["files_created"]) == total
 
 
@@ -306,10 +338,11 @@ async def test_keen_app_cannot_rewrite_counters_or_costs_directly(
         ("UPDATE agent_sessions SET iteration_count = 0 WHERE session_id = 'g'", InvalidInput),
         ("UPDATE agent_sessions SET claude_cost_usd = 1 WHERE session_id = 'g'", InvalidInput),
         ("UPDATE agent_sessions SET budget_used = 0 WHERE session_id = 'g'", Exception),
-        ("UPDATE agent_sessions SET bypass_credit_deduction = true WHERE session_id = 'g'",
-         Exception),
-        ("UPDATE agent_sessions SET user_id = gen_random_uuid() WHERE session_id = 'g'",
-         Exception),
+        (
+            "UPDATE agent_sessions SET bypass_credit_deduction = true WHERE session_id = 'g'",
+            Exception,
+        ),
+        ("UPDATE agent_sessions SET user_id = gen_random_uuid() WHERE session_id = 'g'", Exception),
         ("DELETE FROM agent_sessions WHERE session_id = 'g'", Exception),
     ]
     for sql, error in statements:
@@ -351,7 +384,8 @@ async def test_a_user_cannot_change_another_users_session(
     attempts = [
         lambda: db.sessions.update_progress(alice.id, "bobs", iterations=1),
         lambda: db.sessions.complete_session(
-            alice.id, "bobs", success=True, claude_cost_usd=Decimal(1)),
+            alice.id, "bobs", success=True, claude_cost_usd=Decimal(1)
+        ),
         lambda: db.sessions.fail_session(alice.id, "bobs", error_message="x"),
         lambda: db.sessions.cancel_session(alice.id, "bobs"),
         lambda: db.sessions.set_budget(alice.id, "bobs", Decimal(10)),
@@ -364,7 +398,8 @@ async def test_a_user_cannot_change_another_users_session(
     # Raw SQL as keen_app: RLS makes bob's row invisible, so 0 rows change.
     async with db.user_transaction(alice.id) as conn:
         status = await conn.execute(
-            "UPDATE agent_sessions SET current_phase = 'PLAN' WHERE session_id = 'bobs'")
+            "UPDATE agent_sessions SET current_phase = 'PLAN' WHERE session_id = 'bobs'"
+        )
     assert status == "UPDATE 0"
     assert dict(await row(owner_conn, "bobs")) == before
 
@@ -379,7 +414,8 @@ async def test_keyset_pages_cover_every_session_once_newest_first(
     # Two sessions with the same start time: the id breaks the tie.
     await owner_conn.execute(
         "UPDATE agent_sessions SET start_time = (SELECT start_time FROM agent_sessions"
-        " WHERE session_id = 'a3') WHERE session_id = 'a4'")
+        " WHERE session_id = 'a3') WHERE session_id = 'a4'"
+    )
     seen: list[str] = []
     before = None
     while True:
@@ -404,8 +440,13 @@ async def test_list_filters_by_status(db: KeenDatabase, alice: User) -> None:
     assert sorted(s.session_handle for s in running) == ["s1", "s3"]
     cancelled = await db.sessions.get_user_sessions(alice.id, status="cancelled")
     assert [s.session_handle for s in cancelled] == ["s2"]
-    for bad in ({"status": "done"}, {"limit": 0}, {"limit": 501}, {"limit": "5"},
-                {"before": "not a handle"}):
+    for bad in (
+        {"status": "done"},
+        {"limit": 0},
+        {"limit": 501},
+        {"limit": "5"},
+        {"before": "not a handle"},
+    ):
         with pytest.raises(InvalidInput):
             await db.sessions.get_user_sessions(alice.id, **bad)
 
@@ -415,8 +456,7 @@ async def build_tree(
     db: KeenDatabase, owner: User, owner_conn: asyncpg.Connection
 ) -> dict[str, tuple[str, str, int, int]]:
     """root -> {a -> {a1 -> {a1x}, a2}, b}: four levels, seven sessions, set costs."""
-    shape = [("root", None), ("a", "root"), ("b", "root"), ("a1", "a"), ("a2", "a"),
-             ("a1x", "a1")]
+    shape = [("root", None), ("a", "root"), ("b", "root"), ("a1", "a"), ("a2", "a"), ("a1x", "a1")]
     for handle, parent in shape:
         await db.sessions.create_session(owner.id, new(handle, parent))
     await db.sessions.create_session(owner.id, new("unrelated"))
@@ -431,11 +471,16 @@ async def build_tree(
     }
     for handle, (usd, credits, tokens, ctx) in costs.items():
         await db.sessions.update_progress(
-            owner.id, handle, tokens=tokens, context_tokens=ctx, iterations=1, tool_calls=2)
+            owner.id, handle, tokens=tokens, context_tokens=ctx, iterations=1, tool_calls=2
+        )
         # Costs are only written when a session ends; arrange them directly for the roll-up.
         await owner_conn.execute(
             "UPDATE agent_sessions SET claude_cost_usd = $2, keen_cost_credits = $3"
-            " WHERE session_id = $1", handle, Decimal(usd), Decimal(credits))
+            " WHERE session_id = $1",
+            handle,
+            Decimal(usd),
+            Decimal(credits),
+        )
     return costs
 
 
@@ -513,7 +558,8 @@ async def test_sweep_times_out_only_idle_running_sessions(
     await db.sessions.cancel_session(alice.id, "ended")
     await owner_conn.execute(
         "UPDATE agent_sessions SET last_activity_at = now() - interval '2 hours'"
-        " WHERE session_id IN ('idle', 'bob-idle', 'ended')")
+        " WHERE session_id IN ('idle', 'bob-idle', 'ended')"
+    )
     swept = await db.sessions.sweep_timed_out(timedelta(hours=1))
     assert sorted(s.session_handle for s in swept) == ["bob-idle", "idle"]
     idle = await row(owner_conn, "idle")
@@ -541,6 +587,7 @@ async def test_sweep_uses_the_configured_timeout(
         await db.sessions.create_session(alice.id, new("t2"))
         await owner_conn.execute(
             "UPDATE agent_sessions SET last_activity_at = now() - interval '61 seconds'"
-            " WHERE session_id = 't1'")
+            " WHERE session_id = 't1'"
+        )
         swept = await db.sessions.sweep_timed_out()
     assert [s.session_handle for s in swept] == ["t1"]

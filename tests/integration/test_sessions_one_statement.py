@@ -33,6 +33,8 @@ async def context_of(conn: asyncpg.Connection) -> tuple[str, str]:
     """The acting user ('' when none) and the role the connection's next statement runs as."""
     row = await conn.fetchrow(CONTEXT)
     return row["user_setting"] or "", row["current_user"]
+
+
 COUNTERS = "SELECT iteration_count FROM agent_sessions WHERE session_id = $1"
 NO_FILES: list[str] = []
 
@@ -47,8 +49,9 @@ def progress_args(user: User, handle: str) -> tuple[object, ...]:
     return (str(user.id), handle, None, 1, 0, 0, 0, NO_FILES, NO_FILES, NO_FILES)
 
 
-async def test_a_progress_report_sends_one_statement(fresh_dsn: str, db: KeenDatabase,
-                                                     alice: User) -> None:
+async def test_a_progress_report_sends_one_statement(
+    fresh_dsn: str, db: KeenDatabase, alice: User
+) -> None:
     await start(db, alice, "one")
     sent, session = await statements_sent(
         fresh_dsn, lambda single: single.sessions.update_progress(alice.id, "one", iterations=2)
@@ -59,7 +62,10 @@ async def test_a_progress_report_sends_one_statement(fresh_dsn: str, db: KeenDat
 
 @pytest.mark.parametrize("role", [None, "keen_system"])
 async def test_the_function_refuses_to_run_as_anyone_but_the_tenant(
-    fresh_dsn: str, db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection,
+    fresh_dsn: str,
+    db: KeenDatabase,
+    alice: User,
+    owner_conn: asyncpg.Connection,
     role: str | None,
 ) -> None:
     """As the login role (here a superuser) or the system role, RLS would not filter the
@@ -168,10 +174,12 @@ async def test_the_one_statement_calls_work_for_a_login_role_that_is_not_a_super
             assert await plain.pool.fetchval("SELECT current_user") == role
             session = await plain.sessions.update_progress(alice.id, "plain", iterations=3)
             single = await plain.credits.deduct_credits(alice.id, Decimal("0.1"), None, "one")
-            together = await asyncio.gather(*(
-                plain.credits.deduct_credits(alice.id, Decimal("0.01"), None, f"b{i}")
-                for i in range(8)
-            ))
+            together = await asyncio.gather(
+                *(
+                    plain.credits.deduct_credits(alice.id, Decimal("0.01"), None, f"b{i}")
+                    for i in range(8)
+                )
+            )
             batches = plain.credits.batch_stats()["batches"]
         assert session.iteration_count == 3
         assert single.amount == Decimal("-0.5")

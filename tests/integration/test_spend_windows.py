@@ -55,9 +55,12 @@ async def test_switching_zones_never_raises_the_limit(
     balance = await db.credits.get_balance(alice.id)
     spent = balance.spent_today if period == "day" else balance.spent_this_month
     assert spent == D("5") and balance.lifetime_spent == D("5")
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM credit_transactions WHERE transaction_type = 'usage'"
-    ) == 1
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM credit_transactions WHERE transaction_type = 'usage'"
+        )
+        == 1
+    )
 
 
 async def test_a_zone_change_keeps_the_spend_and_never_ends_a_window_earlier(
@@ -73,7 +76,8 @@ async def test_a_zone_change_keeps_the_spend_and_never_ends_a_window_earlier(
         await db.users.update_profile(alice.id, timezone=zone)
         after = await owner_conn.fetchrow(
             "SELECT spent_day, spend_day_end, spent_month, spend_month_end"
-            "  FROM credit_accounts WHERE user_id = $1", alice.id,
+            "  FROM credit_accounts WHERE user_id = $1",
+            alice.id,
         )
         assert after["spend_day_end"] >= before["spend_day_end"]
         assert after["spend_month_end"] >= before["spend_month_end"]
@@ -111,13 +115,12 @@ async def test_window_ends_at_fixed_instants(owner_conn):
     # A fixed zone across a DST change: windows are exactly its local days.
     ny = "America/New_York"
     assert await end("day", None, ny, "2026-03-08T16:00Z") == at("2026-03-09T04:00Z")
-    assert await end("day", "2026-03-09T04:00Z", ny, "2026-03-09T14:00Z") == at(
-        "2026-03-10T04:00Z"
-    )
+    assert await end("day", "2026-03-09T04:00Z", ny, "2026-03-09T14:00Z") == at("2026-03-10T04:00Z")
 
 
-@pytest.mark.parametrize(("period", "length"), [("day", timedelta(days=1)),
-                                                ("month", timedelta(days=28))])
+@pytest.mark.parametrize(
+    ("period", "length"), [("day", timedelta(days=1)), ("month", timedelta(days=28))]
+)
 async def test_hopping_zones_never_opens_windows_faster_than_one_per_period(
     owner_conn, period: str, length: timedelta
 ):
@@ -169,7 +172,10 @@ async def test_the_migration_carries_todays_spend_over_and_back(empty_dsn: str):
             "  FROM credit_accounts"
         )
         assert (row["day_ok"], row["month_ok"], row["today"], row["month"]) == (
-            True, True, D(3), D(4)
+            True,
+            True,
+            D(3),
+            D(4),
         )
         await asyncio.to_thread(migrate.downgrade, empty_dsn, "0006_stream_latency")
         row = await conn.fetchrow(

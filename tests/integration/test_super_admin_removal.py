@@ -24,9 +24,9 @@ async def test_a_super_admin_row_cannot_be_removed_from_tenant_context_by_demoti
         async with db.user_transaction(admin.id) as conn:
             await conn.execute("UPDATE users SET role = 'admin' WHERE id = $1", admin.id)
             await conn.execute("DELETE FROM users WHERE id = $1", admin.id)
-    assert await owner_conn.fetchval(
-        "SELECT role FROM users WHERE id = $1", admin.id
-    ) == "super_admin"
+    assert (
+        await owner_conn.fetchval("SELECT role FROM users WHERE id = $1", admin.id) == "super_admin"
+    )
 
 
 async def test_no_one_in_tenant_context_gives_or_takes_the_super_admin_role(

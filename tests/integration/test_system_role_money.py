@@ -89,11 +89,14 @@ async def test_the_system_role_writes_no_money_table_and_owns_no_ledger_function
     assert owned == []
     role = await owner_conn.fetchrow("SELECT * FROM pg_roles WHERE rolname = 'keen_ledger'")
     assert not (role["rolcanlogin"] or role["rolsuper"] or role["rolinherit"])
-    assert await owner_conn.fetchval(
-        "SELECT count(*) FROM pg_auth_members WHERE roleid = 'keen_ledger'::regrole"
-        "   AND member IN ('keen_app'::regrole, 'keen_system'::regrole,"
-        "                  'keen_billing'::regrole)"
-    ) == 0
+    assert (
+        await owner_conn.fetchval(
+            "SELECT count(*) FROM pg_auth_members WHERE roleid = 'keen_ledger'::regrole"
+            "   AND member IN ('keen_app'::regrole, 'keen_system'::regrole,"
+            "                  'keen_billing'::regrole)"
+        )
+        == 0
+    )
 
 
 async def test_registration_and_the_admin_account_go_through_the_ledger(
@@ -105,11 +108,15 @@ async def test_registration_and_the_admin_account_go_through_the_ledger(
         "SELECT user_id, current_balance, unlimited_credits, bypass_billing FROM credit_accounts"
     )
     assert {r["user_id"]: tuple(r)[1:] for r in rows} == {
-        alice.id: (D("0"), False, False), admin.id: (D("0"), True, True),
+        alice.id: (D("0"), False, False),
+        admin.id: (D("0"), True, True),
     }
     with pytest.raises(InsufficientPrivileges):
         async with db.system_transaction() as conn:
             await conn.execute("SELECT keen_credit_open_account($1, true)", alice.id)
-    assert await owner_conn.fetchval(
-        "SELECT unlimited_credits FROM credit_accounts WHERE user_id = $1", alice.id
-    ) is False
+    assert (
+        await owner_conn.fetchval(
+            "SELECT unlimited_credits FROM credit_accounts WHERE user_id = $1", alice.id
+        )
+        is False
+    )

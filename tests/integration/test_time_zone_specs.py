@@ -32,7 +32,8 @@ async def test_the_database_refuses_a_time_zone_the_dal_refuses(
     # one hour long.
     end = await owner_conn.fetchval(
         "SELECT keen_spend_window_end('day', $1, $2, $3)",
-        datetime.fromisoformat("2026-12-01T00:00Z"), JUMPING,
+        datetime.fromisoformat("2026-12-01T00:00Z"),
+        JUMPING,
         datetime.fromisoformat("2026-12-01T00:30Z"),
     )
     assert end == datetime.fromisoformat("2026-12-01T01:00Z")
@@ -52,14 +53,16 @@ async def test_zone_names_pass_and_rows_from_before_0007_that_are_not_one_become
             users[name] = await conn.fetchval(
                 "INSERT INTO users (email, username, password_hash, timezone)"
                 " VALUES ($1, $2, 'x', $3) RETURNING id",
-                f"{name}@example.com", name, zone,
+                f"{name}@example.com",
+                name,
+                zone,
             )
         await migrate.upgrade_async(empty_dsn)
-        zones = {
-            r["id"]: r["timezone"] for r in await conn.fetch("SELECT id, timezone FROM users")
-        }
+        zones = {r["id"]: r["timezone"] for r in await conn.fetch("SELECT id, timezone FROM users")}
         assert zones == {
-            users["posix"]: "UTC", users["named"]: "Pacific/Kiritimati", users["utc"]: "UTC",
+            users["posix"]: "UTC",
+            users["named"]: "Pacific/Kiritimati",
+            users["utc"]: "UTC",
         }
         await conn.execute(
             "UPDATE users SET timezone = 'Asia/Jerusalem' WHERE id = $1", users["utc"]

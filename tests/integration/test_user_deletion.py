@@ -67,7 +67,8 @@ async def test_an_admin_may_delete_a_user_and_the_deletion_is_audited(
         " AND action = 'DELETE' ORDER BY id"
     )
     assert [(r["row_id"], r["actor_user_id"]) for r in actors] == [
-        (alice.id, plain_admin.id), (bob.id, admin.id)
+        (alice.id, plain_admin.id),
+        (bob.id, admin.id),
     ]
 
 

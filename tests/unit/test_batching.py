@@ -172,11 +172,11 @@ def test_limits_below_one_are_refused():
         Batcher(Calls().one, Calls().many, max_batch=0, max_in_flight=1)
 
 
-
 async def test_an_item_whose_key_is_in_flight_waits_for_that_batch_in_order():
     calls = Calls()
-    batcher = Batcher(calls.one, calls.many, max_batch=8, max_in_flight=2,
-                      conflict_key=lambda i: i % 10)
+    batcher = Batcher(
+        calls.one, calls.many, max_batch=8, max_in_flight=2, conflict_key=lambda i: i % 10
+    )
     first = asyncio.create_task(batcher.submit(1))  # key 1 in flight
     await settle()
     rest = [asyncio.create_task(batcher.submit(i)) for i in (2, 11, 3, 21, 4)]

@@ -83,8 +83,18 @@ def test_credits_are_monotonic_in_cost(a, markup, b):
 
 @pytest.mark.parametrize(
     "value",
-    [0.1, 1.0, float("nan"), D("NaN"), D("Infinity"), D("-1"), D("0"), D("0.0000001"),
-     MONEY_MAX + MICRO, True],
+    [
+        0.1,
+        1.0,
+        float("nan"),
+        D("NaN"),
+        D("Infinity"),
+        D("-1"),
+        D("0"),
+        D("0.0000001"),
+        MONEY_MAX + MICRO,
+        True,
+    ],
 )
 def test_money_inputs_are_refused_not_rounded(value):
     with pytest.raises(InvalidAmount):

@@ -23,10 +23,12 @@ UNAVAILABLE = {
     "connection reset": ConnectionResetError(104, "reset by peer"),
     "pool acquire timeout": TimeoutError(),
     "connection closed mid-operation": asyncpg.ConnectionDoesNotExistError(
-        "connection was closed in the middle of operation"),
+        "connection was closed in the middle of operation"
+    ),
     "closed connection used": asyncpg.InterfaceError("connection is closed"),
     "protocol state after a killed backend": asyncpg.InternalClientError(
-        "cannot switch to state 15; another operation (2) is in progress"),
+        "cannot switch to state 15; another operation (2) is in progress"
+    ),
     "protocol error": asyncpg.ProtocolError("unexpected message"),
     "08006 connection failure": server_error("08006"),
     "57P01 admin shutdown": server_error("57P01", "terminating connection due to administrator"),
@@ -52,8 +54,9 @@ def test_connection_level_failures_are_database_unavailable(name: str) -> None:
 
 def test_the_driver_errors_of_the_outage_are_classified_by_type() -> None:
     """The two classes that reached callers in the outage (issue 'guarantees', finding 8)."""
-    assert isinstance(classify(asyncpg.CannotConnectNowError("starting up")),
-                      errors.DatabaseUnavailable)
+    assert isinstance(
+        classify(asyncpg.CannotConnectNowError("starting up")), errors.DatabaseUnavailable
+    )
     assert isinstance(classify(asyncpg.InternalClientError("state")), errors.DatabaseUnavailable)
 
 
@@ -100,7 +103,8 @@ def test_a_prepared_statement_lost_from_the_session_is_retryable() -> None:
 
 def test_an_argument_the_driver_cannot_encode_is_invalid_input() -> None:
     assert type(classify(asyncpg.DataError("invalid input for query argument $1"))) is (
-        errors.InvalidInput)
+        errors.InvalidInput
+    )
 
 
 def test_every_database_error_is_one_hierarchy_under_keen_error() -> None:
@@ -130,7 +134,8 @@ def test_a_batched_items_unknown_error_is_a_database_error_not_the_drivers() -> 
     assert type(from_fields("XX000", "internal")) is errors.DatabaseError
     assert type(from_fields("40P01", "deadlock")) is errors.TransactionConflict
     assert type(from_fields("KS402", "no money", '{"balance": "1"}')) is (
-        errors.InsufficientCredits)
+        errors.InsufficientCredits
+    )
 
 
 def test_what_the_driver_did_not_raise_is_not_classified() -> None:
@@ -161,14 +166,22 @@ def test_a_cancellation_stays_one_when_the_driver_fails_while_unwinding_it() -> 
 
 def test_domain_errors_carry_their_details_as_typed_attributes() -> None:
     """What the server-side raisers send in DETAIL (JSON strings) arrives typed."""
-    detail = ('{"balance": "1.5", "held": "0.5", "available": "1.0", "required": "3",'
-              ' "shortfall": "2"}')
+    detail = (
+        '{"balance": "1.5", "held": "0.5", "available": "1.0", "required": "3", "shortfall": "2"}'
+    )
     error = classify(server_error("KS402", "insufficient credits", D=detail))
     assert isinstance(error, errors.InsufficientCredits)
     assert error.shortfall == Decimal("2") and error.available == Decimal("1.0")
-    limit = classify(server_error("KS461", "daily limit", D=(
-        '{"period": "day", "limit": "5", "spent": "4", "held": "0", "required": "2",'
-        ' "window_end": "2026-12-02T00:00:00+00:00"}')))
+    limit = classify(
+        server_error(
+            "KS461",
+            "daily limit",
+            D=(
+                '{"period": "day", "limit": "5", "spent": "4", "held": "0", "required": "2",'
+                ' "window_end": "2026-12-02T00:00:00+00:00"}'
+            ),
+        )
+    )
     assert isinstance(limit, errors.SpendingLimitExceeded)
     assert (limit.period, limit.limit) == ("day", Decimal("5"))
     assert limit.window_end == datetime(2026, 12, 2, tzinfo=UTC)

@@ -76,7 +76,7 @@ NEW = {
     "window_end": "keen_spend_window_end(text, timestamptz, text, timestamptz)",
     "rezoned": "keen_spend_window_rezoned(text, timestamptz, text, timestamptz)",
     "fits": "keen_credit_fits(numeric, numeric, numeric, numeric, numeric, timestamptz, numeric,"
-            " numeric, timestamptz, timestamptz)",
+    " numeric, timestamptz, timestamptz)",
     "rezone_trigger": "keen_users_timezone_changed()",
     "open_account": "keen_credit_open_account(uuid, boolean)",
 }
@@ -86,16 +86,34 @@ CORE = "keen_credit_deduct_core(uuid, numeric, numeric, uuid, text, text, text)"
 #: The functions that create or give back money, and the price: keen_billing's alone.
 MINTING = (NEW["purchase"], NEW["adjust"], NEW["set_markup"], REFUND)
 #: Every function of the ledger (0002's, 0005's and this migration's): owned by keen_ledger.
-LEDGER_FUNCTIONS = sorted({
-    "keen_credit_account_valid", "keen_credit_transaction_valid", "keen_credits_for",
-    "keen_money_check", "keen_ledger_authorize", "keen_ledger_refuse", "keen_budget_take",
-    "keen_budget_give_back", "keen_ledger_session", "keen_ledger_replay",
-    "keen_ledger_recharge_check", "keen_ledger_bypass", "keen_credit_deduct",
-    "keen_credit_deduct_core", "keen_credit_deduct_many", "keen_credit_purchase",
-    "keen_credit_refund", "keen_credit_adjust", "keen_credit_reserve", "keen_credit_settle",
-    "keen_credit_release", "keen_credit_expire_holds", "keen_ledger_verify",
-    *(signature.split("(")[0] for signature in NEW.values()),
-})
+LEDGER_FUNCTIONS = sorted(
+    {
+        "keen_credit_account_valid",
+        "keen_credit_transaction_valid",
+        "keen_credits_for",
+        "keen_money_check",
+        "keen_ledger_authorize",
+        "keen_ledger_refuse",
+        "keen_budget_take",
+        "keen_budget_give_back",
+        "keen_ledger_session",
+        "keen_ledger_replay",
+        "keen_ledger_recharge_check",
+        "keen_ledger_bypass",
+        "keen_credit_deduct",
+        "keen_credit_deduct_core",
+        "keen_credit_deduct_many",
+        "keen_credit_purchase",
+        "keen_credit_refund",
+        "keen_credit_adjust",
+        "keen_credit_reserve",
+        "keen_credit_settle",
+        "keen_credit_release",
+        "keen_credit_expire_holds",
+        "keen_ledger_verify",
+        *(signature.split("(")[0] for signature in NEW.values()),
+    }
+)
 
 # --- 1. trusted schemas, no tenant temp objects -------------------------------------------
 # Database-level grants (current_database(): a database-level statement names its database).
@@ -391,11 +409,13 @@ def operator_markup() -> tuple[Decimal, str]:
             markup = Decimal(str(raw).strip())
         except InvalidOperation:
             markup = Decimal("NaN")
-        if not (markup.is_finite() and Decimal("0") < markup < Decimal("100")
-                and markup == markup.quantize(Decimal("0.01"))):
+        if not (
+            markup.is_finite()
+            and Decimal("0") < markup < Decimal("100")
+            and markup == markup.quantize(Decimal("0.01"))
+        ):
             raise RuntimeError(
-                f"migration 0007: {source} = {raw!r} is not a markup (0.01 to 99.99, in"
-                " hundredths)"
+                f"migration 0007: {source} = {raw!r} is not a markup (0.01 to 99.99, in hundredths)"
             )
         return markup.quantize(Decimal("0.01")), source
     return DEFAULT_MARKUP, "the default"
@@ -667,7 +687,7 @@ FUNCTIONS = [
              WHERE a.user_id = p_user AND u.id = p_user
                AND NOT (a.unlimited_credits OR a.bypass_billing
                         OR (u.is_admin AND u.account_status = 'active'))
-               AND {_fits('v_credits')}
+               AND {_fits("v_credits")}
             RETURNING a.id, a.current_balance, a.last_sequence,
                       a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
                       AND a.current_balance + v_credits >= a.auto_recharge_threshold
@@ -854,7 +874,7 @@ FUNCTIONS = [
              WHERE a.user_id = p_user AND u.id = p_user
                AND NOT (a.unlimited_credits OR a.bypass_billing
                         OR (u.is_admin AND u.account_status = 'active'))
-               AND {_fits('v_credits')}
+               AND {_fits("v_credits")}
             RETURNING a.id INTO v_account;
             EXIT WHEN FOUND;
             SELECT a.id, a.unlimited_credits OR a.bypass_billing
@@ -958,7 +978,7 @@ FUNCTIONS = [
              WHERE a.id = h.account_id AND u.id = h.user_id
                AND NOT (a.unlimited_credits OR a.bypass_billing
                         OR (u.is_admin AND u.account_status = 'active'))
-               AND (v_uncovered <= 0 OR {_fits('v_uncovered')})
+               AND (v_uncovered <= 0 OR {_fits("v_uncovered")})
             RETURNING a.current_balance, a.last_sequence,
                       a.auto_recharge_enabled AND a.current_balance < a.auto_recharge_threshold
                       AND a.current_balance + v_credits >= a.auto_recharge_threshold
@@ -1407,8 +1427,13 @@ def _downgrade_statements() -> list[str]:
     ledger = _earlier("0002_ledger")
     batch = _earlier("0005_ledger_batch")
     functions = ledger.HELPERS + ledger.MONEY_FUNCTIONS
-    restored = ("keen_ledger_refuse", "keen_credit_purchase", "keen_credit_adjust",
-                "keen_credit_reserve")
+    restored = (
+        "keen_ledger_refuse",
+        "keen_credit_purchase",
+        "keen_credit_adjust",
+        "keen_credit_reserve",
+    )
+
     def grants(*names: str) -> list[str]:
         return [s for s in ledger._grants() if any(f" {name}(" in s for name in names)]
 
