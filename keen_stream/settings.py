@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     pool_max_size: int = Field(default=10, ge=1)
     pool_acquire_timeout: float = Field(default=10.0, gt=0)
     pool_max_inactive_lifetime: float = Field(default=600.0, ge=0)  # the seed's idle 10 min
+    # asyncpg replaces a connection after this many queries (its default): under load a pooled
+    # connection, and its statement cache, is renewed every few tens of seconds.
+    pool_max_queries: int = Field(default=50_000, ge=1)
     connect_timeout: float = Field(default=10.0, gt=0)  # the seed's 10 s
     # The seed's 5 minutes would let one runaway query hold a pooled connection for that long.
     statement_timeout_ms: int = Field(default=30_000, ge=0)

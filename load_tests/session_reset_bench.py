@@ -71,7 +71,11 @@ async def open_variant(dsn: str, variant: str) -> KeenDatabase:
     """A DAL whose transaction contexts end as ``variant`` says."""
     size = max(CALLERS)
     db = await KeenDatabase.connect(
-        settings=Settings(database_url=dsn, pool_min_size=size, pool_max_size=size),
+        # No connection is replaced mid-run (asyncpg's default is after 50,000 queries, seconds
+        # at one caller): the server CPU read from /proc would lose the replaced backend's time.
+        settings=Settings(
+            database_url=dsn, pool_min_size=size, pool_max_size=size, pool_max_queries=10**9
+        ),
         migrate=False,
     )
     if variant == "shipped":

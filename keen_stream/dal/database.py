@@ -254,6 +254,7 @@ class KeenDatabase:
                 min_size=settings.pool_min_size,
                 max_size=settings.pool_max_size,
                 max_inactive_connection_lifetime=settings.pool_max_inactive_lifetime,
+                max_queries=settings.pool_max_queries,
                 timeout=settings.connect_timeout,
                 init=session_reset.on_connect,
                 reset=session_reset.on_release,
