@@ -9,7 +9,6 @@ these classes, so a caller never has to look at asyncpg exceptions.
 from __future__ import annotations
 
 import inspect
-from contextlib import suppress
 from datetime import datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar
@@ -22,9 +21,9 @@ _CONVERSIONS: dict[str, Any] = {"Decimal": Decimal, "datetime": datetime.fromiso
 class KeenError(Exception):
     """keen_stream error.
 
-    ``details`` holds everything the raiser said (the hub sends it in error frames). The
-    attributes a class annotates (``shortfall: Decimal | None``) are the typed view of the
-    details of the same name: converted to the annotated type, None when absent.
+    ``details`` holds everything the raiser said, unchanged. The attributes a class annotates
+    (``shortfall: Decimal | None``) are the typed view of the details of the same name:
+    converted to the annotated type, None when absent (or not of that type).
     """
 
     #: Custom SQLSTATE raised by server-side code for this error, if any.
@@ -47,16 +46,23 @@ class KeenError(Exception):
                 )
         cls._typed = typed
 
-    def __init__(self, message: str | None = None, **details: Any) -> None:
+    def __init__(self, message: str | None = None, /, **details: Any) -> None:
         self.message = message or (self.__doc__ or self.__class__.__name__).strip()
         for name, convert in self._typed.items():
-            value = details.get(name)
-            if convert is not None and isinstance(value, str):
-                with suppress(InvalidOperation, ValueError):
-                    value = details[name] = convert(value)
-            setattr(self, name, value)
+            setattr(self, name, _typed_value(details.get(name), convert))
+        #: As the raiser gave them (JSON-able when they came from the server).
         self.details = details
         super().__init__(self.message)
+
+
+def _typed_value(value: Any, convert: Any) -> Any:
+    """A detail as its attribute's type; None when it is absent or does not convert."""
+    if convert is None or value is None or not isinstance(value, str):
+        return value
+    try:
+        return convert(value)
+    except (InvalidOperation, ValueError):
+        return None
 
 
 # --- configuration and safety -------------------------------------------------------------

@@ -71,27 +71,24 @@ SELECT r.rolsuper, r.rolbypassrls,
   FROM pg_roles r WHERE r.rolname = $1
 """
 
-#: The SQLSTATE of :data:`STATEMENTS_LEFT`.
-SESSION_NOT_RESETTABLE = "KS503"
 #: Prepared statements are session state the reset cannot clear: DEALLOCATE ALL would drop
 #: asyncpg's own, which it runs by name. PREPARE and DEALLOCATE need no privilege, so a
 #: borrower's SQL can put its own statement under the name of one asyncpg cached, and the next
 #: borrower would run it in its own context. A statement prepared by SQL (``from_sql``) is
-#: never the DAL's: the connection is closed instead of being handed out again. (A borrower
-#: that only DEALLOCATEs one of asyncpg's leaves nothing to run: the next use fails with 26000,
-#: and that connection is closed then, see pgerrors.)
-STATEMENTS_LEFT = f"""
-DO $$ BEGIN
-    IF EXISTS (SELECT FROM pg_catalog.pg_prepared_statements WHERE from_sql) THEN
-        RAISE EXCEPTION 'a borrower left SQL-level prepared statements on the session'
-            USING ERRCODE = '{SESSION_NOT_RESETTABLE}';
-    END IF;
-END $$"""
+#: never the DAL's: the connection is closed instead of being handed out again. The check
+#: answers in its command status (``SELECT 1``: one is there) rather than by raising, so it can
+#: never be mistaken for a failure of the COMMIT before it. (A borrower that only DEALLOCATEs
+#: one of asyncpg's leaves nothing to run: the next use fails with 26000, and that connection is
+#: closed then, see pgerrors.)
+STATEMENTS_LEFT = "SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1"
+#: The command status of :data:`STATEMENTS_LEFT` when the session must not be pooled again.
+NOT_RESETTABLE = "SELECT 1"
 #: Everything a borrower can leave on its session: DISCARD ALL without DEALLOCATE ALL (which
 #: would drop asyncpg's prepared statements) and DISCARD PLANS. SET SESSION AUTHORIZATION
 #: DEFAULT also ends a session-level SET ROLE, which RESET ALL leaves alone; RESET ALL goes
 #: back to the settings the connection started with (statement_timeout, keen.stream_signal).
 #: Then the one thing it cannot reset, checked last (so a refusal comes after everything else).
+_NOT_RESETTABLE_MESSAGE = "a borrower left SQL-level prepared statements on the session"
 RESET_SESSION = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES;"
     f" CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); {STATEMENTS_LEFT}"
@@ -141,14 +138,14 @@ class SessionReset:
     async def on_release(self, conn: asyncpg.Connection) -> None:
         """The pool's ``reset`` (asyncpg has already rolled back an open transaction).
 
-        A refusal (:data:`STATEMENTS_LEFT`) reaches the releaser, and asyncpg terminates the
-        connection instead of pooling it.
+        A session that cannot be reset (:data:`STATEMENTS_LEFT`) is refused with an error that
+        reaches the releaser, and asyncpg terminates the connection instead of pooling it.
         """
         pid = conn.get_server_pid()
         if pid in self._clean:
             self._clean.discard(pid)
-        else:
-            await conn.execute(RESET_SESSION)
+        elif await conn.execute(RESET_SESSION) == NOT_RESETTABLE:
+            raise DatabaseError(_NOT_RESETTABLE_MESSAGE)
 
     @asynccontextmanager
     async def transaction(self, conn: asyncpg.Connection) -> AsyncIterator[None]:
@@ -169,13 +166,9 @@ class SessionReset:
 
     async def _end(self, tx: Any, conn: asyncpg.Connection, query: str) -> None:
         tx._connection._top_xact = None
-        try:
-            await conn.execute(query)
-        except asyncpg.PostgresError as exc:
-            if exc.sqlstate != SESSION_NOT_RESETTABLE:
-                raise  # the COMMIT's own failure (or the reset's): the caller's to see
+        if await conn.execute(query) == NOT_RESETTABLE:
             # The transaction ended as asked; only the session is unfit to be pooled.
-            logger.warning("closing a pooled connection: %s", exc)
+            logger.warning("closing a pooled connection: %s", _NOT_RESETTABLE_MESSAGE)
             conn.terminate()
             return
         self.vouch(conn)
@@ -328,9 +321,10 @@ class KeenDatabase:
         """Round-trip the database; report latency and pool use. Never raises."""
         started = time.perf_counter()
         try:
-            async with self.pool.acquire(timeout=self.settings.pool_acquire_timeout) as conn:
+            # One statement of ours, as the other DAL calls run it: a connection that failed
+            # (26000 included) is closed, so the next probe does not fail on it again.
+            async with self._transaction(None) as conn:
                 version = await conn.fetchval("SELECT current_setting('server_version')")
-                self._session_reset.vouch(conn)
         except Exception as exc:  # health reports; it does not throw
             return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
         return {

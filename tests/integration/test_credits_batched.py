@@ -116,7 +116,7 @@ async def test_waiting_deductions_leave_together_each_with_its_own_outcome(
 
     assert (batcher.batches, batcher.batched_items) == (1, len(calls))
     assert isinstance(got[1], InsufficientCredits)
-    assert got[1].details["required"] == D("5") and got[1].details["shortfall"] == D("4")
+    assert got[1].required == D("5") and got[1].shortfall == D("4")
     assert await account(owner_conn, bob) == bob_before  # nothing written for bob
 
     alice_txs = [got[0], got[3], got[4], got[6]]

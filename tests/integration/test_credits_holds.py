@@ -46,7 +46,7 @@ async def test_reserve_holds_available_but_not_current(db, alice, owner_conn):
     # A plain deduction cannot eat held credits.
     with pytest.raises(InsufficientCredits) as raised:
         await db.credits.deduct_credits(alice.id, D("2.2"), None, "11 credits")
-    assert raised.value.details["held"] == D("10")
+    assert raised.value.held == D("10")
     # Nor can a second hold.
     with pytest.raises(InsufficientCredits):
         await db.credits.reserve(alice.id, D("2.2"))
@@ -104,7 +104,7 @@ async def test_settle_above_estimate_that_does_not_fit_changes_nothing(db, alice
     before = await ledger_state(owner_conn)
     with pytest.raises(InsufficientCredits) as raised:
         await db.credits.settle(hold, D("4.2"))  # 21 credits: 16 more than held
-    assert raised.value.details["required"] == D("16")
+    assert raised.value.required == D("16")
     assert await ledger_state(owner_conn) == before
     assert (await db.credits.get_hold(alice.id, hold.id)).status == "active"
     # The caller may still settle within what was reserved.

@@ -103,10 +103,11 @@ async def test_insufficient_credits_reports_and_writes_nothing(db, alice, owner_
     with pytest.raises(InsufficientCredits) as raised:
         await db.credits.deduct_credits(alice.id, D("1"), None, "too much")
 
-    details = raised.value.details
-    assert details["balance"] == D("4") and details["required"] == D("5")
-    assert details["shortfall"] == D("1") and details["available"] == D("4")
-    assert isinstance(details["shortfall"], Decimal)
+    error = raised.value
+    assert error.balance == D("4") and error.required == D("5")
+    assert error.shortfall == D("1") and error.available == D("4")
+    assert isinstance(error.shortfall, Decimal)
+    assert error.details["shortfall"] == "1.000000"  # as the server sent it
     assert await ledger_state(owner_conn) == before
 
 
@@ -370,8 +371,8 @@ async def test_daily_limit_is_enforced_atomically(db, alice, owner_conn):
 
     with pytest.raises(SpendingLimitExceeded) as raised:
         await db.credits.deduct_credits(alice.id, D("0.6"), None, "3 more")
-    assert raised.value.details["period"] == "day"
-    assert raised.value.details["spent"] == D("7.5")
+    assert raised.value.period == "day"
+    assert raised.value.spent == D("7.5")
     assert await ledger_state(owner_conn) == before
 
     results = await asyncio.gather(
@@ -398,7 +399,7 @@ async def test_daily_spend_resets_on_a_new_day(db, alice, owner_conn):
     await db.credits.deduct_credits(alice.id, D("0.6"), None, "new day")  # 3 credits
     with pytest.raises(SpendingLimitExceeded) as raised:  # the month still counts both days
         await db.credits.deduct_credits(alice.id, D("0.2"), None, "1 more")
-    assert raised.value.details["period"] == "month"
+    assert raised.value.period == "month"
 
 
 async def test_days_are_counted_in_the_users_time_zone(db, make_user):

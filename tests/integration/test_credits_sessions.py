@@ -57,9 +57,9 @@ async def test_charges_in_a_tree_use_the_roots_budget(db, alice, owner_conn):
     before = await ledger_state(owner_conn)
     with pytest.raises(SessionBudgetExceeded) as raised:
         await db.credits.deduct_credits(alice.id, D("0.5"), child["session_id"], "2.5 more")
-    details = raised.value.details
-    assert (details["budget"], details["used"], details["required"]) == (D(10), D(8), D("2.5"))
-    assert details["root_session_id"] == str(root["id"])
+    error = raised.value
+    assert (error.budget, error.used, error.required) == (D(10), D(8), D("2.5"))
+    assert error.details["root_session_id"] == str(root["id"])
     assert await ledger_state(owner_conn) == before
 
     await db.credits.deduct_credits(alice.id, D("0.4"), child["session_id"], "exactly 2")

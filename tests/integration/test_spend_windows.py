@@ -51,7 +51,7 @@ async def test_switching_zones_never_raises_the_limit(
         await db.users.update_profile(alice.id, timezone=zone)
         with pytest.raises(SpendingLimitExceeded) as refused:
             await db.credits.deduct_credits(alice.id, D("1"), None, f"5 more in {zone}")
-        assert refused.value.details["spent"] == D("5")
+        assert refused.value.spent == D("5")
     balance = await db.credits.get_balance(alice.id)
     spent = balance.spent_today if period == "day" else balance.spent_this_month
     assert spent == D("5") and balance.lifetime_spent == D("5")

@@ -116,8 +116,16 @@ def test_money_inputs_keep_their_value():
         (SessionBudgetExceeded, ("budget", "used", "required")),
     ],
 )
-def test_money_details_from_the_database_become_decimals(error, fields):
+def test_money_details_from_the_database_become_decimal_attributes(error, fields):
     raised = error("x", **{f: "1.500000" for f in fields}, period="day")
-    assert all(raised.details[f] == D("1.5") for f in fields)
-    assert all(isinstance(raised.details[f], Decimal) for f in fields)
+    assert all(getattr(raised, f) == D("1.5") for f in fields)
+    assert all(isinstance(getattr(raised, f), Decimal) for f in fields)
+    assert all(raised.details[f] == "1.500000" for f in fields)  # as the server sent them
     assert raised.details["period"] == "day"
+
+
+def test_a_detail_that_does_not_convert_is_no_attribute_and_stays_in_the_details():
+    raised = SpendingLimitExceeded("x", limit="lots", message="a detail may be called message")
+    assert raised.limit is None
+    assert raised.details == {"limit": "lots", "message": "a detail may be called message"}
+    assert raised.message == "x"
