@@ -10,11 +10,14 @@ reported lost ("never delivered").
 
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
 import asyncpg
 
 from tests.faults.harness import (
+    Received,
     ResumingClient,
     StreamRow,
     SubscriptionSpec,
@@ -22,7 +25,9 @@ from tests.faults.harness import (
     format_cursor,
     head_cursor,
     read_stream,
+    verify,
     wait_caught_up,
+    write_evidence,
 )
 
 #: Transaction ids on both sides of two powers of ten, inserted out of order.
@@ -83,3 +88,40 @@ async def test_the_catch_up_wait_targets_the_greatest_cursor_whatever_the_row_or
     assert record[0]["behind"] is True
     client.last = format_cursor((10001, 3))
     assert await wait_caught_up([client], rows, within=0.2) == []
+
+
+async def test_a_failed_check_leaves_its_evidence(tmp_path: Path) -> None:
+    user = str(uuid.uuid4())
+    rows = [StreamRow((10, n), user, None, None, "credit.usage") for n in (1, 2, 3)]
+    client = ResumingClient(
+        "reader",
+        ["ws://127.0.0.1:1/ws"],
+        "token",
+        SubscriptionSpec("all"),
+        user_id=uuid.UUID(user),
+        is_admin=True,
+        since="1-0",
+        timeline=Timeline(),
+    )
+    client.received.append(Received((10, 1), "credit.usage", user, None, 1, 1, "start"))
+    client.last = "10-1"
+    verdict = verify([client], rows, faults=0)
+    assert not verdict.ok
+    path = write_evidence(tmp_path / "evidence.json", [client], rows, verdict, note="x")
+    data = json.loads(path.read_text())
+    (reader,) = data["clients"]
+    assert reader["received"] == ["10-1"]
+    assert reader["lost"] == ["10-2", "10-3"]
+    assert reader["segments"] == [
+        {
+            "connection": 1,
+            "subscription": 1,
+            "phase": "start",
+            "first": 0,
+            "end": 1,
+            "first_cursor": "10-1",
+            "last_cursor": "10-1",
+        }
+    ]
+    assert [r["cursor"] for r in data["rows"]] == ["10-1", "10-2", "10-3"]
+    assert data["note"] == "x"
