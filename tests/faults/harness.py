@@ -40,6 +40,9 @@ The pieces:
   ``since`` after every close or failure, round-robin over the nodes, recording everything.
 - :func:`verify`: per client, entitled vs received: lost, duplicated, out of order, foreign,
   ``recovered`` claims that were not true; losses attributed to the phase they happened in.
+- :func:`write_evidence`: what a failed run leaves behind (JSON): per client its log of
+  connections, subscribes, replies, error frames and closes, every received cursor with its
+  connection and subscribe, what it lost, what the catch-up wait saw; the outbox rows.
 """
 
 from __future__ import annotations
@@ -346,17 +349,20 @@ class StreamRow:
 
 
 async def read_stream(dsn: str, after: Cursor | None = None) -> list[StreamRow]:
-    """Every outbox row after ``after``, in cursor order (``dsn``'s role must bypass RLS)."""
+    """Every outbox row after ``after``, in cursor order (``dsn``'s role must bypass RLS).
+
+    The ``ORDER BY`` names the table's columns (``e.xid``): a bare ``xid`` would be the output
+    column, the text, and sort ``"10000"`` before ``"9999"`` (see :data:`_NEWEST_SQL`)."""
     xid, event_id = after or (0, 0)
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            """SELECT xid::text AS xid, id, user_id::text AS user_id,
-                      session_id::text AS session_id, root_session_id::text AS root_session_id,
-                      event_type
-                 FROM stream_events
-                WHERE (xid, id) > ($1::text::xid8, $2::bigint)
-                ORDER BY xid, id""",
+            """SELECT e.xid::text AS xid, e.id, e.user_id::text AS user_id,
+                      e.session_id::text AS session_id,
+                      e.root_session_id::text AS root_session_id, e.event_type
+                 FROM stream_events e
+                WHERE (e.xid, e.id) > ($1::text::xid8, $2::bigint)
+                ORDER BY e.xid, e.id""",
             str(xid),
             event_id,
         )
@@ -374,13 +380,21 @@ async def read_stream(dsn: str, after: Cursor | None = None) -> list[StreamRow]:
     ]
 
 
+#: The newest row. In ``ORDER BY``, a bare name that is also an output column's means the
+#: output column: ``SELECT xid::text AS xid ... ORDER BY xid`` sorts the text, and once the
+#: stream's transaction ids pass a power of ten (9999 to 10000) the "newest" row and the order
+#: of :func:`read_stream` were wrong. The fault scenario's wait for the clients to catch up then
+#: ended while a client was still reading a replay, and the events it had not read yet were
+#: reported lost ("never delivered"). Hence ``e.xid`` everywhere.
+_NEWEST_SQL: Final = """
+    SELECT e.xid::text AS xid, e.id FROM stream_events e ORDER BY e.xid DESC, e.id DESC LIMIT 1"""
+
+
 async def head_cursor(dsn: str) -> Cursor | None:
     """The newest outbox row's cursor (None: empty)."""
     conn = await asyncpg.connect(dsn)
     try:
-        row = await conn.fetchrow(
-            "SELECT xid::text AS xid, id FROM stream_events ORDER BY xid DESC, id DESC LIMIT 1"
-        )
+        row = await conn.fetchrow(_NEWEST_SQL)
     finally:
         await conn.close()
     return None if row is None else (int(row["xid"]), row["id"])
@@ -717,6 +731,10 @@ class ResumingClient:
         self.connects: list[tuple[int, str, str]] = []  # (connection, url, phase)
         self.connections = 0
         self.subscribes = 0
+        #: Everything but events, in order: (seconds into the timeline, connection, events
+        #: received so far, what happened). With ``received``, a failed run's story
+        #: (:meth:`evidence`).
+        self.log: list[tuple[float, int, int, str]] = []
         self.unavailable = 0
         self.recovered_false = 0
         self._allowed = asyncio.Event()
@@ -738,6 +756,7 @@ class ResumingClient:
         self._task = asyncio.create_task(self._run(), name=f"client-{self.name}")
 
     async def stop(self) -> None:
+        self._note(self.connections, f"stopping (last {self.last})")
         self._stopping = True
         self._allowed.set()
         self._reading.set()
@@ -750,6 +769,7 @@ class ResumingClient:
 
     def drop(self) -> None:
         """Cut the connection without a close frame (a network drop); the client resumes."""
+        self._note(self.connections, "dropping the connection")
         self._dropping = True
         self._abort()
 
@@ -765,6 +785,7 @@ class ResumingClient:
 
     def release(self) -> None:
         """Read again after a stall."""
+        self._note(self.connections, "released: reading again")
         self._reading.set()
 
     def _abort(self) -> None:
@@ -780,6 +801,71 @@ class ResumingClient:
     @property
     def reconnects(self) -> int:
         return max(0, self.connections - 1)
+
+    def _note(self, connection: int, text: str) -> None:
+        self.log.append((self.timeline.elapsed(), connection, len(self.received), text))
+
+    def evidence(self) -> dict[str, Any]:
+        """What this client did and received, as JSON-ready data (:func:`write_evidence`).
+
+        ``received`` lists the event cursors in arrival order; ``segments`` says which
+        connection and subscribe each run of them came under (``[first, end)`` indexes)."""
+        segments: list[dict[str, Any]] = []
+        for i, r in enumerate(self.received):
+            last = segments[-1] if segments else None
+            if last and (last["connection"], last["subscription"]) == (
+                r.connection,
+                r.subscription,
+            ):
+                last["end"] = i + 1
+            else:
+                segments.append(
+                    {
+                        "connection": r.connection,
+                        "subscription": r.subscription,
+                        "phase": r.phase,
+                        "first": i,
+                        "end": i + 1,
+                        "first_cursor": format_cursor(r.cursor),
+                    }
+                )
+        for segment in segments:
+            segment["last_cursor"] = format_cursor(self.received[segment["end"] - 1].cursor)
+        highest = max((r.cursor for r in self.received), default=None)
+        return {
+            "name": self.name,
+            "user_id": self.user_id,
+            "is_admin": self.is_admin,
+            "spec": {
+                "scope": self.spec.scope,
+                "sessions": list(self.spec.sessions),
+                "events": list(self.spec.events),
+            },
+            "baseline": self.baseline,
+            "last": self.last,
+            "highest_received": None if highest is None else format_cursor(highest),
+            "connections": self.connections,
+            "log": [
+                {"at": at, "connection": c, "received": n, "what": what}
+                for at, c, n, what in self.log
+            ],
+            "replies": [
+                {
+                    "connection": r.connection,
+                    "subscription": r.subscription,
+                    "url": r.url,
+                    "since": r.since,
+                    "cursor": r.cursor,
+                    "recovered": r.recovered,
+                    "reason": r.reason,
+                    "phase": r.phase,
+                    "at": r.at,
+                }
+                for r in self.replies
+            ],
+            "segments": segments,
+            "received": [format_cursor(r.cursor) for r in self.received],
+        }
 
     @property
     def live(self) -> bool:
@@ -838,6 +924,7 @@ class ResumingClient:
             ws = await self._open(url)
         except (OSError, TimeoutError, WebSocketException) as exc:
             self.connect_failures[type(exc).__name__] += 1
+            self._note(self.connections, f"connect to {url} failed: {type(exc).__name__}")
             return False
         self._ws = ws
         self.url = url
@@ -845,6 +932,7 @@ class ResumingClient:
         self.connections += 1
         number = self.connections
         self.connects.append((number, url, self.timeline.phase))
+        self._note(number, f"connected to {url}")
         served = False
         try:
             await ws.send(
@@ -877,10 +965,12 @@ class ResumingClient:
         if self._dropping:
             reason = f"dropped by the client ({reason})"
         self.disconnects.append(Disconnect(number, url, code, reason, self.timeline.phase))
+        self._note(number, f"closed: {code} {reason}")
 
     async def _subscribe(self, ws: ClientConnection, state: _ConnectionState) -> None:
         self.subscribes += 1
         state.sent[self.subscribes] = self.last
+        self._note(self.connections, f"subscribe {self.subscribes} since={self.last}")
         await ws.send(json.dumps(self.spec.frame(self.last, self.subscribes)))
 
     async def _on_frame(
@@ -918,6 +1008,11 @@ class ResumingClient:
                     self.timeline.elapsed(),
                 )
             )
+            self._note(
+                number,
+                f"subscribed {frame.get('id')}: cursor={frame['cursor']} recovered={recovered}"
+                f" reason={frame.get('reason')}",
+            )
             if not recovered:
                 self.recovered_false += 1
                 self.last = frame["cursor"]  # the protocol: reload state, continue from here
@@ -925,9 +1020,11 @@ class ResumingClient:
                 self._stall_next = False
                 self._reading.clear()
                 self.stalled.set()
+                self._note(number, "stalled: not reading")
         elif kind == "error":
             code = str(frame.get("code"))
             self.error_frames.append((number, code, phase))
+            self._note(number, f"error {code} id={frame.get('id')}: {frame.get('message')}")
             if code == "unavailable":
                 # The subscribe did not take effect; the connection may have no subscription.
                 # This client sends nothing but subscribes, so the reply is the outstanding
@@ -1159,17 +1256,25 @@ def _verify_one(client: ResumingClient, rows: Sequence[StreamRow]) -> ClientVerd
 
 
 async def wait_caught_up(
-    clients: Sequence[ResumingClient], rows: Sequence[StreamRow], *, within: float = 30.0
+    clients: Sequence[ResumingClient],
+    rows: Sequence[StreamRow],
+    *,
+    within: float = 30.0,
+    record: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """Wait until each client's ``last`` reached its newest entitled event; returns the names
-    of those that did not within ``within`` seconds."""
+    of those that did not within ``within`` seconds. ``record`` gets, per client, what the
+    wait saw when it ended (for :func:`write_evidence`).
+
+    The newest is the greatest cursor, whatever the order of ``rows``."""
     targets = {}
     for client in clients:
         mine = entitled_rows(client, rows)
         if mine:
-            targets[client.name] = (client, mine[-1].cursor)
+            targets[client.name] = (client, max(r.cursor for r in mine))
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + within
+    started = loop.time()
+    deadline = started + within
     while True:
         behind = [
             name
@@ -1177,5 +1282,53 @@ async def wait_caught_up(
             if client.last_cursor is None or client.last_cursor < target
         ]
         if not behind or loop.time() > deadline:
-            return behind
+            break
         await asyncio.sleep(0.1)
+    if record is not None:
+        for name, (client, target) in targets.items():
+            highest = max((r.cursor for r in client.received), default=None)
+            record.append(
+                {
+                    "name": name,
+                    "waited": round(loop.time() - started, 3),
+                    "target": format_cursor(target),
+                    "last": client.last,
+                    "highest_received": None if highest is None else format_cursor(highest),
+                    "received": len(client.received),
+                    "behind": name in behind,
+                }
+            )
+    return behind
+
+
+def write_evidence(
+    path: Path,
+    clients: Sequence[ResumingClient],
+    rows: Sequence[StreamRow],
+    verdict: Verdict | None = None,
+    **extra: Any,
+) -> Path:
+    """Everything a failed run leaves to explain it, as one JSON file: per client its log
+    (connections, subscribes, replies, error frames, closes, with how many events it had
+    received at each), every received cursor and under which connection and subscribe, and
+    what it lost; the outbox rows the check used; anything in ``extra``. Returns ``path``."""
+    lost = {c.name: c.lost for c in verdict.clients} if verdict is not None else {}
+    data = {
+        "clients": [
+            {**c.evidence(), "lost": [format_cursor(x) for x in lost.get(c.name, [])]}
+            for c in clients
+        ],
+        "rows": [
+            {
+                "cursor": format_cursor(r.cursor),
+                "user_id": r.user_id,
+                "session_id": r.session_id,
+                "root_session_id": r.root_session_id,
+                "event_type": r.event_type,
+            }
+            for r in rows
+        ],
+        **extra,
+    }
+    path.write_text(json.dumps(data, indent=1, default=str))
+    return path

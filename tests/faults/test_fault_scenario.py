@@ -37,6 +37,7 @@ from tests.faults.harness import (
     terminate_backends,
     verify,
     wait_caught_up,
+    write_evidence,
 )
 from tests.integration.credits_support import fund
 from tests.integration.hubkit import stream_token, wait_for
@@ -196,8 +197,13 @@ class Scenario:
         since = resumer.last
         assert since is not None
         written = await self.writer.burst(BURST, description=BURST_DESCRIPTION)
-        missed = len(await read_stream(self.dsn, after=parse_cursor(since)))
-        self.note(f"admin-resumer away at {since}; burst wrote {written}; {missed} to replay")
+        away = await read_stream(self.dsn, after=parse_cursor(since))
+        missed = len(away)
+        newest = format_cursor(away[-1].cursor) if away else since
+        self.note(
+            f"admin-resumer away at {since}; burst wrote {written}; {missed} to replay "
+            f"(up to {newest})"
+        )
         before = {name: await node.metric(REPLAYED) for name, node in self.nodes.items()}
         resumer.reconnect(stall_after_subscribed=True)
         await asyncio.wait_for(resumer.stalled.wait(), 30)
@@ -352,7 +358,8 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
         timeline.enter("catch-up")
         await writer.stop()
         rows = await read_stream(owned_dsn, after=baseline)
-        behind = await wait_caught_up(clients, rows, within=30.0)
+        caught_up: list[dict[str, object]] = []
+        behind = await wait_caught_up(clients, rows, within=30.0, record=caught_up)
     finally:
         for client in clients:
             await client.stop()
@@ -376,5 +383,18 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
             f"elapsed: {timeline.elapsed():.1f}s",
         ]
     )
+    if not verdict.ok:
+        evidence = write_evidence(
+            tmp_path / "fault_evidence.json",
+            clients,
+            rows,
+            verdict,
+            baseline=format_cursor(baseline),
+            caught_up=caught_up,
+            faults=s.log,
+            phases=timeline.phases,
+            report=report,
+        )
+        report += f"\nevidence: {evidence} (hub logs: {tmp_path}/hub-*.log)"
     print(report)
     assert verdict.ok, report
