@@ -243,7 +243,7 @@ BEGIN
          WHERE s.session_id = p_parent AND s.user_id = p_user_id;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'no such parent session %', p_parent USING ERRCODE = 'KS404',
-                DETAIL = json_build_object('field', 'parent_session_id')::text;
+                DETAIL = json_build_object('field', 'parent_session_handle')::text;
         END IF;
         IF parent_depth + 1 > p_max_depth THEN
             RAISE EXCEPTION 'session depth % would exceed the maximum %',

@@ -1,4 +1,4 @@
-"""Migration 0008: session events name the handle ``session_handle``, retained ones included."""
+"""Migration 0008: the database names the caller's handle ``session_handle`` too."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import asyncio
 import json
 
 import asyncpg
+import pytest
 
 from keen_stream import migrate
+from keen_stream.dal.database import KeenDatabase
+from keen_stream.dal.models import User
+from keen_stream.errors import NotFound
 
 
 async def _session_event_keys(conn: asyncpg.Connection) -> list[set[str]]:
@@ -53,3 +57,18 @@ async def test_events_before_and_after_the_upgrade_say_session_handle(empty_dsn:
         assert [("session_key" in k, "session_handle" in k) for k in events] == [(True, False)] * 2
     finally:
         await conn.close()
+
+
+async def test_an_unknown_parent_handle_is_named_as_the_caller_passed_it(
+    db: KeenDatabase, alice: User
+) -> None:
+    with pytest.raises(NotFound) as raised:
+        await db.sessions.create_session(
+            alice.id,
+            session_handle="orphan",
+            vision="v",
+            working_directory="/w",
+            git_branch="main",
+            parent_session_handle="no-such-parent",
+        )
+    assert raised.value.details["field"] == "parent_session_handle"
