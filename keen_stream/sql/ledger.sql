@@ -129,6 +129,28 @@ ALTER FUNCTION keen_credit_open_account(uuid, boolean) OWNER TO keen_ledger;
 REVOKE ALL ON FUNCTION keen_credit_open_account(uuid, boolean) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_credit_open_account(uuid, boolean) TO keen_system;
 
+-- The flags that make an account's charges free (unlimited_credits, bypass_billing) are an
+-- active admin's alone, so they go when the user stops being one: demoted, suspended or
+-- deactivated, whoever changes the row (an admin in tenant context, the system role). Left
+-- set, a demoted admin, or a user the system role made admin for a moment, kept paying
+-- nothing. An admin made active again needs no flag: an active admin's charges are free by the
+-- charge rule itself.
+CREATE FUNCTION keen_users_admin_changed() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+AS $$
+BEGIN
+    UPDATE credit_accounts a
+       SET unlimited_credits = false, bypass_billing = false, updated_at = now()
+     WHERE a.user_id = NEW.id AND (a.unlimited_credits OR a.bypass_billing);
+    RETURN NULL;
+END $$;
+ALTER FUNCTION keen_users_admin_changed() OWNER TO keen_ledger;
+REVOKE ALL ON FUNCTION keen_users_admin_changed() FROM PUBLIC;
+CREATE TRIGGER users_unlimited_follows_admin
+    AFTER UPDATE OF role, is_admin, account_status ON users FOR EACH ROW
+    WHEN (NOT (NEW.is_admin AND NEW.account_status = 'active'))
+    EXECUTE FUNCTION keen_users_admin_changed();
+
 -- === The price ================================================================================
 -- One row, changed only by keen_credit_set_markup (owned by keen_ledger), every change audited.
 -- No function tenant code may execute takes a markup: the price is the server's.

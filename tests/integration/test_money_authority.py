@@ -7,12 +7,14 @@ before migration 0007 and the ones they have now), and through the DAL.
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 
 import pytest
 
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
+from keen_stream.dal.users import upsert_super_admin
 from keen_stream.errors import (
     DatabaseError,
     InsufficientCredits,
@@ -266,3 +268,44 @@ async def test_a_hold_made_as_an_admin_is_paid_if_the_admin_is_demoted_before_it
     balance = await db.credits.get_balance(carol.id)
     assert (balance.current, balance.held) == (D("90"), D("0"))
     assert (await db.credits.verify_ledger()).ok
+
+
+async def _charge_kind(db: KeenDatabase, user_id: uuid.UUID) -> str:
+    tx = await db.credits.deduct_credits(user_id, D("1"), None, "after the change")
+    return tx.transaction_type
+
+
+async def test_an_unlimited_account_stops_being_free_when_its_admin_is_demoted(
+    db: KeenDatabase, alice: User, owner_conn
+) -> None:
+    """The system role made alice admin for a moment and opened her account unlimited."""
+    await fund(db, alice, "10")
+    async with db.system_transaction() as conn:
+        await conn.execute(
+            "UPDATE users SET is_admin = true, role = 'admin' WHERE id = $1", alice.id
+        )
+        await conn.execute("SELECT keen_credit_open_account($1, true)", alice.id)
+        await conn.execute(
+            "UPDATE users SET is_admin = false, role = 'user' WHERE id = $1", alice.id
+        )
+    flags = await owner_conn.fetchrow(
+        "SELECT unlimited_credits, bypass_billing FROM credit_accounts WHERE user_id = $1", alice.id
+    )
+    assert tuple(flags) == (False, False)
+    assert await _charge_kind(db, alice.id) == "usage"
+
+
+async def test_a_super_admin_suspended_and_reactivated_as_a_user_pays(
+    db: KeenDatabase, owner_conn
+) -> None:
+    admin = await upsert_super_admin(db, "root@example.com", "a long enough password 1")
+    await fund(db, admin, "10")
+    assert await _charge_kind(db, admin.id) == "admin_bypass"
+    async with db.system_transaction() as conn:
+        await conn.execute(
+            "UPDATE users SET role = 'user', is_admin = false, account_status = 'suspended'"
+            " WHERE id = $1",
+            admin.id,
+        )
+        await conn.execute("UPDATE users SET account_status = 'active' WHERE id = $1", admin.id)
+    assert await _charge_kind(db, admin.id) == "usage"

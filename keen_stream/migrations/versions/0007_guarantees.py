@@ -79,6 +79,7 @@ NEW = {
     " numeric, timestamptz, timestamptz)",
     "rezone_trigger": "keen_users_timezone_changed()",
     "open_account": "keen_credit_open_account(uuid, boolean)",
+    "admin_changed": "keen_users_admin_changed()",
 }
 REFUND = "keen_credit_refund(uuid, uuid, numeric, text, text)"
 SETTLE = "keen_credit_settle(uuid, numeric, text)"
@@ -309,6 +310,41 @@ TIMEZONE_ROWS = [
     """
     UPDATE users u SET timezone = 'UTC'
      WHERE NOT EXISTS (SELECT 1 FROM pg_catalog.pg_timezone_names z WHERE z.name = u.timezone)
+    """,
+]
+
+# --- 3d. free charges follow the user row ---------------------------------------------------
+# An account's unlimited_credits / bypass_billing make its charges free (admin_bypass rows).
+# They are an active admin's alone (keen_credit_open_account sets them only then), so they go
+# when the user stops being one: demoted, suspended or deactivated, whoever changes the row (an
+# admin in tenant context, the system role). Left set, a demoted admin, or a user the system
+# role made admin for a moment, kept paying nothing. An admin made active again needs no flag:
+# an active admin's charges are free by the charge rule itself.
+UNLIMITED_FOLLOWS_ADMIN = [
+    f"""
+    CREATE FUNCTION keen_users_admin_changed() RETURNS trigger
+    LANGUAGE plpgsql {DEFINER}
+    AS $$
+    BEGIN
+        UPDATE credit_accounts a
+           SET unlimited_credits = false, bypass_billing = false, updated_at = now()
+         WHERE a.user_id = NEW.id AND (a.unlimited_credits OR a.bypass_billing);
+        RETURN NULL;
+    END $$
+    """,
+    "CREATE TRIGGER users_unlimited_follows_admin"
+    " AFTER UPDATE OF role, is_admin, account_status ON users FOR EACH ROW"
+    " WHEN (NOT (NEW.is_admin AND NEW.account_status = 'active'))"
+    " EXECUTE FUNCTION keen_users_admin_changed()",
+]
+# Accounts that are free already without an active admin behind them.
+UNLIMITED_ROWS = [
+    """
+    UPDATE credit_accounts a
+       SET unlimited_credits = false, bypass_billing = false, updated_at = now()
+      FROM users u
+     WHERE u.id = a.user_id AND (a.unlimited_credits OR a.bypass_billing)
+       AND NOT (u.is_admin AND u.account_status = 'active')
     """,
 ]
 
@@ -1289,6 +1325,7 @@ FUNCTIONS = [
     "CREATE TRIGGER users_spend_windows AFTER UPDATE OF timezone ON users FOR EACH ROW"
     " WHEN (OLD.timezone IS DISTINCT FROM NEW.timezone)"
     " EXECUTE FUNCTION keen_users_timezone_changed()",
+    *UNLIMITED_FOLLOWS_ADMIN,
 ]
 
 
@@ -1399,6 +1436,7 @@ UPGRADE = [
     *LEDGER,
     _repin(OLD_PATH, SAFE_PATH),
     *TIMEZONE_ROWS,
+    *UNLIMITED_ROWS,
 ]
 
 
@@ -1440,6 +1478,7 @@ def _downgrade_statements() -> list[str]:
     return [
         *LEDGER_DOWN,
         "DROP TRIGGER users_spend_windows ON users",
+        "DROP TRIGGER users_unlimited_follows_admin ON users",
         *(f"DROP FUNCTION {signature}" for signature in NEW.values()),
         *WINDOW_COLUMNS_DOWN,
         # 0002's deduction comes back under its own name, then 0005 splits it again.
