@@ -12,6 +12,7 @@ the server's price.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from decimal import Decimal
 
@@ -145,5 +146,29 @@ async def test_a_markup_that_is_not_a_price_stops_the_upgrade(empty_dsn: str) ->
         assert await conn.fetchval("SELECT version_num FROM alembic_version") == (
             "0006_stream_latency"
         )
+    finally:
+        await conn.close()
+
+
+async def test_no_markup_given_seeds_the_default_and_warns_when_charges_used_another(
+    empty_dsn: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ledger is never the price, but an operator who forgot ``--markup`` is told."""
+    monkeypatch.delenv("KEEN_CREDIT_MARKUP", raising=False)
+    await migrate.upgrade_async(empty_dsn, "0006_stream_latency")
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        user = await _ledger_at_0006(conn)
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.current_user_id', $1, true)", str(user))
+            for n in range(5):
+                await conn.execute(
+                    "SELECT keen_credit_deduct($1, 1, 4.50, NULL, NULL, $2, NULL)", user, f"x{n}"
+                )
+        with caplog.at_level(logging.WARNING):
+            await migrate.upgrade_async(empty_dsn)
+        assert await conn.fetchval("SELECT markup FROM credit_pricing") == D("5.00")
+        warned = [r.getMessage() for r in caplog.records if "0007" in r.getMessage()]
+        assert len(warned) == 1 and "4.50" in warned[0] and "set-markup" in warned[0], warned
     finally:
         await conn.close()

@@ -38,6 +38,7 @@ docs/schema.md and docs/ledger.md explain each. The downgrade restores 0001's, 0
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
@@ -1503,8 +1504,34 @@ def _downgrade_statements() -> list[str]:
     ]
 
 
+# The markup most of the last charges recorded: never the price (tenants could choose theirs
+# before 0007), only a hint that the operator forgot to give one.
+RECENT_MARKUP = """
+    SELECT keen_markup_multiplier FROM (
+        SELECT t.keen_markup_multiplier FROM credit_transactions t
+         WHERE t.transaction_type = 'usage' ORDER BY t.created_at DESC LIMIT 1000) recent
+     GROUP BY keen_markup_multiplier ORDER BY count(*) DESC LIMIT 1
+"""
+
+
+def _warn_if_default_differs(markup: Decimal, source: str) -> None:
+    if source != "the default":
+        return
+    recent = op.get_bind().exec_driver_sql(RECENT_MARKUP).scalar()
+    if recent is not None and Decimal(recent) != markup:
+        logging.getLogger("alembic.runtime.migration").warning(
+            "migration 0007 seeds the price at %s (the default; no --markup, -x markup or"
+            " KEEN_CREDIT_MARKUP was given), but most recent charges were at %s. If that was"
+            " this deployment's price, set it now: keen-stream ledger set-markup %s --reason ...",
+            markup,
+            recent,
+            recent,
+        )
+
+
 def upgrade() -> None:
     markup, source = operator_markup()
+    _warn_if_default_differs(markup, source)
     seed = _seed_pricing(markup, source)
     # The price goes in right after its table, before anything reads it.
     at = UPGRADE.index(PRICING[-1]) + 1
