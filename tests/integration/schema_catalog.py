@@ -21,8 +21,27 @@ way whatever the original spelling. What is normalised here, and why:
 - Rows: a fresh schema holds seed rows (the stream watermark, the price); they are compared
   without the columns whose default is volatile (generated ids, ``now()``).
 
-Roles are cluster-wide, so two databases of one cluster cannot differ in them; they are not
-compared (``test_schema_files`` checks that foundation.sql creates every role the schema uses).
+What is read, beyond relations, columns, constraints, indexes, functions and the like: rewrite
+rules (``CREATE RULE``; not a view's own ``_RETURN`` rule), a table's replica identity, a
+column's ``SET STATISTICS`` / ``SET STORAGE`` / ``SET COMPRESSION`` (when not the default), an
+index's ``CLUSTER ON`` / replica-identity / invalid flags, ``ALTER DEFAULT PRIVILEGES``
+(pg_default_acl is per database) and the settings pg_db_role_setting holds for this database
+(``ALTER DATABASE ... SET``, ``ALTER ROLE ... IN DATABASE ... SET``): those rows live in a shared
+catalog but each names its database, so two databases of one cluster can differ in them.
+
+Roles are cluster-wide: their attributes (pg_roles), their memberships (pg_auth_members) and
+their settings for every database (pg_db_role_setting with setdatabase 0) are one state shared
+by every database of a cluster. Two databases of the shared test cluster, one migrated and one
+built from the files, therefore always agree on them, and whatever the files declare about a
+role is a no-op there (the migrations created it first). So :data:`CLUSTER_KINDS` (the keen_*
+roles' attributes, the memberships involving a keen_* role, their all-database settings) are
+read only on request, and compared where they mean something: ``test_schema_files`` builds
+each side in its own private cluster (tests/pgcluster.py, ``initdb``), one with nothing but the
+migrations and one with nothing but the files, and compares everything, cluster kinds
+included. Checking the shared cluster's roles against the declarations instead would measure
+whatever else has run on that server (other test sessions, fault tests), not the two sources.
+The connected role is named ``CURRENT_USER`` in memberships: the login role that builds the
+schema is the deployer's, not the schema's.
 """
 
 from __future__ import annotations
@@ -76,6 +95,7 @@ async def _relations(conn: asyncpg.Connection) -> dict[str, str]:
         f"""
         SELECT c.relname, c.relkind::text AS relkind, pg_get_userbyid(c.relowner) AS owner,
                c.relpersistence::text AS relpersistence, c.relrowsecurity,
+               c.relreplident::text AS relreplident,
                c.relforcerowsecurity, c.relispopulated,
                c.reloptions, am.amname,
                ARRAY(SELECT a::text FROM unnest(coalesce(
@@ -112,11 +132,20 @@ async def _relations(conn: asyncpg.Connection) -> dict[str, str]:
                 ("forced row level security", "yes" if r["relforcerowsecurity"] else "no"),
                 ("options", r["reloptions"] or []),
                 ("access method", r["amname"]),
+                (
+                    "replica identity",
+                    {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": "USING INDEX"}[
+                        r["relreplident"]
+                    ],
+                ),
             ]
         if r["relkind"] == "m":
             fields.append(("populated", r["relispopulated"]))
         out[r["relname"]] = _lines(fields)
     return out
+
+
+_STORAGE = {"p": "PLAIN", "e": "EXTERNAL", "m": "MAIN", "x": "EXTENDED"}
 
 
 async def _columns(conn: asyncpg.Connection) -> dict[str, str]:
@@ -128,7 +157,9 @@ async def _columns(conn: asyncpg.Connection) -> dict[str, str]:
                pg_get_expr(d.adbin, d.adrelid) AS default_expr,
                a.attidentity::text AS attidentity, a.attgenerated::text AS attgenerated,
                CASE WHEN a.attcollation <> t.typcollation THEN co.collname END AS collation,
-               ARRAY(SELECT x::text FROM unnest(a.attacl) x ORDER BY 1) AS acl
+               ARRAY(SELECT x::text FROM unnest(a.attacl) x ORDER BY 1) AS acl,
+               a.attstattarget, a.attstorage::text AS attstorage,
+               t.typstorage::text AS typstorage, a.attcompression::text AS attcompression
           FROM pg_class c
           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
           JOIN pg_type t ON t.oid = a.atttypid
@@ -154,6 +185,13 @@ async def _columns(conn: asyncpg.Connection) -> dict[str, str]:
             fields.append(("collation", r["collation"]))
         if r["acl"]:
             fields.append(("column acl", r["acl"]))
+        # SET STATISTICS / SET STORAGE / SET COMPRESSION, shown when not the default.
+        if r["attstattarget"] != -1:
+            fields.append(("statistics", r["attstattarget"]))
+        if r["attstorage"] != r["typstorage"]:
+            fields.append(("storage", _STORAGE[r["attstorage"]]))
+        if r["attcompression"]:
+            fields.append(("compression", {"p": "pglz", "l": "lz4"}[r["attcompression"]]))
         out[f"{r['relname']}.{r['attname']}"] = _lines(fields)
     return out
 
@@ -184,14 +222,27 @@ async def _constraints(conn: asyncpg.Connection) -> dict[str, str]:
 async def _indexes(conn: asyncpg.Connection) -> dict[str, str]:
     rows = await conn.fetch(
         f"""
-        SELECT i.relname, pg_get_indexdef(i.oid) AS def
+        SELECT i.relname, pg_get_indexdef(i.oid) AS def, x.indisclustered, x.indisreplident,
+               x.indisvalid
           FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
           JOIN pg_class c ON c.oid = x.indrelid
          WHERE {_PUBLIC_RELATION}
         """,
         list(EXCLUDED_RELATIONS),
     )
-    return {r["relname"]: r["def"] for r in rows}
+    out = {}
+    for r in rows:
+        flags = [
+            flag
+            for flag, on in (
+                (" -- CLUSTER ON (the table's clustering index)", r["indisclustered"]),
+                (" -- REPLICA IDENTITY USING INDEX", r["indisreplident"]),
+                (" -- INVALID", not r["indisvalid"]),
+            )
+            if on
+        ]
+        out[r["relname"]] = r["def"] + "".join(flags)
+    return out
 
 
 async def _functions(conn: asyncpg.Connection) -> dict[str, str]:
@@ -330,6 +381,131 @@ async def _views(conn: asyncpg.Connection) -> dict[str, str]:
     return {r["relname"]: r["def"] for r in rows}
 
 
+async def _rules(conn: asyncpg.Connection) -> dict[str, str]:
+    """Rewrite rules (``CREATE RULE``), not the ``_RETURN`` rule every view is made of (the
+    view's definition is compared under views)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT c.relname, r.rulename, pg_get_ruledef(r.oid) AS def,
+               r.ev_enabled::text AS ev_enabled
+          FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+         WHERE {_PUBLIC_RELATION}
+           AND NOT (r.rulename = '_RETURN' AND c.relkind IN ('v', 'm'))
+        """,
+        list(EXCLUDED_RELATIONS),
+    )
+    enabled = {"O": "", "D": " -- DISABLED", "R": " -- ENABLE REPLICA", "A": " -- ENABLE ALWAYS"}
+    return {f"{r['relname']}.{r['rulename']}": r["def"] + enabled[r["ev_enabled"]] for r in rows}
+
+
+async def _database_settings(conn: asyncpg.Connection) -> dict[str, str]:
+    """``ALTER DATABASE ... SET`` and ``ALTER ROLE ... IN DATABASE ... SET`` for this database
+    (rows of the shared pg_db_role_setting, but each names its database: per database)."""
+    rows = await conn.fetch(
+        """
+        SELECT s.setrole = 0 AS whole_database, pg_get_userbyid(s.setrole) AS role,
+               ARRAY(SELECT c FROM unnest(s.setconfig) c ORDER BY 1) AS config
+          FROM pg_db_role_setting s
+         WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database())
+        """
+    )
+    return {
+        (
+            "ALTER DATABASE current_database()"
+            if r["whole_database"]
+            else f"ALTER ROLE {r['role']} IN DATABASE current_database()"
+        ): "\n".join(r["config"])
+        for r in rows
+    }
+
+
+async def _default_privileges(conn: asyncpg.Connection) -> dict[str, str]:
+    """``ALTER DEFAULT PRIVILEGES`` (pg_default_acl is per database)."""
+    rows = await conn.fetch(
+        """
+        SELECT pg_get_userbyid(d.defaclrole) AS role, n.nspname, d.defaclobjtype::text AS objtype,
+               ARRAY(SELECT a::text FROM unnest(d.defaclacl) a ORDER BY 1) AS acl
+          FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+        """
+    )
+    objects = {"r": "TABLES", "S": "SEQUENCES", "f": "FUNCTIONS", "T": "TYPES", "n": "SCHEMAS"}
+    return {
+        f"FOR ROLE {r['role']}"
+        + (f" IN SCHEMA {r['nspname']}" if r["nspname"] else "")
+        + f" ON {objects[r['objtype']]}": _lines([("acl", r["acl"])])
+        for r in rows
+    }
+
+
+# --- cluster-wide: the keen_* roles ----------------------------------------------------------
+_KEEN_ROLE = "rolname LIKE 'keen\\_%'"
+
+
+async def _roles(conn: asyncpg.Connection) -> dict[str, str]:
+    """The attributes of each keen_* role (CREATE ROLE / ALTER ROLE)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT rolname, rolsuper, rolinherit, rolcreaterole, rolcreatedb, rolcanlogin,
+               rolreplication, rolbypassrls, rolconnlimit, rolvaliduntil
+          FROM pg_roles WHERE {_KEEN_ROLE}
+        """
+    )
+    return {
+        r["rolname"]: _lines(
+            [
+                ("superuser", r["rolsuper"]),
+                ("inherit", r["rolinherit"]),
+                ("createrole", r["rolcreaterole"]),
+                ("createdb", r["rolcreatedb"]),
+                ("login", r["rolcanlogin"]),
+                ("replication", r["rolreplication"]),
+                ("bypassrls", r["rolbypassrls"]),
+                ("connection limit", r["rolconnlimit"]),
+                ("valid until", r["rolvaliduntil"]),
+            ]
+        )
+        for r in rows
+    }
+
+
+async def _role_memberships(conn: asyncpg.Connection) -> dict[str, str]:
+    """``GRANT role TO member`` where either is a keen_* role; the connected (login) role is
+    named ``CURRENT_USER``, so two clusters built by differently named roles compare equal."""
+    rows = await conn.fetch(
+        """
+        SELECT CASE WHEN r.rolname = current_user THEN 'CURRENT_USER' ELSE r.rolname END AS role,
+               CASE WHEN m.rolname = current_user THEN 'CURRENT_USER' ELSE m.rolname END
+                 AS member,
+               CASE WHEN g.rolname = current_user THEN 'CURRENT_USER' ELSE g.rolname END
+                 AS grantor,
+               a.admin_option
+          FROM pg_auth_members a
+          JOIN pg_roles r ON r.oid = a.roleid
+          JOIN pg_roles m ON m.oid = a.member
+          LEFT JOIN pg_roles g ON g.oid = a.grantor
+         WHERE r.rolname LIKE 'keen\\_%' OR m.rolname LIKE 'keen\\_%'
+        """
+    )
+    return {
+        f"GRANT {r['role']} TO {r['member']}": _lines(
+            [("admin option", r["admin_option"]), ("grantor", r["grantor"])]
+        )
+        for r in rows
+    }
+
+
+async def _role_settings(conn: asyncpg.Connection) -> dict[str, str]:
+    """``ALTER ROLE keen_* SET``, in every database (setdatabase 0)."""
+    rows = await conn.fetch(
+        f"""
+        SELECT r.rolname, ARRAY(SELECT c FROM unnest(s.setconfig) c ORDER BY 1) AS config
+          FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+         WHERE s.setdatabase = 0 AND r.{_KEEN_ROLE}
+        """
+    )
+    return {f"ALTER ROLE {r['rolname']}": "\n".join(r["config"]) for r in rows}
+
+
 async def _sequences(conn: asyncpg.Connection) -> dict[str, str]:
     rows = await conn.fetch(
         f"""
@@ -466,12 +642,15 @@ KINDS = {
     "schemas": _schemas,
     "extensions": _extensions,
     "database": _database,
+    "settings in this database": _database_settings,
+    "default privileges": _default_privileges,
     "relations (owner, ACL, RLS)": _relations,
     "columns": _columns,
     "constraints": _constraints,
     "indexes": _indexes,
     "sequences": _sequences,
     "views": _views,
+    "rules": _rules,
     "types": _types,
     "functions": _functions,
     "triggers": _triggers,
@@ -481,14 +660,25 @@ KINDS = {
     "seed rows": _rows,
 }
 
+#: Cluster-wide state of the keen_* roles: read only when :func:`catalog` is asked to (see the
+#: module docstring for why two databases of one cluster cannot tell these apart).
+CLUSTER_KINDS = {
+    "roles": _roles,
+    "role memberships": _role_memberships,
+    "role settings (all databases)": _role_settings,
+}
 
-async def catalog(dsn: str) -> Catalog:
-    """Everything :data:`KINDS` describes, read from the database at ``dsn``."""
+
+async def catalog(dsn: str, *, cluster: bool = False) -> Catalog:
+    """Everything :data:`KINDS` describes, read from the database at ``dsn``; with ``cluster``
+    also :data:`CLUSTER_KINDS` (meaningful only when ``dsn``'s cluster holds nothing but what
+    built this database: a private cluster)."""
     conn = await asyncpg.connect(dsn)
     try:
         # Deparsed expressions name objects relative to the search_path: make it the same.
         await conn.execute("SET search_path = public")
-        return {kind: await read(conn) for kind, read in KINDS.items()}
+        kinds = {**KINDS, **CLUSTER_KINDS} if cluster else KINDS
+        return {kind: await read(conn) for kind, read in kinds.items()}
     finally:
         await conn.close()
 
@@ -496,8 +686,10 @@ async def catalog(dsn: str) -> Catalog:
 def compare(migrated: Catalog, from_files: Catalog) -> str:
     """Every difference between two catalogs, as a report; empty when they agree."""
     a_name, b_name = "migrations (upgrade head)", "keen_stream/sql/*.sql"
+    if migrated.keys() != from_files.keys():
+        raise ValueError("compare two catalogs read alike (both with or both without cluster)")
     sections = []
-    for kind in KINDS:
+    for kind in [*KINDS, *CLUSTER_KINDS]:
         a, b = migrated.get(kind, {}), from_files.get(kind, {})
         parts = []
         only_a = sorted(a.keys() - b.keys())
