@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import getpass
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -98,6 +99,11 @@ def main(argv: Sequence[str] | None = None, *, settings: Settings | None = None)
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Diagnostics: KEEN_DEBUG_LOGGERS=keen_stream.hub.connection,... logs those at DEBUG.
+    for name in filter(
+        None, (n.strip() for n in os.environ.get("KEEN_DEBUG_LOGGERS", "").split(","))
+    ):
+        logging.getLogger(name).setLevel(logging.DEBUG)
     try:
         return int(args.func(args, settings or get_settings()))
     except KeenError as exc:

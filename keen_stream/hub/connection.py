@@ -404,22 +404,65 @@ class Connection:
         client.last_cursor = since
         self._send(self._subscribed(ref, subscription, upto, recovered=True))
         after = first[-1].cursor if len(first) == _REPLAY_PAGE else max(since, mark)
+        debug = logger.isEnabledFor(logging.DEBUG)
+        started = time.monotonic()
+        if debug:
+            logger.debug(
+                "%s: replay %s since=%s upto=%s first page=%d %s",
+                self.connection_id,
+                ref,
+                since,
+                upto,
+                len(first),
+                client.sender.diagnostics(),
+            )
         try:
             if await self._send_replayed(subscription, first):
                 while after < upto and not client.closing:
+                    read_at = time.monotonic()
                     page = await events.replay(
                         user, after, upto, scope=scope, session_ids=sessions, limit=_REPLAY_PAGE
                     )
+                    if debug:
+                        logger.debug(
+                            "%s: replay %s page after=%s: %d events read in %.3fs %s",
+                            self.connection_id,
+                            ref,
+                            after,
+                            len(page),
+                            time.monotonic() - read_at,
+                            client.sender.diagnostics(),
+                        )
                     sent = await self._send_replayed(subscription, page)
                     if not sent or len(page) < _REPLAY_PAGE:
                         break
                     after = page[-1].cursor
-        except BaseException:
+        except BaseException as exc:
+            if debug:
+                logger.debug(
+                    "%s: replay %s failed after %.3fs at %s: %r %s",
+                    self.connection_id,
+                    ref,
+                    time.monotonic() - started,
+                    client.last_cursor,
+                    exc,
+                    client.sender.diagnostics(),
+                )
             fanout.discard_held(client)
             client.pending = None
             fanout.subscribe(client, NO_SUBSCRIPTION)
             self._record_subscription(NO_SUBSCRIPTION)
             raise
+        if debug:
+            logger.debug(
+                "%s: replay %s done in %.3fs at %s (closing=%s) %s",
+                self.connection_id,
+                ref,
+                time.monotonic() - started,
+                client.last_cursor,
+                client.closing,
+                client.sender.diagnostics(),
+            )
         fanout.release(client)
 
     async def _send_replayed(self, subscription: Subscription, events: list[StreamEvent]) -> bool:
@@ -444,11 +487,30 @@ class Connection:
         if client is None:
             return
         limit = self.settings.hub_send_buffer_limit
-        deadline = time.monotonic() + _DRAIN_TIMEOUT
+        started = time.monotonic()
+        deadline = started + _DRAIN_TIMEOUT
+        debug = logger.isEnabledFor(logging.DEBUG)
+        report = started + 1.0
         while client.sender.buffered() > limit // 2 and not client.closing:
-            if time.monotonic() > deadline:
+            now = time.monotonic()
+            if now > deadline:
+                logger.debug(
+                    "%s: drain timed out at %s %s",
+                    self.connection_id,
+                    client.last_cursor,
+                    client.sender.diagnostics(),
+                )
                 client.close(CloseCode.TOO_SLOW, too_slow_reason(client.last_cursor))
                 return
+            if debug and now > report:
+                report = now + 1.0
+                logger.debug(
+                    "%s: drain waiting %.1fs at %s %s",
+                    self.connection_id,
+                    now - started,
+                    client.last_cursor,
+                    client.sender.diagnostics(),
+                )
             await asyncio.sleep(0.005)
 
     def _unsubscribe(self, frame: UnsubscribeFrame) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent
 from keen_stream.hub.protocol import CloseCode, event_frame, too_slow_reason, ws_text_frame
+from keen_stream.hub.sockinfo import tcp_state
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,23 @@ class TransportSender:
         transport = self._proto.transport
         return transport.get_write_buffer_size() if transport is not None else 0
 
+    def diagnostics(self) -> dict[str, Any]:
+        """The socket's state, for debug logs: who is not moving when a replay waits."""
+        proto = self._proto
+        transport = proto.transport
+        info: dict[str, Any] = {
+            "buffered": self.buffered(),
+            "closing": transport is None or transport.is_closing(),
+            "close_sent": proto.close_sent,
+            "read_paused": getattr(proto, "read_paused", None),
+            "writable": getattr(getattr(proto, "writable", None), "is_set", lambda: None)(),
+            "queued": getattr(getattr(proto, "queue", None), "qsize", lambda: None)(),
+        }
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            info.update(tcp_state(sock))
+        return info
+
     async def close(self, code: int, reason: str, grace: float) -> None:
         try:
             await asyncio.wait_for(
@@ -138,6 +156,9 @@ class AsgiSender:
 
     def buffered(self) -> int:
         return self._buffered
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"buffered": self._buffered, "queued": len(self._queue)}
 
     async def _writer(self) -> None:
         while True:

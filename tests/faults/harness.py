@@ -77,6 +77,7 @@ from websockets.protocol import State
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models.events import EVENT_TYPES
 from keen_stream.dal.models.sessions import PHASES
+from keen_stream.hub.sockinfo import tcp_state
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 
@@ -454,6 +455,8 @@ class Writer:
         self._seq = itertools.count(1)
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        #: When the current connection last delivered a frame (loop time), for the watchdog.
+        self._frame_at = 0.0
         #: Successful operations by name.
         self.ops: Counter[str] = Counter()
         #: Failed operations by error type.
@@ -945,9 +948,16 @@ class ResumingClient:
             served = True
             state = _ConnectionState(url)
             await self._subscribe(ws, state)
-            while True:
-                await self._reading.wait()
-                await self._on_frame(ws, number, json.loads(await ws.recv()), state)
+            self._frame_at = asyncio.get_running_loop().time()
+            watchdog = asyncio.create_task(self._watch(ws, number))
+            try:
+                while True:
+                    await self._reading.wait()
+                    text = await ws.recv()
+                    self._frame_at = asyncio.get_running_loop().time()
+                    await self._on_frame(ws, number, json.loads(text), state)
+            finally:
+                watchdog.cancel()
         except ConnectionClosed as exc:
             code = exc.rcvd.code if exc.rcvd is not None else None
             reason = exc.rcvd.reason if exc.rcvd is not None else "no close frame"
@@ -960,6 +970,21 @@ class ResumingClient:
             if ws.state is not State.CLOSED:
                 ws.transport.abort()
         return served
+
+    async def _watch(self, ws: ClientConnection, number: int) -> None:
+        """Diagnostics: while the client means to read but gets nothing, note every few seconds
+        where the bytes are (the kernel's receive queue, websockets' frame queue) and whether
+        the transport reads, so a stalled run's evidence says which side stopped."""
+        loop = asyncio.get_running_loop()
+        noted = 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            now = loop.time()
+            quiet = now - self._frame_at
+            if not self._reading.is_set() or quiet < 2.0 or now - noted < 5.0:
+                continue
+            noted = now
+            self._note(number, f"quiet {quiet:.1f}s: {connection_diagnostics(ws)}")
 
     def _closed(self, number: int, url: str, code: int | None, reason: str) -> None:
         if self._dropping:
@@ -1034,6 +1059,25 @@ class ResumingClient:
                 await self._subscribe(ws, state)
         else:
             self.unexpected.append(f"connection {number}: {frame}")
+
+
+def connection_diagnostics(ws: ClientConnection) -> str:
+    """A websockets client connection's read side, in one line (for evidence logs)."""
+    transport = ws.transport
+    messages = ws.recv_messages
+    parts = [
+        f"state={ws.state.name}",
+        f"transport_reading={transport.is_reading()}",
+        f"closing={transport.is_closing()}",
+        f"queued_frames={len(messages.frames)}",
+        f"paused={messages.paused}",
+        f"get_in_progress={messages.get_in_progress}",
+        f"write_buffer={transport.get_write_buffer_size()}",
+    ]
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        parts += [f"{key}={value}" for key, value in tcp_state(sock).items()]
+    return " ".join(parts)
 
 
 class _ConnectionState:

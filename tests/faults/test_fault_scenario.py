@@ -13,6 +13,7 @@ not true. docs/reliability.md describes each fault; tests/faults/harness.py the 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,7 +59,11 @@ BURST_DESCRIPTION = "burst call " + "x" * 189
 #: pass the limit and close a client that is not reading yet as too slow (4008) before the
 #: database stops (tests/integration/test_hub_replay_pacing.py). Fault 7 is about the
 #: database outage, so the nodes get room for a page.
-HUB_ENV = {"KEEN_HUB_SEND_BUFFER_LIMIT": str(3 * 1024 * 1024)}
+HUB_ENV = {
+    "KEEN_HUB_SEND_BUFFER_LIMIT": str(3 * 1024 * 1024),
+    # Diagnostics in hub-*.log: each replay's pages and waits (stall hunting).
+    "KEEN_DEBUG_LOGGERS": os.environ.get("KEEN_FAULT_DEBUG_LOGGERS", ""),
+}
 REPLAYED = "keen_hub_events_replayed_total"
 DATABASE = "keen"  # the owned_dsn fixture's database
 
