@@ -326,7 +326,11 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
                 None,
             ),
             ("admin-all", admin, SubscriptionSpec("all"), 0, None),
-            ("admin-resumer", admin, SubscriptionSpec("all"), 1, 16384),
+            # A small receive buffer, but not smaller than one loopback segment (~64 KiB):
+            # with 16 KiB the receiving kernel pruned segments it could not hold, and the
+            # retransmit timer's backoff could leave the replay's last bytes in the hub's send
+            # queue for 30 s or more (docs/reliability.md, "A stall that was TCP's").
+            ("admin-resumer", admin, SubscriptionSpec("all"), 1, 131072),
         ]
         for name, user, spec, start_at, receive_buffer in plan:
             clients.append(
@@ -364,7 +368,9 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
         await writer.stop()
         rows = await read_stream(owned_dsn, after=baseline)
         caught_up: list[dict[str, object]] = []
-        behind = await wait_caught_up(clients, rows, within=30.0, record=caught_up)
+        # Longer than the hub's drain timeout (30 s): a replay that stalled for good would end
+        # in a 4008 close, which the verdict below refuses, rather than in a timeout here.
+        behind = await wait_caught_up(clients, rows, within=45.0, record=caught_up)
     finally:
         for client in clients:
             await client.stop()
@@ -377,6 +383,14 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
     verdict = verify(clients, rows, faults=s.faults, writer_errors=writer.errors)
     verdict.notes += s.problems
     verdict.notes += [f"{name} did not catch up with the stream" for name in behind]
+    # No client here reads too slowly for the hub: a 4008 means a replay or the fan-out stopped
+    # waiting for a client that was reading (test_hub_replay_pacing.py).
+    verdict.notes += [
+        f"{c.name} was closed 4008 ({d.reason}) in {d.phase}"
+        for c in clients
+        for d in c.disconnects
+        if d.code == 4008
+    ]
     report = "\n".join(
         [
             verdict.report(),
