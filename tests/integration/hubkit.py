@@ -60,6 +60,9 @@ class Hub:
 
 @asynccontextmanager
 async def running_hub(dsn: str, **overrides: Any) -> AsyncIterator[Hub]:
+    """A hub on 127.0.0.1; ``overrides`` are settings, except ``port`` (default 0: an
+    ephemeral one), so a restarted hub can take the port of one that stopped."""
+    port = int(overrides.pop("port", 0))
     settings = make_settings(dsn, **{**FAST, **overrides})
     db = await KeenDatabase.connect(settings=settings, migrate=False)
     app = create_app(settings, db=db)
@@ -67,7 +70,7 @@ async def running_hub(dsn: str, **overrides: Any) -> AsyncIterator[Hub]:
     server = uvicorn.Server(config)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
+    sock.bind(("127.0.0.1", port))
     port = sock.getsockname()[1]
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:

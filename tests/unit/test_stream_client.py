@@ -1,0 +1,160 @@
+"""keen_stream.client against a scripted WebSocket server: what a real hub rarely does on cue
+(``error unavailable``, a 4008, repeated or older cursors, a token expiring while connected)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from keen_stream.client import StreamClient, TokenExpired, parse_cursor
+
+USER = uuid.uuid4()
+Script = Callable[[ServerConnection], Awaitable[None]]
+
+
+def event(cursor: str) -> str:
+    return json.dumps(
+        {
+            "type": "event",
+            "cursor": cursor,
+            "version": 1,
+            "event_type": "session.progress",
+            "user_id": str(USER),
+            "session_id": None,
+            "root_session_id": None,
+            "time": "2026-01-01T00:00:00+00:00",
+            "data": {"n": cursor},
+        }
+    )
+
+
+def subscribed(cursor: str, recovered: bool = True) -> str:
+    return json.dumps(
+        {"type": "subscribed", "id": "keen-client", "cursor": cursor, "recovered": recovered}
+    )
+
+
+class Fake:
+    def __init__(self, scripts: list[Script]) -> None:
+        self.scripts = scripts
+        self.subscribes: list[dict[str, Any]] = []
+        self.tokens: list[str | None] = []
+
+    async def ready(self, ws: ServerConnection) -> None:
+        await ws.send(json.dumps({"type": "ready", "connection_id": "ws-1", "cursor": "1-0"}))
+
+    async def subscribe(self, ws: ServerConnection) -> dict[str, Any]:
+        frame: dict[str, Any] = json.loads(await ws.recv())
+        assert frame["type"] == "subscribe"
+        self.subscribes.append(frame)
+        return frame
+
+    async def handler(self, ws: ServerConnection) -> None:
+        assert ws.request is not None
+        self.tokens.append(ws.request.headers.get("Authorization"))
+        script = self.scripts[len(self.tokens) - 1]
+        await script(ws)
+
+
+@asynccontextmanager
+async def fake_hub(fake: Fake) -> AsyncIterator[str]:
+    async with serve(fake.handler, "127.0.0.1", 0) as server:
+        port = next(iter(server.sockets)).getsockname()[1]
+        yield f"ws://127.0.0.1:{port}/ws"
+
+
+async def take(stream: StreamClient, n: int) -> list[str]:
+    got: list[str] = []
+    sub = stream.subscribe()
+    async for e in sub:
+        got.append(e.cursor)
+        if len(got) == n:
+            break
+    await sub.aclose()
+    return got
+
+
+async def test_unavailable_a_4008_and_a_restart_resume_without_repeats_or_reordering():
+    fake = Fake([])
+
+    async def first(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(json.dumps({"type": "error", "id": "keen-client", "code": "unavailable"}))
+        await fake.subscribe(ws)
+        await ws.send(subscribed("10-1"))
+        await ws.send(event("10-2"))
+        await ws.send(event("10-3"))
+        await ws.close(4008, "too slow; resume with since=10-3")
+
+    async def second(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(subscribed("11-0"))
+        for cursor in ("10-2", "10-3", "11-9", "11-10"):  # two repeats, then 9 < 10 as numbers
+            await ws.send(event(cursor))
+        await ws.close(1012)
+
+    async def third(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(subscribed("11-10"))
+        await ws.send(event("9-99"))  # older: dropped
+        await ws.send(event("12-1"))
+        await ws.wait_closed()
+
+    fake.scripts = [first, second, third]
+    async with fake_hub(fake) as url, StreamClient(url, token="t", backoff_initial=0.01) as stream:
+        got = await asyncio.wait_for(take(stream, 5), 10)
+    assert got == ["10-2", "10-3", "11-9", "11-10", "12-1"]
+    assert [f.get("since") for f in fake.subscribes] == [None, None, "10-3", "11-10"]
+    assert fake.tokens == ["Bearer t"] * 3
+
+
+async def test_a_token_expiring_while_connected_is_refreshed_once_from_the_provider():
+    fake = Fake([])
+    tokens = iter(["a", "b", "c"])
+
+    async def expires(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(subscribed("5-0"))
+        await ws.send(event("5-1"))
+        await ws.close(4004, "token expired")
+
+    async def works(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(subscribed("5-1"))
+        await ws.send(event("5-2"))
+        await ws.wait_closed()
+
+    fake.scripts = [expires, works]
+    async with (
+        fake_hub(fake) as url,
+        StreamClient(url, token_provider=lambda: next(tokens), backoff_initial=0.01) as stream,
+    ):
+        assert await asyncio.wait_for(take(stream, 2), 10) == ["5-1", "5-2"]
+    assert fake.tokens == ["Bearer a", "Bearer b"]
+
+    # With a fixed token there is nothing to refresh: TokenExpired.
+    fake2 = Fake([expires])
+    async with fake_hub(fake2) as url, StreamClient(url, token="t") as stream:
+        with pytest.raises(TokenExpired):
+            await asyncio.wait_for(take(stream, 2), 10)
+    assert len(fake2.tokens) == 1
+
+
+def test_cursors_compare_as_integer_pairs():
+    assert parse_cursor("11-10") > parse_cursor("11-9") > parse_cursor("9-99")
+    with pytest.raises(ValueError):
+        parse_cursor("11_10")
+    with pytest.raises(ValueError):
+        StreamClient("ws://x/ws", token="t").subscribe(since="nope")
