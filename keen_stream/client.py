@@ -13,8 +13,8 @@ out, so the caller sees every event once, in cursor order. What it cannot repair
 one of the exceptions below (all :class:`StreamError`).
 
 It speaks the protocol only: it imports neither the data layer nor the hub (an import-linter
-contract in pyproject.toml), nor :mod:`keen_stream.errors`, whose classes describe the data
-layer's failures; this module's exceptions are the client's own small hierarchy.
+contract in pyproject.toml). Its exceptions belong to keen_stream's one hierarchy
+(:class:`~keen_stream.errors.KeenError`), under :class:`StreamError`.
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from keen_stream.errors import KeenError
 
 __all__ = [
     "AccountInactive",
@@ -64,16 +66,21 @@ GapHandler = Callable[["StreamGap"], object]
 
 
 # --- exceptions -----------------------------------------------------------------------------
-class StreamError(Exception):
+class StreamError(KeenError):
     """A stream ended with something the client cannot repair by reconnecting."""
+
+    code = "stream_error"
 
 
 class StreamClosed(StreamError):
     """The hub closed the connection with a code that says retrying will not help."""
 
-    def __init__(self, code: int, reason: str = "") -> None:
-        super().__init__(f"the hub closed the connection: {code} {reason}".rstrip())
-        self.code = code
+    code = "stream_closed"
+
+    def __init__(self, close_code: int, reason: str = "") -> None:
+        super().__init__(f"the hub closed the connection: {close_code} {reason}".rstrip())
+        #: The WebSocket close code (docs/protocol.md).
+        self.close_code = close_code
         self.reason = reason
 
 
@@ -102,10 +109,12 @@ class SubscriptionRejected(StreamError):
     """The hub refused the subscribe frame (an ``error`` frame: ``session_not_found``,
     ``forbidden``, ``invalid_cursor``, ...)."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+    code = "subscription_rejected"
+
+    def __init__(self, error_code: str, message: str) -> None:
+        super().__init__(f"{error_code}: {message}")
+        #: The ``code`` of the hub's ``error`` frame.
+        self.error_code = error_code
 
 
 class StreamGap(StreamError):

@@ -154,7 +154,7 @@ async def test_a_revoked_token_ends_the_stream_with_a_typed_error_and_no_retry(
             await db.tokens.revoke(alice.id, issued.record.id)  # closed with 4005 while connected
             with pytest.raises(TokenRevoked) as info:
                 await asyncio.wait_for(follower.task, 10)
-            assert info.value.code == 4005
+            assert info.value.close_code == 4005
             assert follower.sub.reconnects == 0
 
             # At connect: refused once, raised, not retried.
@@ -169,7 +169,7 @@ async def test_a_refused_subscription_is_a_typed_error(db, fresh_dsn, alice):
         async with client(hub.url, token=token) as stream:
             with pytest.raises(SubscriptionRejected) as info:
                 await asyncio.wait_for(anext(stream.subscribe(sessions=[uuid.uuid4()])), 10)
-            assert info.value.code == "session_not_found"
+            assert info.value.error_code == "session_not_found"
 
 
 async def test_a_resume_point_past_retention_raises_stream_gap_or_calls_on_gap(
