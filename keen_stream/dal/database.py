@@ -83,12 +83,12 @@ SELECT r.rolsuper, r.rolbypassrls,
 STATEMENTS_LEFT = "SELECT 1 FROM pg_catalog.pg_prepared_statements WHERE from_sql LIMIT 1"
 #: The command status of :data:`STATEMENTS_LEFT` when the session must not be pooled again.
 NOT_RESETTABLE = "SELECT 1"
+_NOT_RESETTABLE_MESSAGE = "a borrower left SQL-level prepared statements on the session"
 #: Everything a borrower can leave on its session: DISCARD ALL without DEALLOCATE ALL (which
 #: would drop asyncpg's prepared statements) and DISCARD PLANS. SET SESSION AUTHORIZATION
 #: DEFAULT also ends a session-level SET ROLE, which RESET ALL leaves alone; RESET ALL goes
 #: back to the settings the connection started with (statement_timeout, keen.stream_signal).
 #: Then the one thing it cannot reset, checked last (so a refusal comes after everything else).
-_NOT_RESETTABLE_MESSAGE = "a borrower left SQL-level prepared statements on the session"
 RESET_SESSION = (
     "SET SESSION AUTHORIZATION DEFAULT; RESET ALL; DISCARD TEMP; DISCARD SEQUENCES;"
     f" CLOSE ALL; UNLISTEN *; SELECT pg_advisory_unlock_all(); {STATEMENTS_LEFT}"
@@ -290,7 +290,6 @@ class KeenDatabase:
         """Refuse tenant work if ``role`` could bypass RLS or a tenant table is unprotected."""
         async with self._transaction(None) as conn:
             row = await conn.fetchrow(_ROLE_SAFETY, role, list(TENANT_TABLES))
-            self._session_reset.vouch(conn)  # one read of ours: nothing to reset
         if row is None:
             raise UnsafeRoleError(f"role {role} does not exist: run `keen-stream migrate`")
         problems = []

@@ -63,7 +63,8 @@ def parse_count(value: Any, what: str, maximum: int, *, minimum: int = 0) -> int
 
 def storable(value: str) -> bool:
     """Whether PostgreSQL text can hold ``value``: no NUL, and only encodable characters (a
-    lone surrogate, which JSON can carry, is not)."""
+    lone surrogate, which JSON can carry, is not). Checked per call, before the driver: in a
+    batched deduction one caller's unsendable string would otherwise fail every item's bind."""
     if "\x00" in value:
         return False
     try:

@@ -404,66 +404,41 @@ class Connection:
         client.last_cursor = since
         self._send(self._subscribed(ref, subscription, upto, recovered=True))
         after = first[-1].cursor if len(first) == _REPLAY_PAGE else max(since, mark)
-        debug = logger.isEnabledFor(logging.DEBUG)
         started = time.monotonic()
-        if debug:
-            logger.debug(
-                "%s: replay %s since=%s upto=%s first page=%d %s",
-                self.connection_id,
-                ref,
-                since,
-                upto,
-                len(first),
-                client.sender.diagnostics(),
-            )
+        self._trace("replay %s since=%s upto=%s first page=%d", ref, since, upto, len(first))
         try:
             if await self._send_replayed(subscription, first):
                 while after < upto and not client.closing:
-                    read_at = time.monotonic()
                     page = await events.replay(
                         user, after, upto, scope=scope, session_ids=sessions, limit=_REPLAY_PAGE
                     )
-                    if debug:
-                        logger.debug(
-                            "%s: replay %s page after=%s: %d events read in %.3fs %s",
-                            self.connection_id,
-                            ref,
-                            after,
-                            len(page),
-                            time.monotonic() - read_at,
-                            client.sender.diagnostics(),
-                        )
+                    self._trace("replay %s page after=%s: %d events", ref, after, len(page))
                     sent = await self._send_replayed(subscription, page)
                     if not sent or len(page) < _REPLAY_PAGE:
                         break
                     after = page[-1].cursor
         except BaseException as exc:
-            if debug:
-                logger.debug(
-                    "%s: replay %s failed after %.3fs at %s: %r %s",
-                    self.connection_id,
-                    ref,
-                    time.monotonic() - started,
-                    client.last_cursor,
-                    exc,
-                    client.sender.diagnostics(),
-                )
+            self._trace("replay %s failed at %s: %r", ref, client.last_cursor, exc)
             fanout.discard_held(client)
             client.pending = None
             fanout.subscribe(client, NO_SUBSCRIPTION)
             self._record_subscription(NO_SUBSCRIPTION)
             raise
-        if debug:
-            logger.debug(
-                "%s: replay %s done in %.3fs at %s (closing=%s) %s",
-                self.connection_id,
-                ref,
-                time.monotonic() - started,
-                client.last_cursor,
-                client.closing,
-                client.sender.diagnostics(),
-            )
+        self._trace(
+            "replay %s done in %.3fs at %s", ref, time.monotonic() - started, client.last_cursor
+        )
         fanout.release(client)
+
+    def _trace(self, message: str, *args: object) -> None:
+        """A debug line about this connection's replay, with its socket's state
+        (``KEEN_DEBUG_LOGGERS=keen_stream.hub.connection``): which side stopped moving."""
+        if self.client is not None and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "%s: " + message + " %s",
+                self.connection_id,
+                *args,
+                self.client.sender.diagnostics(),
+            )
 
     async def _send_replayed(self, subscription: Subscription, events: list[StreamEvent]) -> bool:
         """Send replayed events at the client's pace: past half the send buffer, wait for it
@@ -488,29 +463,16 @@ class Connection:
             return
         limit = self.settings.hub_send_buffer_limit
         started = time.monotonic()
-        deadline = started + _DRAIN_TIMEOUT
-        debug = logger.isEnabledFor(logging.DEBUG)
         report = started + 1.0
         while client.sender.buffered() > limit // 2 and not client.closing:
             now = time.monotonic()
-            if now > deadline:
-                logger.debug(
-                    "%s: drain timed out at %s %s",
-                    self.connection_id,
-                    client.last_cursor,
-                    client.sender.diagnostics(),
-                )
+            if now > started + _DRAIN_TIMEOUT:
+                self._trace("drain timed out at %s", client.last_cursor)
                 client.close(CloseCode.TOO_SLOW, too_slow_reason(client.last_cursor))
                 return
-            if debug and now > report:
+            if now > report:
                 report = now + 1.0
-                logger.debug(
-                    "%s: drain waiting %.1fs at %s %s",
-                    self.connection_id,
-                    now - started,
-                    client.last_cursor,
-                    client.sender.diagnostics(),
-                )
+                self._trace("drain waiting %.1fs at %s", now - started, client.last_cursor)
             await asyncio.sleep(0.005)
 
     def _unsubscribe(self, frame: UnsubscribeFrame) -> None:
