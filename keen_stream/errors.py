@@ -157,6 +157,13 @@ class CursorExpired(KeenError):
     code = "since_expired"
 
 
+class CursorUnknown(KeenError):
+    """This stream cursor was not issued by this database (e.g. by the old cluster after the
+    backup a restore came from): reload state."""
+
+    code = "since_unknown"
+
+
 # --- authorization -------------------------------------------------------------------------
 class InsufficientPrivileges(KeenError):
     """Insufficient privileges for this operation."""

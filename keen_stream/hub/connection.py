@@ -25,7 +25,13 @@ from keen_stream.dal.models.connections import (
 from keen_stream.dal.models.events import EVENT_TYPES, Cursor, StreamEvent
 from keen_stream.dal.models.users import TokenInfo
 from keen_stream.dal.tokens import PREFIXES, hash_token
-from keen_stream.errors import AuthenticationError, CursorExpired, DatabaseUnavailable, KeenError
+from keen_stream.errors import (
+    AuthenticationError,
+    CursorExpired,
+    CursorUnknown,
+    DatabaseUnavailable,
+    KeenError,
+)
 from keen_stream.hub.fanout import NO_SUBSCRIPTION, Client, Frame, Sender, Subscription, make_sender
 from keen_stream.hub.protocol import (
     AuthFrame,
@@ -375,13 +381,15 @@ class Connection:
             elif since > mark:
                 # Ahead of this node: a cursor from a node further along (this one lags behind
                 # the database), or one this deployment never issued.
-                pruned, head = await events.bounds()
+                pruned, head = await events.bounds(since)
                 if since < pruned:
                     reason = "since_expired"
                 elif since > head:
                     reason = "since_unknown"
         except CursorExpired:
             reason = "since_expired"
+        except CursorUnknown:
+            reason = "since_unknown"
         except BaseException:
             fanout.release(client)
             raise

@@ -61,11 +61,6 @@ async def _restore(source_dsn: str, target: OwnedPostgres, dump: Path) -> str:
     return restored
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="review1: after a pg_dump restore on a new cluster, new events have xids below the "
-    "restored ones and below the restored retention watermark: the hub never delivers them",
-)
 async def test_live_events_reach_subscribers_after_a_restore_on_a_new_cluster(
     db: KeenDatabase, fresh_dsn: str, alice: User, owned_pg: OwnedPostgres, tmp_path: Path
 ) -> None:
