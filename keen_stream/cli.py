@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from keen_stream import backup as backup_cli
 from keen_stream import ledger_cli
 from keen_stream.errors import KeenError
 from keen_stream.hub import cli as hub_cli
@@ -90,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hub_cli.register(sub)
     ledger_cli.register(sub)
+    backup_cli.register(sub)
     return parser
 
 
