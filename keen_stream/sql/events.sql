@@ -51,14 +51,23 @@ REVOKE ALL ON FUNCTION keen_stream_shift(xid8, bigint) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_stream_shift(xid8, bigint) TO keen_app, keen_system;
 
 -- The offset of this cluster, for readers (who cannot write the claim): NULL when the database
--- was restored on another cluster and no writer has claimed it yet.
+-- was restored on another cluster and no writer has claimed it yet. PL/pgSQL, not SQL: its
+-- plans are cached for the session, where a SQL function with a FROM clause is planned again
+-- in every transaction (that halved the listener's tail reads).
 CREATE FUNCTION keen_stream_offset() RETURNS bigint
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT s.xid_offset FROM public.stream_state s
-     WHERE s.postmaster_start = pg_postmaster_start_time()
-        OR s.system_identifier = (SELECT c.system_identifier FROM pg_control_system() c)
-$$;
+DECLARE
+    off bigint;
+BEGIN
+    SELECT s.xid_offset INTO off FROM public.stream_state s
+     WHERE s.postmaster_start = pg_postmaster_start_time();
+    IF NOT FOUND THEN
+        SELECT s.xid_offset INTO off FROM public.stream_state s
+         WHERE s.system_identifier = (SELECT c.system_identifier FROM pg_control_system() c);
+    END IF;
+    RETURN off;
+END $$;
 REVOKE ALL ON FUNCTION keen_stream_offset() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_stream_offset() TO keen_app, keen_system;
 

@@ -58,12 +58,19 @@ SHIFT = """
 
 OFFSET = """
     CREATE FUNCTION keen_stream_offset() RETURNS bigint
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-        SELECT s.xid_offset FROM public.stream_state s
-         WHERE s.postmaster_start = pg_postmaster_start_time()
-            OR s.system_identifier = (SELECT c.system_identifier FROM pg_control_system() c)
-    $$
+    DECLARE
+        off bigint;
+    BEGIN
+        SELECT s.xid_offset INTO off FROM public.stream_state s
+         WHERE s.postmaster_start = pg_postmaster_start_time();
+        IF NOT FOUND THEN
+            SELECT s.xid_offset INTO off FROM public.stream_state s
+             WHERE s.system_identifier = (SELECT c.system_identifier FROM pg_control_system() c);
+        END IF;
+        RETURN off;
+    END $$
     """
 
 CLAIM = """
