@@ -1,20 +1,22 @@
 """What migration 0009 (stream position = xid + stored offset) costs the event hot path.
 
-    python load_tests/stream_epoch_bench.py [--dsn DSN] [--seconds 5] [--rounds 3]
-                                            [--writers 8]
+    python load_tests/stream_epoch_bench.py [--dsn DSN] [--seconds 20]
 
 Two scratch databases on one server, in one run: ``before`` migrated to 0008_session_handle
 (the outbox's ``xid`` column defaults to ``pg_current_xact_id()``) and ``after`` migrated to
-head (it defaults to ``keen_stream_next_position()``, the horizon is shifted by the offset).
-Each round runs every workload on both (alternating, so drift in the machine's load hits both
-alike) and prints the ``after / before`` ratio:
+head (it defaults to ``keen_stream_next_position()``, and the horizon is shifted by the
+offset). Each workload runs in short chunks alternating between the two (before, after, after,
+before, ...), so the machine's load drifts over both alike; printed: throughput of each, the
+ratio ``after / before`` of the totals and the median of the per-chunk ratios.
 
-- ``write``: progress updates of agent sessions from ``--writers`` connections, one event per
-  autocommitted statement (the capture trigger, its outbox insert and the column default);
-- ``insert``: 20,000 outbox rows in one statement (the column default alone, server side: the
+- ``write``: a session's progress update, one event per autocommitted statement, from one
+  connection (the capture trigger, its outbox insert and the column default: an event's whole
+  write on the server, plus the round trip; ``synchronous_commit = off``, so the commit's
+  fsync, the same for both, does not add its noise);
+- ``insert``: 2,000 outbox rows in one statement (the column default alone, server side: the
   worst case for the default's share);
-- ``tail empty``: the listener's tail read at the head of the stream (its usual call);
-- ``tail page``: the same read returning a 1,000-event page.
+- ``tail_empty``: the listener's tail read at the head of the stream (its usual call);
+- ``tail_page``: the same read returning a 1,000-event page.
 """
 
 from __future__ import annotations
@@ -73,113 +75,127 @@ async def create(admin_dsn: str, name: str, revision: str) -> str:
     return dsn
 
 
-async def writes(dsn: str, seconds: float, writers: int) -> float:
-    """Events per second from ``writers`` connections, one event per statement."""
-    conns = [await asyncpg.connect(dsn) for _ in range(writers)]
-    sessions = [r["id"] for r in await conns[0].fetch("SELECT id FROM agent_sessions")]
-    done = 0
-    stop = time.monotonic() + seconds
+class Variant:
+    """One database's connections: a writer (as the owner) and a reader (as the listener)."""
 
-    async def writer(i: int, conn: asyncpg.Connection) -> None:
-        nonlocal done
-        session = sessions[i % len(sessions)]
-        while time.monotonic() < stop:
-            await conn.execute(
-                "UPDATE agent_sessions SET iteration_count = iteration_count + 1 WHERE id = $1",
-                session,
-            )
-            done += 1
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
 
-    started = time.monotonic()
-    await asyncio.gather(*(writer(i, c) for i, c in enumerate(conns)))
-    elapsed = time.monotonic() - started
-    for conn in conns:
-        await conn.close()
-    return done / elapsed
-
-
-async def bulk_insert(dsn: str) -> float:
-    """Seconds for 20,000 outbox rows in one statement (then removed)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        user = await conn.fetchval("SELECT id FROM users LIMIT 1")
-        transaction = conn.transaction()
-        await transaction.start()
-        started = time.perf_counter()
-        await conn.execute(
-            "INSERT INTO stream_events (user_id, event_type, payload)"
-            " SELECT $1, 'session.progress', '{}' FROM generate_series(1, 20000)",
-            user,
+    async def open(self) -> None:
+        # No WAL flush wait per commit: on a shared machine the fsync's variance would drown
+        # what the server spends on the event (the part this measures).
+        self.writer = await asyncpg.connect(self.dsn, server_settings={"synchronous_commit": "off"})
+        self.reader = await asyncpg.connect(self.dsn)
+        await self.reader.execute("SET ROLE keen_system")
+        self.session = await self.writer.fetchval("SELECT id FROM agent_sessions LIMIT 1")
+        self.user = await self.writer.fetchval("SELECT id FROM users LIMIT 1")
+        first = await self.reader.fetchrow(
+            "SELECT xid, id FROM stream_events ORDER BY xid, id LIMIT 1"
         )
-        elapsed = time.perf_counter() - started
-        await transaction.rollback()  # the outbox keeps its size across rounds
-    finally:
-        await conn.close()
-    return elapsed
+        self.before_first = (first["xid"], first["id"] - 1)
+
+    async def close(self) -> None:
+        await self.writer.close()
+        await self.reader.close()
+
+    async def write(self, n: int) -> None:
+        """``n`` progress updates, one event each, each its own transaction."""
+        for _ in range(n):
+            await self.writer.execute(
+                "UPDATE agent_sessions SET iteration_count = iteration_count + 1 WHERE id = $1",
+                self.session,
+            )
+
+    async def insert(self, n: int) -> None:
+        """``n`` times 2,000 outbox rows in one statement (the column default alone), rolled
+        back so the outbox keeps its size."""
+        for _ in range(n):
+            transaction = self.writer.transaction()
+            await transaction.start()
+            await self.writer.execute(
+                "INSERT INTO stream_events (user_id, event_type, payload)"
+                " SELECT $1, 'session.progress', '{}' FROM generate_series(1, 2000)",
+                self.user,
+            )
+            await transaction.rollback()
+
+    async def tail_empty(self, n: int) -> None:
+        """The listener's usual read: at the head, nothing new."""
+        head = await self.reader.fetchrow(SQL["head"])
+        for _ in range(n):
+            await self.reader.fetch(SQL["tail"], head["xid"], head["id"], 1000)
+
+    async def tail_page(self, n: int) -> None:
+        """A read that returns a 1,000-event page."""
+        for _ in range(n):
+            await self.reader.fetch(SQL["tail"], *self.before_first, 1000)
 
 
-async def tails(dsn: str, seconds: float, *, page: bool) -> float:
-    """Tail reads per second as the listener makes them (keen_system, the shipped SQL)."""
-    conn = await asyncpg.connect(dsn)
-    try:
-        await conn.execute("SET ROLE keen_system")
-        if page:
-            row = await conn.fetchrow("SELECT xid, id FROM stream_events ORDER BY xid, id LIMIT 1")
-            after = (row["xid"], row["id"] - 1)
-        else:
-            row = await conn.fetchrow(SQL["head"])
-            after = (row["xid"], row["id"])
-        done = 0
+#: Workload, chunk size: chunks alternate between the databases (before, after, after,
+#: before, ...) so the machine's load drifts over both alike.
+WORKLOADS = {"write": 50, "insert": 2, "tail_empty": 50, "tail_page": 5}
+UNITS = {"write": "events/s", "insert": "rows/s", "tail_empty": "reads/s", "tail_page": "reads/s"}
+PER_CALL = {"write": 1, "insert": 2000, "tail_empty": 1, "tail_page": 1}
+
+
+async def measure(variants: dict[str, Variant], seconds: float) -> dict[str, dict[str, float]]:
+    results: dict[str, dict[str, float]] = {}
+    for name, chunk in WORKLOADS.items():
+        spent = {"before": 0.0, "after": 0.0}
+        calls = {"before": 0, "after": 0}
+        ratios = []
         stop = time.monotonic() + seconds
-        started = time.monotonic()
+        order = ("before", "after")
         while time.monotonic() < stop:
-            await conn.fetch(SQL["tail"], after[0], after[1], 1000)
-            done += 1
-        return done / (time.monotonic() - started)
-    finally:
-        await conn.close()
+            chunk_time = {}
+            for v in order:
+                started = time.perf_counter()
+                await getattr(variants[v], name)(chunk)
+                chunk_time[v] = time.perf_counter() - started
+                spent[v] += chunk_time[v]
+                calls[v] += chunk
+            ratios.append(chunk_time["before"] / chunk_time["after"])
+            order = order[::-1]
+        results[name] = {
+            "before": calls["before"] * PER_CALL[name] / spent["before"],
+            "after": calls["after"] * PER_CALL[name] / spent["after"],
+            "median_chunk_ratio": median(ratios),
+        }
+    return results
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dsn", default=os.environ.get("KEEN_BENCH_DSN", "postgresql:///postgres"))
-    parser.add_argument("--seconds", type=float, default=5)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--writers", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20, help="per workload")
     args = parser.parse_args()
     pid = os.getpid()
-    dsns = {
-        "before": await create(args.dsn, f"keen_epoch_before_{pid}", BEFORE),
-        "after": await create(args.dsn, f"keen_epoch_after_{pid}", "head"),
+    variants = {
+        "before": Variant(await create(args.dsn, f"keen_epoch_before_{pid}", BEFORE)),
+        "after": Variant(await create(args.dsn, f"keen_epoch_after_{pid}", "head")),
     }
-    results: dict[str, dict[str, list[float]]] = {}
     try:
-        for r in range(args.rounds):
-            for variant in ("before", "after") if r % 2 == 0 else ("after", "before"):
-                dsn = dsns[variant]
-                figures = {
-                    "write (events/s)": await writes(dsn, args.seconds, args.writers),
-                    "insert (rows/s)": 20000 / await bulk_insert(dsn),
-                    "tail empty (reads/s)": await tails(dsn, args.seconds / 2, page=False),
-                    "tail page (reads/s)": await tails(dsn, args.seconds / 2, page=True),
-                }
-                for name, value in figures.items():
-                    results.setdefault(name, {}).setdefault(variant, []).append(value)
-            print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
+        for variant in variants.values():
+            await variant.open()
+            await variant.write(200)  # warm: plans cached, the offset claimed
+            await variant.tail_empty(200)
+        results = await measure(variants, args.seconds)
+        for variant in variants.values():
+            await variant.close()
     finally:
         conn = await asyncpg.connect(args.dsn)
         try:
-            for dsn in dsns.values():
-                name = dsn.rsplit("/", 1)[1].split("?")[0]
+            for variant in variants.values():
+                name = variant.dsn.rsplit("/", 1)[1].split("?")[0]
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         finally:
             await conn.close()
-    print(f"{'workload':24} {'before':>12} {'after':>12} {'after/before':>13}   (medians)")
-    for name, by in results.items():
-        b, a = median(by["before"]), median(by["after"])
-        print(f"{name:24} {b:12,.0f} {a:12,.0f} {a / b:13.3f}")
-        rounds = " · ".join(f"{x / y:.3f}" for x, y in zip(by["after"], by["before"], strict=True))
-        print(f"{'':24} per round: {rounds}")
+    print(f"{'workload':12} {'before':>12} {'after':>12} {'after/before':>13} {'chunk median':>13}")
+    for name, r in results.items():
+        print(
+            f"{name:12} {r['before']:12,.0f} {r['after']:12,.0f}"
+            f" {r['after'] / r['before']:13.3f} {r['median_chunk_ratio']:13.3f}   {UNITS[name]}"
+        )
 
 
 if __name__ == "__main__":

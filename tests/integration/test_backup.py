@@ -29,6 +29,7 @@ from keen_stream.settings import Settings, with_database
 from tests.conftest import PASSWORD, make_settings
 from tests.integration.hubkit import open_client, running_hub, stream_token
 from tests.integration.test_hub_stream import new_session, step
+from tests.integration.test_stream_after_restore import _restore as plain_restore
 from tests.pgcluster import OwnedPostgres, owned_postgres_available
 
 _names = count()
@@ -254,6 +255,41 @@ async def test_drill_backup_restore_on_a_new_cluster_and_the_hub_serves_old_curs
             assert reply["recovered"] is False and reply["reason"] == "since_unknown", reply
             await c.close()
             await c2.close()
+    finally:
+        await new_db.close()
+
+
+async def test_a_plain_pg_restore_moves_positions_at_the_first_write(
+    ahead_pg: OwnedPostgres, owned_pg: OwnedPostgres, tmp_path: Path
+) -> None:
+    """An operator's own pg_dump / pg_restore, no keen-stream command and no hub: the first
+    business write on the new cluster claims it, and its event lands above the restored ones."""
+    source = await _setup_source(ahead_pg)
+    db = await KeenDatabase.connect(settings=make_settings(source), migrate=False)
+    try:
+        alice = await db.users.create(email="a@example.com", username="alice", password=PASSWORD)
+        await _business(db, alice)
+        old_head = await db.events.head()
+    finally:
+        await db.close()
+    restored = await plain_restore(source, owned_pg, tmp_path / "plain.dump")
+    new_db = await KeenDatabase.connect(settings=make_settings(restored), migrate=False)
+    try:
+        # Before any claim, the restored rows are all released (the reader's rule).
+        assert await new_db.events.head() == old_head
+        await step(new_db, alice, "s", 1)
+        head = await new_db.events.head()
+        assert head.xid >= old_head.xid + 2**32
+        (event,) = await new_db.events.replay(alice.id, old_head, head)
+        assert event.event_type == "session.progress"
+        token = await stream_token(new_db, alice.id)
+        async with running_hub(restored) as hub:
+            c = await open_client(hub.url, token)
+            reply = await c.subscribe(since=str(old_head))
+            assert reply["recovered"] is True, reply
+            (replayed,) = await c.events(1)
+            assert replayed["cursor"] == str(head)
+            await c.close()
     finally:
         await new_db.close()
 

@@ -124,22 +124,25 @@ NEXT_POSITION = """
 
 HORIZON = """
     CREATE OR REPLACE FUNCTION keen_stream_horizon() RETURNS xid8
-    LANGUAGE sql STABLE
+    LANGUAGE plpgsql STABLE
     AS $$
-        SELECT CASE WHEN o.off IS NULL
-            THEN coalesce((SELECT keen_stream_shift(e.xid, 1) FROM stream_events e
-                            ORDER BY e.xid DESC LIMIT 1), '0'::xid8)
-            ELSE keen_stream_shift(coalesce(
-                (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
-                  WHERE NOT EXISTS (
-                      SELECT 1 FROM pg_stat_get_activity(NULL) AS a
-                       WHERE a.backend_xid = x::xid
-                         AND a.datid <> (SELECT d.oid FROM pg_database d
-                                          WHERE d.datname = current_database()))),
-                pg_snapshot_xmax(pg_current_snapshot())), o.off)
-            END
-          FROM (SELECT keen_stream_offset() AS off) o
-    $$
+    DECLARE
+        off bigint := keen_stream_offset();
+        newest xid8;
+        running xid8;
+    BEGIN
+        IF off IS NULL THEN
+            SELECT e.xid INTO newest FROM stream_events e ORDER BY e.xid DESC LIMIT 1;
+            RETURN coalesce(keen_stream_shift(newest, 1), '0'::xid8);
+        END IF;
+        SELECT min(x) INTO running FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+         WHERE NOT EXISTS (
+             SELECT 1 FROM pg_stat_get_activity(NULL) AS a
+              WHERE a.backend_xid = x::xid
+                AND a.datid <> (SELECT d.oid FROM pg_database d
+                                 WHERE d.datname = current_database()));
+        RETURN keen_stream_shift(coalesce(running, pg_snapshot_xmax(pg_current_snapshot())), off);
+    END $$
     """
 
 POSITION = """
