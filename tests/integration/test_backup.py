@@ -294,6 +294,33 @@ async def test_a_plain_pg_restore_moves_positions_at_the_first_write(
         await new_db.close()
 
 
+async def test_a_restart_of_the_same_cluster_keeps_the_offset(
+    owned_pg: OwnedPostgres,
+) -> None:
+    """After a restart the first writer claims again (a new server start) and finds its own
+    cluster: positions go on as transaction ids, nothing is skipped."""
+    source = await _setup_source(owned_pg)
+    db = await KeenDatabase.connect(settings=make_settings(source), migrate=False)
+    try:
+        alice = await db.users.create(email="a@example.com", username="alice", password=PASSWORD)
+        await _business(db, alice)
+        before = await db.events.head()
+    finally:
+        await db.close()
+    owned_pg.restart()
+    db = await KeenDatabase.connect(settings=make_settings(source), migrate=False)
+    try:
+        await step(db, alice, "s", 1)
+        (event,) = await db.events.replay(alice.id, before, await db.events.head())
+        xid = await db.system_call("SELECT pg_current_xact_id()::text::bigint AS x")
+        state = await db.system_call("SELECT * FROM stream_state")
+    finally:
+        await db.close()
+    assert before.xid < event.cursor.xid < xid[0]["x"]  # still plain transaction ids
+    assert state[0]["xid_offset"] == 0 and state[0]["gap_from"] is None
+    assert state[0]["system_identifier"] is not None
+
+
 # --- export-user -----------------------------------------------------------------------------
 async def test_export_user_gives_everything_the_user_owns_and_nothing_of_others(
     db: KeenDatabase,
