@@ -72,7 +72,8 @@ REVOKE ALL ON FUNCTION keen_stream_offset() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_stream_offset() TO keen_app, keen_system;
 
 -- Confirm (or move) the offset for this server start; returns it. The row lock serializes
--- concurrent claimers: the second one finds the row already moved.
+-- concurrent claimers: the second one finds the row already moved. A new cluster whose ids are
+-- already past the new start needs no offset (it never goes below 0).
 CREATE FUNCTION keen_stream_claim() RETURNS bigint
 LANGUAGE plpgsql
 AS $$
@@ -91,7 +92,7 @@ BEGIN
     IF state.system_identifier IS DISTINCT FROM here AND (state.system_identifier IS NOT NULL
             OR top::text::numeric >= pg_current_xact_id()::text::numeric) THEN
         base := top::text::numeric + 4294967296;
-        state.xid_offset := base - pg_current_xact_id()::text::numeric;
+        state.xid_offset := greatest(base - pg_current_xact_id()::text::numeric, 0);
         state.gap_from := top;
         state.gap_to := base::text::xid8;
         state.moved_at := now();

@@ -92,7 +92,7 @@ CLAIM = """
         IF state.system_identifier IS DISTINCT FROM here AND (state.system_identifier IS NOT NULL
                 OR top::text::numeric >= pg_current_xact_id()::text::numeric) THEN
             base := top::text::numeric + 4294967296;
-            state.xid_offset := base - pg_current_xact_id()::text::numeric;
+            state.xid_offset := greatest(base - pg_current_xact_id()::text::numeric, 0);
             state.gap_from := top;
             state.gap_to := base::text::xid8;
             state.moved_at := now();
