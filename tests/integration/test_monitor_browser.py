@@ -252,7 +252,10 @@ async def test_a_recursive_run_shows_live_as_a_tree_and_never_another_users(
         if target := os.environ.get(SCREENSHOT_ENV):
             await recursive_run(db, alice, "run-2")
             await monitor.wait_events(await events_of(db, alice))
-            await page.screenshot(path=target, full_page=False)
+            await page.set_viewport_size({"width": 1360, "height": 640})
+            await page.mouse.move(0, 0)
+            await page.wait_for_timeout(1300)  # new rows' highlight fades
+            await page.screenshot(path=target)
 
 
 async def test_an_admin_watches_everyone_and_filters_by_user_and_session(
