@@ -111,6 +111,10 @@ def money(value: Decimal | str) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -355,6 +359,52 @@ async def test_events_that_cannot_be_recovered_show_a_reload_and_stale_rows(db, 
             )
             assert await monitor.cell("old", "iterations") == "6 iterations"
             assert await monitor.session("kept").get_attribute("data-stale") == "true"
+            assert await monitor.page.evaluate("document.body.dataset.reloads") == "1"
+            assert monitor.problems() == []
+
+
+async def test_the_origin_is_where_retained_events_start_and_needs_a_stream_token(
+    db, fresh_dsn, alice, admin
+):
+    async with running_hub(fresh_dsn) as hub, httpx.AsyncClient(base_url=hub.http) as http:
+        token = await stream_token(db, alice.id)
+        assert (await http.get("/monitor/origin", headers=bearer(token))).json() == {"since": "0-0"}
+        await new_session(db, alice, "s")
+        assert await db.events.prune(timedelta(0)) == 1
+        answer = await http.get("/monitor/origin", headers=bearer(token))
+        assert answer.status_code == 200 and answer.headers["cache-control"] == "no-store"
+        assert answer.json() == {"since": str(await db.events.pruned_through())} != {"since": "0-0"}
+        unscoped = await db.tokens.issue(alice.id, "session", scopes=["read"])
+        refusals = {
+            "": (401, "authentication_required"),
+            "ks_ses_nonsense": (401, "invalid_token"),
+            unscoped.token.get_secret_value(): (401, "token_scope"),
+        }
+        for value, (status, code) in refusals.items():
+            refused = await http.get("/monitor/origin", headers=bearer(value) if value else {})
+            assert (refused.status_code, refused.json()) == (status, {"error": code}), value
+            assert refused.headers.get("www-authenticate", "").startswith("Bearer")
+        # A token in the query string is no token: refused like none.
+        assert (await http.get(f"/monitor/origin?token={token}")).status_code == 401
+        await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
+        inactive = await http.get("/monitor/origin", headers=bearer(token))
+        assert (inactive.status_code, inactive.json()) == (403, {"error": "account_inactive"})
+
+
+async def test_a_page_opened_after_pruning_shows_what_is_retained_without_a_reload(
+    db, fresh_dsn, alice
+):
+    await new_session(db, alice, "pruned")
+    assert await db.events.prune(timedelta(0)) == 1
+    await new_session(db, alice, "retained")
+    async with running_hub(fresh_dsn) as hub, chromium() as browser:
+        monitor = await Monitor.open(browser, hub, await stream_token(db, alice.id))
+        await monitor.wait_events(1)
+        assert await monitor.session("retained").count() == 1
+        assert await monitor.session("pruned").count() == 0
+        assert await monitor.page.locator("#banner").is_hidden()
+        assert await monitor.page.evaluate("document.body.dataset.reloads") is None
+        assert monitor.problems() == []
 
 
 async def test_user_text_is_shown_as_text_never_run(db, fresh_dsn, alice):

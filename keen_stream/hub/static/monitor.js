@@ -2,12 +2,13 @@
 // happen, from the hub's event stream through keen-client.js.
 //
 // Where state comes from: every session event carries the session's whole small state
-// (keen_stream/sql/events.sql), so the page needs no snapshot endpoint. It subscribes with
-// since = "0-0" and the hub replays every retained event (KEEN_EVENT_RETENTION, 24 h by
-// default), then goes live; per session it keeps the event with the highest `version`. When
-// the hub answers `recovered: false` (events were pruned: on first load once retention has
-// pruned anything, or after being away longer than the window) the rows it has are marked
-// stale and the banner says so; each row is fresh again at its session's next event.
+// (keen_stream/sql/events.sql), so the page needs no snapshot of the tables. It asks the hub
+// where the retained stream starts (GET /monitor/origin, with the token), subscribes with that
+// `since`, and the hub replays every event it still retains (KEEN_EVENT_RETENTION, 24 h by
+// default) before going live; per session the page keeps the event with the highest
+// `version`. When a resume answers `recovered: false` (the page was away longer than the
+// window) it reloads the same way: a new subscription from the origin. Rows it showed that no
+// retained event refreshes stay, greyed as stale, until their session's next event.
 //
 // All user data goes into the page as text (textContent / attributes), never as HTML.
 import { KeenClient } from "./keen-client.js";
@@ -26,6 +27,9 @@ const state = {
 let client = null;
 let subscription = null;
 let renderTimer = null;
+let generation = 0; // callbacks of a subscription that was replaced are ignored
+let currentToken = null;
+let reloadsInRow = 0;
 
 // --- money: decimal strings, exact (scaled integers), never floats --------------------------
 const SCALE = 6;
@@ -127,19 +131,20 @@ function onStatus(status, detail) {
 }
 
 function onGap(gap) {
-  // recovered: false. What the page shows may miss changes: mark it stale; each session's
-  // next event (which carries its whole state) makes its row current again.
-  const hadState = state.sessions.size > 0 || state.credits.size > 0;
+  // recovered: false: what was missed is gone from the hub. Reload: a new subscription from
+  // the origin replays everything still retained. Rows no retained event refreshes stay, as
+  // stale. Three reloads in a row without an event between: go on from the gap's cursor.
   for (const session of state.sessions.values()) session.stale = true;
   document.body.dataset.reloads = String(Number(document.body.dataset.reloads || 0) + 1);
   banner(
     "reloaded",
-    hadState
-      ? `Reloaded: events missed while away could not be recovered (${gap.reason}). ` +
-          "Greyed rows may be out of date until their session changes again."
-      : `Older events are no longer retained (${gap.reason}); runs appear here as they change.`,
+    `Reloaded: events missed while away are no longer kept by the hub (${gap.reason}); ` +
+      "the view was rebuilt from the events it retains. Greyed rows may be out of date " +
+      "until their session changes again.",
   );
   scheduleRender();
+  reloadsInRow += 1;
+  if (reloadsInRow <= 3) watch(currentToken, { reload: true });
 }
 
 function onError(error) {
@@ -166,11 +171,15 @@ function onEvent(event) {
   // database to prove nothing was repeated or missed.
   document.body.dataset.events = String(Number(document.body.dataset.events || 0) + 1);
   document.body.dataset.cursor = event.cursor;
+  reloadsInRow = 0;
   state.users.add(event.user_id);
   if (event.event_type.startsWith("session.")) {
     const known = state.sessions.get(event.session_id);
-    // Two changes of one session may arrive in either order: keep the newest version.
-    if (known && !known.placeholder && known.version >= event.version) return;
+    // Two changes of one session may arrive in either order: keep the newest version. A
+    // stale row takes the same version again (a reload replays what it already had).
+    if (known && (known.stale ? known.version > event.version : known.version >= event.version)) {
+      return;
+    }
     state.sessions.set(event.session_id, {
       id: event.session_id,
       userId: event.user_id,
@@ -203,24 +212,30 @@ function scheduleRender() {
 }
 
 function treesOf() {
+  // Parents whose events are not retained (or not here yet) get a placeholder node, hung under
+  // their root, so sub-agents always show in their tree.
+  const nodes = new Map(state.sessions);
+  const ensure = (id, from) => {
+    if (nodes.has(id)) return;
+    const isRoot = id === from.rootId;
+    nodes.set(id, {
+      id, userId: from.userId, rootId: from.rootId, parentId: isRoot ? null : from.rootId,
+      data: null, version: -1, stale: false, placeholder: true,
+    });
+    if (!isRoot) ensure(from.rootId, from);
+  };
+  for (const session of state.sessions.values()) {
+    if (session.parentId) ensure(session.parentId, session);
+  }
   const children = new Map();
   const roots = [];
-  for (const session of state.sessions.values()) {
-    const parent = session.parentId;
-    if (!parent) {
+  for (const session of nodes.values()) {
+    if (!session.parentId) {
       roots.push(session);
       continue;
     }
-    if (!state.sessions.has(parent)) {
-      // The parent's events are not retained (or not here yet): a placeholder keeps the tree.
-      state.sessions.set(parent, {
-        id: parent, userId: session.userId, rootId: session.rootId, parentId: null,
-        data: null, version: -1, stale: false, placeholder: true,
-      });
-      if (parent === session.rootId) roots.push(state.sessions.get(parent));
-    }
-    if (!children.has(parent)) children.set(parent, []);
-    children.get(parent).push(session);
+    if (!children.has(session.parentId)) children.set(session.parentId, []);
+    children.get(session.parentId).push(session);
   }
   const byStart = (a, b) =>
     String(a.data?.start_time || "").localeCompare(String(b.data?.start_time || ""));
@@ -389,37 +404,76 @@ function hubUrl() {
   return url.href;
 }
 
-function watch(token) {
+/** Where the retained stream starts: the `since` that replays all of it (docs/monitor.md). */
+async function origin(token) {
+  const response = await fetch(new URL("origin", location.href), {
+    headers: { Authorization: `Bearer ${token}` },
+    cache: "no-store",
+    credentials: "omit",
+  });
+  if (response.status === 401 || response.status === 403) {
+    const body = await response.json().catch(() => ({}));
+    const error = new Error(`the hub refused the token (${body.error || response.status})`);
+    error.kind = "token_rejected";
+    throw error;
+  }
+  if (!response.ok) return null;
+  return String((await response.json()).since);
+}
+
+async function watch(token, { reload = false } = {}) {
   stop();
-  state.sessions.clear();
-  state.credits.clear();
-  state.users.clear();
-  document.body.dataset.events = "0";
+  const mine = generation;
+  currentToken = token;
+  if (!reload) {
+    state.sessions.clear();
+    state.credits.clear();
+    state.users.clear();
+    document.body.dataset.events = "0";
+    banner(null);
+    reloadsInRow = 0;
+  }
   $("login").hidden = true;
   $("main").hidden = false;
-  banner(null);
+  setStatus(reload ? "reloading" : "connecting", reload ? "reloading" : "connecting…");
+  let since = null;
+  try {
+    since = await origin(token);
+  } catch (error) {
+    if (mine !== generation) return;
+    if (error.kind) {
+      onError(error);
+      setStatus("failed", "stopped");
+      return;
+    }
+    // The hub is unreachable: the client retries; "0-0" is the origin until anything is pruned.
+  }
+  if (mine !== generation) return;
+  const current = (fn) => (...args) => (mine === generation ? fn(...args) : undefined);
   client = new KeenClient(hubUrl(), {
     // Read at every connection attempt, so "Forget token" also stops reconnects with it.
     tokenProvider: () => sessionStorage.getItem(TOKEN_KEY) || token,
     clientType: "monitor",
   });
-  subscription = client.subscribe({
+  const sub = client.subscribe({
     // Admins see everyone (scope "all", set once `ready` says admin; others get "mine");
     // the filters narrow the view.
-    since: "0-0", // every retained event: the page's state (see the top of this file)
-    onEvent,
-    onStatus,
-    onGap,
-    onError,
-    onReady: (ready) => {
+    since: since || "0-0",
+    onEvent: current(onEvent),
+    onStatus: current(onStatus),
+    onGap: current(onGap),
+    onError: current(onError),
+    onReady: current((ready) => {
       onReady(ready);
       // Read before each subscribe: admin status can change between connections (4007).
-      subscription.options.scope = ready.admin ? "all" : undefined;
-    },
+      sub.options.scope = ready.admin ? "all" : undefined;
+    }),
   });
+  subscription = sub;
 }
 
 function stop() {
+  generation += 1;
   if (client) client.close();
   client = null;
   subscription = null;
