@@ -9,9 +9,8 @@ reads what the page shows. Skipped when chromium is missing, unless KEEN_REQUIRE
 from __future__ import annotations
 
 import os
-import socket
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from decimal import Decimal
@@ -24,6 +23,8 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
 from tests.integration.hubkit import Hub, running_hub, stream_token
+from tests.integration.test_hub_stream import new_session
+from tests.integration.test_stream_client import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 #: Where to write a screenshot of the recursive run (tests/tools/monitor_screenshot.py sets it).
@@ -115,37 +116,33 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-async def new_session(
-    db: KeenDatabase, user: User, handle: str, parent: str | None = None
-) -> uuid.UUID:
-    session = await db.sessions.create_session(
-        user.id,
-        session_handle=handle,
-        vision="v",
-        working_directory="/w",
-        git_branch="main",
-        parent_session_handle=parent,
-    )
-    return session.id
+async def open_then_stop_hub(
+    browser: Browser,
+    db: KeenDatabase,
+    dsn: str,
+    user: User,
+    write: Callable[[], Awaitable[object]],
+) -> tuple[Monitor, int]:
+    """A monitor opened on a hub at a fixed port, ``write`` done and shown, then the hub
+    stopped (a restarted hub takes the same port, where the page reconnects)."""
+    port = free_port()
+    async with running_hub(dsn, port=port) as hub:
+        monitor = await Monitor.open(browser, hub, await stream_token(db, user.id))
+        await write()
+        await monitor.wait_events(await events_of(db, user))
+    return monitor, port
 
 
 async def recursive_run(db: KeenDatabase, user: User, prefix: str) -> dict[str, uuid.UUID]:
     """A root with two sub-agents and a grandchild, progress, phases, a budget and charges."""
     await db.billing.purchase(user.id, Decimal("100"), description="test funds")
-    ids = {
-        prefix: await new_session(db, user, prefix),
-        f"{prefix}.explore": await new_session(db, user, f"{prefix}.explore", prefix),
-        f"{prefix}.build": await new_session(db, user, f"{prefix}.build", prefix),
-    }
-    ids[f"{prefix}.build.tests"] = await new_session(
-        db, user, f"{prefix}.build.tests", f"{prefix}.build"
-    )
+    tree = [
+        (prefix, None),
+        (f"{prefix}.explore", prefix),
+        (f"{prefix}.build", prefix),
+        (f"{prefix}.build.tests", f"{prefix}.build"),
+    ]
+    ids = {handle: (await new_session(db, user, handle, parent)).id for handle, parent in tree}
     await db.sessions.set_budget(user.id, prefix, Decimal("20"))
     await db.sessions.update_progress(user.id, prefix, phase="SUMMON", iterations=3, tool_calls=5)
     await db.sessions.update_progress(
@@ -276,35 +273,30 @@ async def test_an_admin_watches_everyone_and_filters_by_user_and_session(
         assert await page.locator("#filter-user-label").is_visible()
         assert "admin" in await page.locator("#who").inner_text()
 
-        await page.select_option("#filter-user", str(bob.id))
-        await page.wait_for_timeout(100)
-        assert await trees.count() == 1
-        assert await trees.first.get_attribute("data-root-id") == str(bob_ids["bob-run"])
-        credits = page.locator("#credits tbody tr.credit")
-        users = await credits.evaluate_all("rs => rs.map(r => r.dataset.userId)")
-        assert users and set(users) == {str(bob.id)}
+        async def shows_only(root: uuid.UUID, user: User) -> None:
+            """One tree, ``root``'s, and only ``user``'s transactions."""
+            await page.wait_for_timeout(100)  # the page re-renders within 30 ms
+            assert await trees.count() == 1
+            assert await trees.first.get_attribute("data-root-id") == str(root)
+            visible = page.locator("#credits tbody tr.credit:visible")
+            users = await visible.evaluate_all("rs => rs.map(r => r.dataset.userId)")
+            assert users and set(users) == {str(user.id)}
 
+        await page.select_option("#filter-user", str(bob.id))
+        await shows_only(bob_ids["bob-run"], bob)
         await page.select_option("#filter-user", "")
         await page.fill("#filter-session", "alice-run.build.te")  # a grandchild: its whole tree
-        await page.wait_for_timeout(100)
-        assert await trees.count() == 1
-        assert await trees.first.get_attribute("data-root-id") == str(alice_ids["alice-run"])
-        visible = page.locator("#credits tbody tr.credit:visible")
-        users = await visible.evaluate_all("rs => rs.map(r => r.dataset.userId)")
-        assert users and set(users) == {str(alice.id)}
+        await shows_only(alice_ids["alice-run"], alice)
         assert monitor.problems() == []
 
 
 async def test_a_hub_restart_shows_reconnecting_then_resumes_with_nothing_lost_or_repeated(
     db, fresh_dsn, alice
 ):
-    port = free_port()
-    token = await stream_token(db, alice.id)
     async with chromium() as browser:
-        async with running_hub(fresh_dsn, port=port) as hub:
-            monitor = await Monitor.open(browser, hub, token)
-            await recursive_run(db, alice, "run")
-            await monitor.wait_events(await events_of(db, alice))
+        monitor, port = await open_then_stop_hub(
+            browser, db, fresh_dsn, alice, lambda: recursive_run(db, alice, "run")
+        )
         # The hub is gone (it closed with 1012): the page says so and keeps trying.
         await monitor.expect_state("reconnecting")
         banner = monitor.page.locator("#banner")
@@ -335,14 +327,12 @@ async def test_a_hub_restart_shows_reconnecting_then_resumes_with_nothing_lost_o
 
 
 async def test_events_that_cannot_be_recovered_show_a_reload_and_stale_rows(db, fresh_dsn, alice):
-    port = free_port()
-    token = await stream_token(db, alice.id)
+    async def write() -> None:
+        await new_session(db, alice, "old")
+        await new_session(db, alice, "kept")
+
     async with chromium() as browser:
-        async with running_hub(fresh_dsn, port=port) as hub:
-            monitor = await Monitor.open(browser, hub, token)
-            await new_session(db, alice, "old")
-            await new_session(db, alice, "kept")
-            await monitor.wait_events(2)
+        monitor, port = await open_then_stop_hub(browser, db, fresh_dsn, alice, write)
         await db.sessions.update_progress(alice.id, "old", iterations=5)
         # Past retention while the page was away: what it missed is gone.
         assert await db.events.prune(timedelta(0)) > 0
