@@ -385,13 +385,19 @@ async def test_a_page_opened_after_pruning_shows_what_is_retained_without_a_relo
     db, fresh_dsn, alice
 ):
     await new_session(db, alice, "pruned")
-    assert await db.events.prune(timedelta(0)) == 1
+    parent = await new_session(db, alice, "parent")
+    assert await db.events.prune(timedelta(0)) == 2
     await new_session(db, alice, "retained")
+    await new_session(db, alice, "child", "parent")
     async with running_hub(fresh_dsn) as hub, chromium() as browser:
         monitor = await Monitor.open(browser, hub, await stream_token(db, alice.id))
-        await monitor.wait_events(1)
+        await monitor.wait_events(2)
         assert await monitor.session("retained").count() == 1
         assert await monitor.session("pruned").count() == 0
+        # The child's tree is there; its root, with no retained event, as a placeholder.
+        placeholder = monitor.page.locator(f'li.placeholder[data-session-id="{parent.id}"]')
+        assert await placeholder.locator('li[data-handle="child"]').count() == 1
+        assert "no retained event yet" in await placeholder.inner_text()
         assert await monitor.page.locator("#banner").is_hidden()
         assert await monitor.page.evaluate("document.body.dataset.reloads") is None
         assert monitor.problems() == []

@@ -450,11 +450,7 @@ async function watch(token, { reload = false } = {}) {
   }
   if (mine !== generation) return;
   const current = (fn) => (...args) => (mine === generation ? fn(...args) : undefined);
-  client = new KeenClient(hubUrl(), {
-    // Read at every connection attempt, so "Forget token" also stops reconnects with it.
-    tokenProvider: () => sessionStorage.getItem(TOKEN_KEY) || token,
-    clientType: "monitor",
-  });
+  client = new KeenClient(hubUrl(), { token, clientType: "monitor" });
   const sub = client.subscribe({
     // Admins see everyone (scope "all", set once `ready` says admin; others get "mine");
     // the filters narrow the view.
