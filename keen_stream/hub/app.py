@@ -61,10 +61,14 @@ class HubApp:
 
 
 def create_app(
-    settings: Settings | None = None, *, db: KeenDatabase | None = None, freeze_gc: bool = False
+    settings: Settings | None = None,
+    *,
+    db: KeenDatabase | None = None,
+    close_db: bool = False,
+    freeze_gc: bool = False,
 ) -> HubApp:
-    """The hub application. ``db``: use this database (not closed at shutdown); default:
-    ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
+    """The hub application. ``db``: use this database (closed at shutdown only if ``close_db``);
+    default: ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
 
     ``freeze_gc`` (set by ``keen-stream serve``, which owns its process): after startup, move
     every object alive into the garbage collector's permanent generation, so full collections
@@ -87,7 +91,7 @@ def create_app(
         finally:
             await service.stop()
             app.state.service = None
-            if db is None:
+            if db is None or close_db:
                 await database.close()
 
     async def healthz(request: Request) -> Response:
