@@ -164,7 +164,10 @@ async def serve(settings: Settings, host: str, port: int) -> int:
         app = create_app(settings, db=db, close_db=True, freeze_gc=True)
         server = _Server(uvicorn_config(app, settings, host=host, port=port))
         server.on_started = lambda: _announce(server, app, db, revision)
-        await server.serve()
+        try:
+            await server.serve()
+        except SystemExit:  # uvicorn's answer to a failed bind (logged): its 3 is our not-found
+            return 1
         return 0 if server.started else 1
     finally:
         await db.close()  # the lifespan closed it unless the server never started

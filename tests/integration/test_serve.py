@@ -161,3 +161,13 @@ async def test_serve_logs_text_lines_by_default(fresh_dsn: str) -> None:
 
 def _name(dsn: str) -> str:
     return urlsplit(dsn).path.lstrip("/")
+
+
+async def test_serve_on_a_port_in_use_says_so_and_exits_1(fresh_dsn: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        proc = await start_serve(None, taken.getsockname()[1], env={"KEEN_DATABASE_URL": fresh_dsn})
+        output = await _exit_output(proc)
+    assert proc.returncode == 1, output
+    assert "address already in use" in output and "Traceback" not in output
