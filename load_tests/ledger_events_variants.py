@@ -87,7 +87,16 @@ class Hub:
             return
         port = free_port()
         self.proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "keen_stream", "serve", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "keen_stream",
+                "serve",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ],
             env={**os.environ, "KEEN_DATABASE_URL": self.dsn, "KEEN_POOL_MAX_SIZE": "4"},
             cwd=HERE.parent,
         )
