@@ -296,7 +296,10 @@ class KeenDatabase:
         async with self._transaction(None) as conn:
             row = await conn.fetchrow(_ROLE_SAFETY, role, list(TENANT_TABLES))
         if row is None:
-            raise UnsafeRoleError(f"role {role} does not exist: run `keen-stream migrate`")
+            raise UnsafeRoleError(
+                f"role {role} does not exist: the cluster is not migrated"
+                " (run `keen-stream migrate`)"
+            )
         problems = []
         if row["rolsuper"]:
             problems.append("is a superuser")
