@@ -95,10 +95,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.set_defaults(func=cmd_users_show)
 
     for name, status, text in (
-        ("suspend", "suspended", "suspend a user: their tokens stop working (open streams close"),
-        ("activate", "active", "make a user active again (tokens not revoked work again"),
+        ("suspend", "suspended", "suspend a user: their tokens stop working, open streams close"),
+        ("activate", "active", "make a user active again: tokens not revoked work again"),
     ):
-        p = commands.add_parser(name, parents=[common], help=f"{text})")
+        p = commands.add_parser(name, parents=[common], help=text)
         p.add_argument("user", help="user id or email")
         p.set_defaults(func=cmd_users_set_status, status=status)
 
