@@ -195,7 +195,7 @@ def _announce(server: uvicorn.Server, app: HubApp, db: KeenDatabase, revision: s
     node_id = str(service.node_id) if service is not None else None
     database = redact_dsn(db.dsn)
     logger.info(
-        "hub listening on %s (WebSocket /ws, /healthz, /metrics); database %s; schema revision "
+        "hub listening on %s (WebSocket /ws, monitor /monitor/); database %s; schema revision "
         "%s; node %s",
         ", ".join(f"http://{a}" for a in addresses),
         database,
