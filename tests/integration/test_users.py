@@ -262,7 +262,7 @@ async def test_list_shows_an_admin_everyone_and_a_user_only_themselves(
     assert [u.id for u in await db.users.list(actor_id=admin.id, status="suspended")] == [bob.id]
     for bad in ({"status": "gone"}, {"limit": 0}, {"limit": 10_001}, {"limit": True}):
         with pytest.raises(InvalidInput):
-            await db.users.list(actor_id=admin.id, **bad)  # type: ignore[arg-type]
+            await db.users.list(actor_id=admin.id, **bad)
 
 
 async def test_admin_by_email_finds_only_an_active_admin(
