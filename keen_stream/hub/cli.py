@@ -1,4 +1,9 @@
-"""``keen-stream serve [--host H] [--port P]``: run one hub node under uvicorn."""
+"""``keen-stream serve [--host H] [--port P]``: run one hub node under uvicorn.
+
+It checks the database before it listens (a refusal is one line and exit 2), then logs where it
+listens, the database (password hidden), the schema revision and the node id, and a line per
+WebSocket connection (keen_stream/hub/connection.py), as text or JSON (keen_stream/logs.py).
+"""
 
 from __future__ import annotations
 
