@@ -75,7 +75,7 @@ async def test_events_arrive_typed_and_in_order(db, fresh_dsn, alice):
             follower = Follower(stream.subscribe(events=["session.*"]))
             await follower.subscribed()
             assert follower.sub.ready is not None
-            assert follower.sub.ready["user_id"] == str(alice.id)
+            assert follower.sub.ready.user_id == alice.id
             session = await new_session(db, alice, "s")
             for i in range(1, 5):
                 await step(db, alice, "s", i)

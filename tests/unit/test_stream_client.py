@@ -14,6 +14,7 @@ import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
 from keen_stream.client import StreamClient, TokenExpired, parse_cursor
+from keen_stream.protocol import ErrorFrame, ReadyFrame, SubscribedFrame, dump_frame
 
 USER = uuid.uuid4()
 Script = Callable[[ServerConnection], Awaitable[None]]
@@ -36,8 +37,15 @@ def event(cursor: str) -> str:
 
 
 def subscribed(cursor: str, recovered: bool = True) -> str:
-    return json.dumps(
-        {"type": "subscribed", "id": "keen-client", "cursor": cursor, "recovered": recovered}
+    """Built with the hub's own model (keen_stream.protocol), as the hub builds it."""
+    return dump_frame(
+        SubscribedFrame(
+            id="keen-client",
+            scope="mine",
+            cursor=cursor,
+            recovered=recovered,
+            reason=None if recovered else "since_expired",
+        )
     )
 
 
@@ -48,7 +56,8 @@ class Fake:
         self.tokens: list[str | None] = []
 
     async def ready(self, ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "ready", "connection_id": "ws-1", "cursor": "1-0"}))
+        frame = ReadyFrame(connection_id="ws-1", user_id=USER, admin=False, cursor="1-0")
+        await ws.send(dump_frame(frame))
 
     async def subscribe(self, ws: ServerConnection) -> dict[str, Any]:
         frame: dict[str, Any] = json.loads(await ws.recv())
@@ -87,7 +96,7 @@ async def test_unavailable_a_4008_and_a_restart_resume_without_repeats_or_reorde
     async def first(ws: ServerConnection) -> None:
         await fake.ready(ws)
         await fake.subscribe(ws)
-        await ws.send(json.dumps({"type": "error", "id": "keen-client", "code": "unavailable"}))
+        await ws.send(dump_frame(ErrorFrame(id="keen-client", code="unavailable")))
         await fake.subscribe(ws)
         await ws.send(subscribed("10-1"))
         await ws.send(event("10-2"))

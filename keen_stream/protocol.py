@@ -1,0 +1,124 @@
+"""What the hub sends, as pydantic models shared by the hub and the Python client.
+
+The hub builds its frames from these models (``keen_stream.hub.protocol``; the event frame is
+concatenated on the hot path and a test holds it to :class:`EventFrame`), and
+``keen_stream.client`` parses them with the same models, so the two cannot drift apart. This
+module imports neither the data layer nor the hub: the client may import it (import-linter
+contracts in pyproject.toml). docs/protocol.md is the reference.
+
+Models accept fields they do not know (``extra="ignore"``): an older client keeps working
+against a newer hub that adds one.
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+
+#: A frame's ``id``: whatever the client's frame carried (a short string or an integer).
+Ref = str | int | None
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the hub uses (4000-4999 are ours; docs/protocol.md)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the hub node is shutting down: reconnect (to any node) and resume
+    MESSAGE_TOO_BIG = 1009  # a frame over the limit (64 KB)
+    INTERNAL_ERROR = 1011
+    AUTH_REQUIRED = 4001  # no token in time, a frame before auth, or a token in the URL
+    INVALID_TOKEN = 4003  # unknown/malformed token or missing scope
+    TOKEN_EXPIRED = 4004
+    TOKEN_REVOKED = 4005
+    ACCOUNT_INACTIVE = 4006
+    PRIVILEGES_CHANGED = 4007  # the user's admin status changed: reconnect
+    TOO_SLOW = 4008  # the client fell too far behind: reconnect and resume with `since`
+    FLOOD = 4029  # kept sending over the rate limit
+
+
+class ServerFrame(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class ReadyFrame(ServerFrame):
+    """The answer to a successful authentication (docs/protocol.md, section 1)."""
+
+    type: Literal["ready"] = "ready"
+    connection_id: str
+    user_id: uuid.UUID
+    admin: bool
+    #: The stream's position now.
+    cursor: str
+
+
+class SubscribedFrame(ServerFrame):
+    """The answer to ``subscribe`` (section 2). ``recovered: false`` comes with a ``reason``
+    (``since_expired``, ``since_unknown``)."""
+
+    type: Literal["subscribed"] = "subscribed"
+    id: Ref = None
+    scope: str
+    sessions: list[uuid.UUID] | None = None
+    events: list[str] | None = None
+    cursor: str
+    recovered: bool = True
+    reason: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _reason_only_when_given(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("reason") is None:
+            data.pop("reason", None)
+        return data
+
+
+class UnsubscribedFrame(ServerFrame):
+    type: Literal["unsubscribed"] = "unsubscribed"
+    id: Ref = None
+    scope: str
+    sessions: list[uuid.UUID] | None = None
+
+
+class PongFrame(ServerFrame):
+    """The answer to a ``ping`` frame (section 4): ``cursor`` is a safe resume point."""
+
+    type: Literal["pong"] = "pong"
+    id: Ref = None
+    cursor: str
+
+
+class ErrorFrame(ServerFrame):
+    """A refused frame (section 5); the connection stays open."""
+
+    type: Literal["error"] = "error"
+    id: Ref = None
+    code: str
+    message: str = ""
+
+
+class EventFrame(ServerFrame):
+    """One event (section 3)."""
+
+    type: Literal["event"] = "event"
+    #: The event's position; the ``since`` to resume after it.
+    cursor: str
+    #: Grows with every change of the same entity (session or credit account).
+    version: int
+    #: A ``str``, not a closed set: a newer hub may add types an older client passes on.
+    event_type: str
+    user_id: uuid.UUID
+    session_id: uuid.UUID | None = None
+    root_session_id: uuid.UUID | None = None
+    #: When the writing transaction started.
+    time: datetime
+    #: The payload (the table in section 3); money is a decimal string.
+    data: dict[str, Any]
+
+
+def dump_frame(frame: ServerFrame) -> str:
+    """A frame as the hub sends it (compact JSON)."""
+    return frame.model_dump_json()
