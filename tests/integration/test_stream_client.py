@@ -1,22 +1,29 @@
 """keen_stream.client against a real hub and real PostgreSQL: typed events in order, resuming
-across a hub restart and across URLs, a revoked token, a gap the hub cannot fill."""
+across a hub restart and across URLs, a hub that stops answering, revoked and expired tokens, a
+suspended user, a gap the hub cannot fill. (The client under the fault harness, with hub
+processes and a database that fail: tests/faults/test_client_faults.py.)"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
 from keen_stream.client import (
+    AccountInactive,
     Event,
     StreamClient,
     StreamGap,
     Subscription,
     SubscriptionRejected,
+    TokenExpired,
     TokenRevoked,
     parse_cursor,
 )
@@ -202,3 +209,164 @@ async def test_a_resume_point_past_retention_raises_stream_gap_or_calls_on_gap(
             assert got[0].data["iteration_count"] == 6
             assert got[0].position > parse_cursor(gaps[0].cursor)
             await follower.stop()
+
+
+class Blackhole:
+    """A TCP proxy in front of a hub that can stop passing bytes, both ways, without closing
+    anything: a network path that drops everything, or a hub that hangs. No RST, no FIN; only
+    a ping going unanswered can tell the client."""
+
+    def __init__(self, target: str) -> None:
+        parts = urlsplit(target)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.holes = False
+        self.url = ""
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            while data := await src.read(65536):
+                if not self.holes:
+                    dst.write(data)
+                    await dst.drain()
+        dst.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(self.host, self.port)
+        for pipe in (self._pipe(reader, up_writer), self._pipe(up_reader, writer)):
+            task = asyncio.create_task(pipe)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[str]:
+        server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/ws"
+        try:
+            yield self.url
+        finally:
+            server.close()
+            for task in list(self._tasks):
+                task.cancel()
+
+
+async def test_a_hub_that_stops_answering_is_detected_by_a_ping_and_left_for_the_next_url(
+    db, fresh_dsn, alice
+):
+    async with running_hub(fresh_dsn) as hub:
+        proxy = Blackhole(hub.url)
+        async with proxy.serving() as via_proxy:
+            token = await stream_token(db, alice.id)
+            # The proxy first, then the hub directly (another route to a healthy node).
+            stream = client([via_proxy, hub.url], token=token, ping_interval=0.3, ping_timeout=0.3)
+            async with stream:
+                follower = Follower(stream.subscribe())
+                await follower.subscribed()
+                assert follower.sub.url == via_proxy
+                await new_session(db, alice, "s")
+                await follower.count(1)
+                await asyncio.sleep(1.0)  # quiet but alive: pings are answered
+                assert follower.sub.dead_connections == 0 and follower.sub.reconnects == 0
+
+                proxy.holes = True
+                await step(db, alice, "s", 1)  # written while the path is dead
+                await step(db, alice, "s", 2)
+                got = await follower.count(3)
+                assert follower.sub.dead_connections == 1
+                assert follower.sub.url == hub.url
+                await step(db, alice, "s", 3)
+                got = await follower.count(4)
+                assert [e.data["iteration_count"] for e in got] == [0, 1, 3, 6]
+                assert_in_order(got)
+                await follower.stop()
+
+
+async def test_a_caller_slower_than_the_ping_interval_does_not_make_a_live_hub_look_dead(
+    db, fresh_dsn, alice
+):
+    async with running_hub(fresh_dsn) as hub:
+        token = await stream_token(db, alice.id)
+        async with client(hub.url, token=token, ping_interval=0.2, ping_timeout=0.2) as stream:
+            sub = stream.subscribe()
+            first = asyncio.ensure_future(anext(sub))
+            await wait_for(lambda: sub.cursor is not None, "subscribed")
+            await new_session(db, alice, "s")
+            got = [await asyncio.wait_for(first, 10)]
+            for _ in range(2):
+                # More than websockets queues (16 frames) arrive while the caller is busy, so
+                # the socket is not read: a pong would sit unread, as would the events.
+                for _ in range(30):
+                    await step(db, alice, "s", 1)
+                await asyncio.sleep(1.0)  # the caller's own work, longer than both timeouts
+                for _ in range(30):
+                    got.append(await asyncio.wait_for(anext(sub), 10))
+            assert [e.data["iteration_count"] for e in got] == list(range(61))
+            assert sub.dead_connections == 0 and sub.reconnects == 0
+            await sub.aclose()
+
+
+async def test_an_expired_token_is_a_typed_error_unless_the_provider_has_a_fresh_one(
+    db, fresh_dsn, alice
+):
+    async with running_hub(fresh_dsn) as hub:
+        # Expired before connecting: refused once, raised, not retried.
+        stale = await stream_token(db, alice.id, expires_in=timedelta(milliseconds=50))
+        await asyncio.sleep(0.1)
+        failures = hub.service.stats.auth_failures
+        async with client(hub.url, token=stale) as stream:
+            with pytest.raises(TokenExpired) as info:
+                await asyncio.wait_for(anext(stream.subscribe()), 10)
+        assert info.value.close_code == 4004
+        assert hub.service.stats.auth_failures == failures + 1
+
+        # Expiring while connected, with a fixed token: the hub closes 4004 at the expiry.
+        short = await stream_token(db, alice.id, expires_in=timedelta(seconds=1))
+        async with client(hub.url, token=short) as stream:
+            follower = Follower(stream.subscribe())
+            await follower.subscribed()
+            await new_session(db, alice, "s")
+            await follower.count(1)
+            with pytest.raises(TokenExpired):
+                await asyncio.wait_for(follower.task, 10)
+            assert follower.sub.reconnects == 0
+
+        # With a provider (a plain function here; async in the restart test) the client
+        # reconnects with the next token and resumes: nothing lost, nothing twice.
+        tokens = [
+            await stream_token(db, alice.id, expires_in=timedelta(seconds=1)),
+            await stream_token(db, alice.id),
+        ]
+        issued = iter(tokens)
+        async with client(hub.url, token_provider=lambda: next(issued)) as stream:
+            follower = Follower(stream.subscribe(sessions=[]))
+            await follower.subscribed()
+            await step(db, alice, "s", 1)
+            await follower.count(1)
+            await wait_for(lambda: follower.sub.closes[4004] == 1, "closed 4004", within=10)
+            await step(db, alice, "s", 2)
+            got = await follower.count(2)
+            assert [e.data["iteration_count"] for e in got] == [1, 3]
+            assert follower.sub.reconnects == 1
+            await follower.stop()
+
+
+async def test_a_suspended_user_ends_the_stream_with_account_inactive_and_no_retry(
+    db, fresh_dsn, alice, admin
+):
+    async with running_hub(fresh_dsn) as hub:
+        token = await stream_token(db, alice.id)
+        async with client(hub.url, token=token) as stream:
+            follower = Follower(stream.subscribe())
+            await follower.subscribed()
+            await new_session(db, alice, "s")
+            await follower.count(1)
+            await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
+            with pytest.raises(AccountInactive) as info:
+                await asyncio.wait_for(follower.task, 10)
+            assert info.value.close_code == 4006
+            assert follower.sub.reconnects == 0
+
+            failures = hub.service.stats.auth_failures
+            with pytest.raises(AccountInactive):
+                await asyncio.wait_for(anext(stream.subscribe()), 10)
+            assert hub.service.stats.auth_failures == failures + 1
