@@ -424,7 +424,8 @@ class Subscription:
     ``cursor``: the resume point, the cursor of the last event handed out (or where the
     subscription started); persist it to resume in another process. ``ready``: the last
     ``ready`` frame (``connection_id``, ``user_id``, ``admin``). ``url``: the hub URL of the
-    current connection (None between connections). ``reconnects``, ``closes`` (how each
+    current connection (None between connections); ``live``: its subscribe was answered
+    (False while reconnecting: a UI's "reconnecting..." state). ``reconnects``, ``closes`` (how each
     connection ended, by close code; 1006: without a close frame) and ``dead_connections``
     (cut after an unanswered ping) tell what the client went through."""
 
@@ -442,6 +443,8 @@ class Subscription:
         self._last: tuple[int, int] | None = None if since is None else parse_cursor(since)
         self.ready: ReadyFrame | None = None
         self.url: str | None = None
+        #: True while a connection's subscribe has been answered (False while reconnecting).
+        self.live = False
         self.reconnects = 0
         self.closes: Counter[int] = Counter()
         self.dead_connections = 0
@@ -514,7 +517,7 @@ class Subscription:
                         refreshed = False
                         yield event
                 finally:
-                    self.url = None
+                    self.url, self.live = None, False
                     if self._ws is not None:
                         await self._ws.close()
                         self._ws = None
@@ -567,6 +570,7 @@ class Subscription:
                 yield event
             elif kind == "subscribed":
                 self._failures = 0
+                self.live = True
                 await self._subscribed(_parse(SubscribedFrame, frame))
             elif kind == "error":
                 error = _parse(ErrorFrame, frame)
@@ -576,6 +580,7 @@ class Subscription:
                 # The subscribe did not take, or the replay stopped and the subscription is
                 # gone: the same subscribe again, from the last event handed out.
                 logger.info("subscribe answered %s (%s); retrying", code, message)
+                self.live = False
                 self._failed(f"{code}: {message}")
                 await asyncio.sleep(self._client._delay(self._failures))
                 await self._send_subscribe(ws)

@@ -38,6 +38,9 @@ The pieces:
   (``tests/integration/credits_support.fund``).
 - :class:`ResumingClient`: a WebSocket client that follows docs/protocol.md and resumes with
   ``since`` after every close or failure, round-robin over the nodes, recording everything.
+- :class:`Follower`: what the check needs of a client; :class:`ResumingClient` is one, and so is
+  ``tests/faults/clientkit.StreamClientConsumer`` (keen_stream.client as an application uses
+  it: what its caller was handed).
 - :func:`verify`: per client, entitled vs received: lost, duplicated, out of order, foreign,
   ``recovered`` claims that were not true; losses attributed to the phase they happened in.
 - :func:`write_evidence`: what a failed run leaves behind (JSON): per client its log of
@@ -65,7 +68,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -1093,6 +1096,39 @@ class _ConnectionState:
 
 
 # --- the check ----------------------------------------------------------------------------------
+class Follower(Protocol):
+    """A client as the check sees it (:class:`ResumingClient`, or a StreamClient's caller in
+    tests/faults/clientkit.py): what it subscribed to, from where, and what it received."""
+
+    name: str
+    spec: SubscriptionSpec
+    user_id: str
+    is_admin: bool
+    #: The starting ``since``; ``last`` the cursor of the last event received.
+    baseline: str | None
+    last: str | None
+    received: list[Received]
+    replies: list[SubscribeReply]
+    error_frames: list[tuple[int, str, str]]
+    connect_failures: Counter[str]
+    unexpected: list[str]
+    unavailable: int
+
+    @property
+    def disconnects(self) -> list[Disconnect]: ...
+
+    @property
+    def recovered_false(self) -> int: ...
+
+    @property
+    def reconnects(self) -> int: ...
+
+    @property
+    def last_cursor(self) -> Cursor | None: ...
+
+    def evidence(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class ClientVerdict:
     name: str
@@ -1199,7 +1235,7 @@ class Verdict:
         return "\n".join(lines)
 
 
-def entitled_rows(client: ResumingClient, rows: Iterable[StreamRow]) -> list[StreamRow]:
+def entitled_rows(client: Follower, rows: Iterable[StreamRow]) -> list[StreamRow]:
     """The rows ``client`` must receive: after its starting ``since``, allowed by the
     authorization rule and its subscription."""
     start = parse_cursor(client.baseline) if client.baseline else (0, 0)
@@ -1211,7 +1247,7 @@ def entitled_rows(client: ResumingClient, rows: Iterable[StreamRow]) -> list[Str
 
 
 def verify(
-    clients: Sequence[ResumingClient],
+    clients: Sequence[Follower],
     rows: Sequence[StreamRow],
     *,
     faults: int,
@@ -1227,7 +1263,7 @@ def verify(
     )
 
 
-def _verify_one(client: ResumingClient, rows: Sequence[StreamRow]) -> ClientVerdict:
+def _verify_one(client: Follower, rows: Sequence[StreamRow]) -> ClientVerdict:
     entitled = {r.cursor for r in entitled_rows(client, rows)}
     by_cursor = {r.cursor: r for r in rows}
     v = ClientVerdict(client.name, entitled=len(entitled), deliveries=len(client.received))
@@ -1300,7 +1336,7 @@ def _verify_one(client: ResumingClient, rows: Sequence[StreamRow]) -> ClientVerd
 
 
 async def wait_caught_up(
-    clients: Sequence[ResumingClient],
+    clients: Sequence[Follower],
     rows: Sequence[StreamRow],
     *,
     within: float = 30.0,
@@ -1347,7 +1383,7 @@ async def wait_caught_up(
 
 def write_evidence(
     path: Path,
-    clients: Sequence[ResumingClient],
+    clients: Sequence[Follower],
     rows: Sequence[StreamRow],
     verdict: Verdict | None = None,
     **extra: Any,
