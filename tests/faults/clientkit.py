@@ -165,11 +165,7 @@ class StreamClientConsumer:
             "kind": "keen_stream.client",
             "user_id": self.user_id,
             "is_admin": self.is_admin,
-            "spec": {
-                "scope": self.spec.scope,
-                "sessions": list(self.spec.sessions),
-                "events": list(self.spec.events),
-            },
+            "spec": self.spec.evidence(),
             "baseline": self.baseline,
             "last": self.last,
             "reconnects": self.reconnects,

@@ -78,9 +78,13 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from keen_stream.dal.database import KeenDatabase
+from keen_stream.dal.models import User
 from keen_stream.dal.models.events import EVENT_TYPES
 from keen_stream.dal.models.sessions import PHASES
+from keen_stream.dal.users import upsert_super_admin
 from keen_stream.hub.sockinfo import tcp_state
+from tests.conftest import ADMIN_EMAIL, PASSWORD, make_settings
+from tests.integration.credits_support import fund
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 
@@ -404,6 +408,29 @@ async def head_cursor(dsn: str) -> Cursor | None:
     return None if row is None else (int(row["xid"]), row["id"])
 
 
+async def writer_database(dsn: str, *, pool_max_size: int) -> KeenDatabase:
+    """The writer's DAL: short connect and acquire timeouts, so an outage fails a write quickly
+    (counted) instead of holding the writer."""
+    return await KeenDatabase.connect(
+        settings=make_settings(
+            dsn, pool_max_size=pool_max_size, connect_timeout=2.0, pool_acquire_timeout=2.0
+        ),
+        migrate=False,
+    )
+
+
+async def funded_users(db: KeenDatabase, prefix: str, count: int) -> list[User]:
+    """``count`` users (``<prefix><i>@example.com``) with 1,000 credits each to spend."""
+    users = []
+    for i in range(count):
+        user = await db.users.create(
+            email=f"{prefix}{i}@example.com", username=f"{prefix}_{i}", password=PASSWORD
+        )
+        await fund(db, user, "1000")
+        users.append(user)
+    return users
+
+
 # --- the writer ---------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class WriterUser:
@@ -594,6 +621,31 @@ class Writer:
             )
 
 
+@dataclass
+class Tenants:
+    """Who a scenario writes for: funded users and the super-admin, each with a root session the
+    writer keeps open (``roots``: user id to the root's row id)."""
+
+    admin: User
+    users: list[User]
+    writer: Writer
+    roots: dict[uuid.UUID, uuid.UUID]
+
+
+async def tenants(db: KeenDatabase, prefix: str, count: int, *, timeline: Timeline) -> Tenants:
+    """``count`` funded users (:func:`funded_users`), the super-admin, and a :class:`Writer`
+    for all of them (not started); session handles ``u<i>-<n>`` and ``adm-<n>``."""
+    admin = await upsert_super_admin(db, ADMIN_EMAIL, PASSWORD)
+    users = await funded_users(db, prefix, count)
+    writer = Writer(
+        db,
+        [WriterUser(u.id, f"u{i}") for i, u in enumerate(users)] + [WriterUser(admin.id, "adm")],
+        timeline=timeline,
+    )
+    roots = {u.id: await writer.open_root(u.id) for u in [*users, admin]}
+    return Tenants(admin, users, writer, roots)
+
+
 # --- the resuming client ----------------------------------------------------------------------
 def _event_types(patterns: Iterable[str]) -> frozenset[str] | None:
     """The types a subscription's ``events`` list selects (None: all), as docs/protocol.md."""
@@ -625,6 +677,9 @@ class SubscriptionSpec:
         if since is not None:
             frame["since"] = since
         return frame
+
+    def evidence(self) -> dict[str, Any]:
+        return {"scope": self.scope, "sessions": list(self.sessions), "events": list(self.events)}
 
     def entitles(self, row: StreamRow, user_id: str, is_admin: bool) -> bool:
         """The authorization rule (RLS: own events; admins all), then the subscription's."""
@@ -842,11 +897,7 @@ class ResumingClient:
             "name": self.name,
             "user_id": self.user_id,
             "is_admin": self.is_admin,
-            "spec": {
-                "scope": self.spec.scope,
-                "sessions": list(self.spec.sessions),
-                "events": list(self.spec.events),
-            },
+            "spec": self.spec.evidence(),
             "baseline": self.baseline,
             "last": self.last,
             "highest_received": None if highest is None else format_cursor(highest),

@@ -23,9 +23,6 @@ from pathlib import Path
 import asyncpg
 
 from keen_stream.client import TokenExpired
-from keen_stream.dal.database import KeenDatabase
-from keen_stream.dal.users import upsert_super_admin
-from tests.conftest import ADMIN_EMAIL, PASSWORD, make_settings
 from tests.faults.clientkit import StreamClientConsumer
 from tests.faults.harness import (
     LISTENER_APPLICATION_NAME,
@@ -33,17 +30,17 @@ from tests.faults.harness import (
     SubscriptionSpec,
     Timeline,
     Writer,
-    WriterUser,
     entitled_rows,
     format_cursor,
     head_cursor,
     read_stream,
+    tenants,
     terminate_backends,
     verify,
     wait_caught_up,
     write_evidence,
+    writer_database,
 )
-from tests.integration.credits_support import fund
 from tests.integration.hubkit import wait_for
 from tests.pgcluster import OwnedPostgres, requires_owned_postgres
 
@@ -234,33 +231,15 @@ async def test_a_stream_client_hands_its_caller_every_event_once_in_order_throug
     owned_pg: OwnedPostgres, owned_dsn: str, tmp_path: Path
 ) -> None:
     timeline = Timeline()
-    db = await KeenDatabase.connect(
-        settings=make_settings(
-            owned_dsn, pool_max_size=4, connect_timeout=2.0, pool_acquire_timeout=2.0
-        ),
-        migrate=False,
-    )
+    db = await writer_database(owned_dsn, pool_max_size=4)
     nodes = {name: HubNode(name, owned_dsn, tmp_path, env=HUB_ENV) for name in ("A", "B")}
     consumers: list[StreamClientConsumer] = []
     writer: Writer | None = None
     try:
         for node in nodes.values():
             node.start()
-        admin = await upsert_super_admin(db, ADMIN_EMAIL, PASSWORD)
-        users = []
-        for i in range(3):
-            user = await db.users.create(
-                email=f"cf{i}@example.com", username=f"cf_{i}", password=PASSWORD
-            )
-            await fund(db, user, "1000")
-            users.append(user)
-        writer = Writer(
-            db,
-            [WriterUser(u.id, f"u{i}") for i, u in enumerate(users)]
-            + [WriterUser(admin.id, "adm")],
-            timeline=timeline,
-        )
-        roots = {u.id: await writer.open_root(u.id) for u in [*users, admin]}
+        cast = await tenants(db, "cf", 3, timeline=timeline)
+        admin, users, writer, roots = cast.admin, cast.users, cast.writer, cast.roots
         baseline = await head_cursor(owned_dsn)
         assert baseline is not None
         since = format_cursor(baseline)

@@ -19,10 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
-from keen_stream.dal.users import upsert_super_admin
-from tests.conftest import ADMIN_EMAIL, PASSWORD, make_settings
 from tests.faults.clientkit import StreamClientConsumer
 from tests.faults.harness import (
     LISTENER_APPLICATION_NAME,
@@ -31,18 +28,18 @@ from tests.faults.harness import (
     SubscriptionSpec,
     Timeline,
     Writer,
-    WriterUser,
     format_cursor,
     head_cursor,
     long_transaction,
     parse_cursor,
     read_stream,
+    tenants,
     terminate_backends,
     verify,
     wait_caught_up,
     write_evidence,
+    writer_database,
 )
-from tests.integration.credits_support import fund
 from tests.integration.hubkit import stream_token, wait_for
 from tests.pgcluster import OwnedPostgres, StopMode, requires_owned_postgres
 
@@ -288,12 +285,7 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
     owned_pg: OwnedPostgres, owned_dsn: str, tmp_path: Path
 ) -> None:
     timeline = Timeline()
-    db = await KeenDatabase.connect(
-        settings=make_settings(
-            owned_dsn, pool_max_size=6, connect_timeout=2.0, pool_acquire_timeout=2.0
-        ),
-        migrate=False,
-    )
+    db = await writer_database(owned_dsn, pool_max_size=6)
     nodes = {name: HubNode(name, owned_dsn, tmp_path, env=HUB_ENV) for name in ("A", "B")}
     clients: list[ResumingClient] = []
     consumers: list[StreamClientConsumer] = []
@@ -302,22 +294,8 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
     try:
         for node in nodes.values():
             node.start()
-        admin = await upsert_super_admin(db, ADMIN_EMAIL, PASSWORD)
-        users: list[User] = []
-        for i in range(4):
-            users.append(
-                await db.users.create(
-                    email=f"fault{i}@example.com", username=f"fault_{i}", password=PASSWORD
-                )
-            )
-            await fund(db, users[-1], "1000")
-        writer = Writer(
-            db,
-            [WriterUser(u.id, f"u{i}") for i, u in enumerate(users)]
-            + [WriterUser(admin.id, "adm")],
-            timeline=timeline,
-        )
-        roots = {u.id: await writer.open_root(u.id) for u in [*users, admin]}
+        cast = await tenants(db, "fault", 4, timeline=timeline)
+        admin, users, writer, roots = cast.admin, cast.users, cast.writer, cast.roots
         baseline = await head_cursor(owned_dsn)
         assert baseline is not None
         since = format_cursor(baseline)

@@ -70,6 +70,15 @@ class Follower:
         await asyncio.wait_for(self.task, 5)
 
 
+async def following(stream: StreamClient, db: Any, user: Any) -> Follower:
+    """A subscription that has handed out its first event: session "s", created after it."""
+    follower = Follower(stream.subscribe())
+    await follower.subscribed()
+    await new_session(db, user, "s")
+    await follower.count(1)
+    return follower
+
+
 def assert_in_order(events: list[Event]) -> None:
     positions = [e.position for e in events]
     assert positions == sorted(set(positions)), "repeated or out of order"
@@ -153,10 +162,7 @@ async def test_a_revoked_token_ends_the_stream_with_a_typed_error_and_no_retry(
         issued = await db.tokens.issue(alice.id, "session", scopes=["stream"])
         token = issued.token.get_secret_value()
         async with client(hub.url, token=token) as stream:
-            follower = Follower(stream.subscribe())
-            await follower.subscribed()
-            await new_session(db, alice, "s")
-            await follower.count(1)
+            follower = await following(stream, db, alice)
             failures = hub.service.stats.auth_failures
             await db.tokens.revoke(alice.id, issued.record.id)  # closed with 4005 while connected
             with pytest.raises(TokenRevoked) as info:
@@ -322,10 +328,7 @@ async def test_an_expired_token_is_a_typed_error_unless_the_provider_has_a_fresh
         # Expiring while connected, with a fixed token: the hub closes 4004 at the expiry.
         short = await stream_token(db, alice.id, expires_in=timedelta(seconds=1))
         async with client(hub.url, token=short) as stream:
-            follower = Follower(stream.subscribe())
-            await follower.subscribed()
-            await new_session(db, alice, "s")
-            await follower.count(1)
+            follower = await following(stream, db, alice)
             with pytest.raises(TokenExpired):
                 await asyncio.wait_for(follower.task, 10)
             assert follower.sub.reconnects == 0
@@ -356,10 +359,7 @@ async def test_a_suspended_user_ends_the_stream_with_account_inactive_and_no_ret
     async with running_hub(fresh_dsn) as hub:
         token = await stream_token(db, alice.id)
         async with client(hub.url, token=token) as stream:
-            follower = Follower(stream.subscribe())
-            await follower.subscribed()
-            await new_session(db, alice, "s")
-            await follower.count(1)
+            follower = await following(stream, db, alice)
             await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
             with pytest.raises(AccountInactive) as info:
                 await asyncio.wait_for(follower.task, 10)
