@@ -12,6 +12,10 @@ authenticates again, and resubscribes with ``since`` = the cursor of the last ev
 out, so the caller sees every event once, in cursor order. What it cannot repair it raises, as
 one of the exceptions below (all :class:`StreamError`).
 
+A connection that goes quiet while the caller waits is pinged, and cut if the ping is not
+answered (a hub that hangs, a network that drops everything). Events are
+:class:`keen_stream.protocol.EventFrame`, the model the hub builds its frames from.
+
 It speaks the protocol only: it imports neither the data layer nor the hub (an import-linter
 contract in pyproject.toml). Its exceptions belong to keen_stream's one hierarchy
 (:class:`~keen_stream.errors.KeenError`), under :class:`StreamError`.
