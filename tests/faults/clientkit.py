@@ -56,7 +56,7 @@ class StreamClientConsumer:
         token: str | None = None,
         token_provider: TokenProvider | None = None,
         ping_interval: float | None = 0.5,
-        ping_timeout: float = 0.5,
+        ping_timeout: float = 0.75,
         expect: type[BaseException] | None = None,
     ) -> None:
         self.name = name

@@ -53,8 +53,9 @@ SETTLE = 1.0
 #: the application sees the 4008 (not a cut connection) when it reads again.
 HUB_ENV = {"KEEN_HUB_WS_PING_INTERVAL": "1", "KEEN_HUB_CLOSE_TIMEOUT": "5"}
 SLOW_CLOSED = "keen_hub_slow_consumers_closed_total"
-#: How long node B hangs (SIGSTOP). The clients ping after 0.5 s of quiet and give up 0.5 s
-#: later, so they have left it long before it wakes.
+#: How long node B hangs (SIGSTOP). The clients ping after 0.5 s of quiet and give up 0.75 s
+#: later, so they have left it before it wakes (and before the other node would count it
+#: stale, KEEN_HUB_NODE_STALE_AFTER = 3 s).
 HANG = 2.5
 DATABASE = "keen"
 

@@ -355,6 +355,9 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
                     since=since,
                     timeline=timeline,
                     token=await stream_token(db, user.id),
+                    # No hung node here: slower pings, so a busy box cannot fake one.
+                    ping_interval=2.0,
+                    ping_timeout=2.0,
                 )
             )
         await asyncio.gather(*(node.wait_healthy() for node in nodes.values()))
