@@ -43,10 +43,12 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from keen_stream.errors import KeenError
 from keen_stream.protocol import (
     CloseCode,
+    CreditTransaction,
     ErrorFrame,
     EventFrame,
     ReadyFrame,
     ServerFrame,
+    SessionState,
     SubscribedFrame,
 )
 
@@ -189,6 +191,22 @@ class Event(EventFrame):
         """The cursor as the pair of integers events are ordered by."""
         return parse_cursor(self.cursor)
 
+    @property
+    def session(self) -> SessionState | None:
+        """``data`` of a ``session.*`` event, typed (None for other events); UnexpectedFrame
+        if it does not parse. Parsed on each access: keep the result."""
+        if not self.event_type.startswith("session."):
+            return None
+        return _parse(SessionState, self.data, "session.* payload")
+
+    @property
+    def credit(self) -> CreditTransaction | None:
+        """``data`` of a ``credit.*`` event, typed (None for other events); UnexpectedFrame
+        if it does not parse."""
+        if not self.event_type.startswith("credit."):
+            return None
+        return _parse(CreditTransaction, self.data, "credit.* payload")
+
 
 class LatestByEntity:
     """Per entity, the newest event: the state a dashboard shows (docs/protocol.md, section 3).
@@ -254,11 +272,12 @@ class LatestByEntity:
 _F = TypeVar("_F", bound=ServerFrame)
 
 
-def _parse(model: type[_F], frame: dict[str, Any]) -> _F:
+def _parse(model: type[_F], frame: dict[str, Any], what: str | None = None) -> _F:
     try:
         return model.model_validate(frame)
     except ValidationError as exc:
-        raise UnexpectedFrame(f"a {frame.get('type')} frame not as expected: {exc}") from None
+        what = what or f"{frame.get('type')} frame"
+        raise UnexpectedFrame(f"a {what} not as expected: {exc}") from None
 
 
 # --- the client -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import uuid
 from datetime import datetime
+from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
@@ -117,6 +118,55 @@ class EventFrame(ServerFrame):
     time: datetime
     #: The payload (the table in section 3); money is a decimal string.
     data: dict[str, Any]
+
+
+# --- event payloads (``data``; written by the capture triggers, keen_stream/sql/events.sql) ---
+class SessionState(ServerFrame):
+    """``data`` of a ``session.*`` event: the session's whole small state (docs/protocol.md,
+    section 3). Money is :class:`~decimal.Decimal` (a decimal string on the wire)."""
+
+    session_handle: str
+    parent_session_id: uuid.UUID | None
+    root_session_id: uuid.UUID
+    depth: int
+    phase: str
+    status: str
+    iteration_count: int
+    tool_calls_count: int
+    tokens_used: int
+    context_tokens_used: int
+    claude_cost_usd: Decimal
+    keen_cost_credits: Decimal
+    credit_budget: Decimal | None
+    budget_used: Decimal
+    files_modified: int
+    files_created: int
+    files_deleted: int
+    start_time: datetime
+    end_time: datetime | None
+    is_admin_session: bool
+    #: ``session.created`` only.
+    git_branch: str | None = None
+    #: ``session.phase_changed`` only.
+    previous_phase: str | None = None
+    #: Once the session is no longer running.
+    success: bool | None = None
+    error_message: str | None = None
+
+
+class CreditTransaction(ServerFrame):
+    """``data`` of a ``credit.*`` event: one ledger row. Money is :class:`~decimal.Decimal`."""
+
+    transaction_id: uuid.UUID
+    account_id: uuid.UUID
+    transaction_type: str
+    amount: Decimal
+    balance_after: Decimal
+    claude_cost_usd: Decimal | None
+    #: The first 200 characters.
+    description: str
+    is_admin_bypass: bool
+    created_at: datetime
 
 
 def dump_frame(frame: ServerFrame) -> str:

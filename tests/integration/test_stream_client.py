@@ -11,6 +11,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from decimal import Decimal
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +28,8 @@ from keen_stream.client import (
     TokenRevoked,
     parse_cursor,
 )
+from keen_stream.protocol import CreditTransaction, SessionState
+from tests.integration.credits_support import fund
 from tests.integration.hubkit import running_hub, stream_token, wait_for
 from tests.integration.test_hub_stream import new_session, step
 
@@ -370,3 +373,46 @@ async def test_a_suspended_user_ends_the_stream_with_account_inactive_and_no_ret
             with pytest.raises(AccountInactive):
                 await asyncio.wait_for(anext(stream.subscribe()), 10)
             assert hub.service.stats.auth_failures == failures + 1
+
+
+async def test_every_payload_the_triggers_write_parses_as_its_typed_model(db, fresh_dsn, alice):
+    """The payloads come from SQL (keen_stream/sql/events.sql): each kind, from the real
+    triggers, parses into the shared model, and the model knows every key it carries."""
+    await fund(db, alice, "50")
+    async with running_hub(fresh_dsn) as hub:
+        token = await stream_token(db, alice.id)
+        async with client(hub.url, token=token) as stream:
+            follower = await following(stream, db, alice)  # session.created
+            await db.sessions.update_progress(alice.id, "s", phase="PLAN", iterations=2)
+            await new_session(db, alice, "child", parent="s")
+            await db.credits.deduct_credits(alice.id, Decimal("0.25"), "s", "model call")
+            await db.sessions.complete_session(
+                alice.id, "child", success=False, claude_cost_usd=Decimal("0.5")
+            )
+            # created, phase_changed, created (child), usage, usage (the child's cost),
+            # completed (child)
+            got = await follower.count(6)
+            await follower.stop()
+    kinds = {e.event_type for e in got}
+    assert kinds == {
+        "session.created",
+        "session.phase_changed",
+        "credit.usage",
+        "session.completed",
+    }
+    for event in got:
+        typed = event.session or event.credit
+        assert typed is not None, event.event_type
+        model = SessionState if event.session is not None else CreditTransaction
+        assert set(event.data) <= set(model.model_fields), event.data.keys() - model.model_fields
+    created = next(e.session for e in got if e.event_type == "session.created")
+    assert created is not None and created.git_branch == "main" and created.depth == 0
+    assert created.claude_cost_usd == Decimal(0) and created.credit_budget is None
+    phase = next(e.session for e in got if e.event_type == "session.phase_changed")
+    assert phase is not None and (phase.previous_phase, phase.phase) == ("EXPLORE", "PLAN")
+    usage = next(e.credit for e in got if e.event_type == "credit.usage")
+    assert usage is not None and usage.amount < 0 and usage.description == "model call"
+    assert isinstance(usage.balance_after, Decimal) and usage.balance_after < Decimal(50)
+    ended = [e.session for e in got if e.session is not None and e.session.status == "failed"]
+    assert ended and ended[0].success is False and ended[0].end_time is not None
+    assert ended[0].parent_session_id == created.root_session_id
