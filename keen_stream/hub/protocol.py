@@ -22,8 +22,11 @@ from keen_stream.errors import (
     TokenExpired,
     TokenRevoked,
 )
+
+# CloseCode lives with the frame models, shared with the client; the hub's modules import it
+# from here too (an explicit re-export).
+from keen_stream.protocol import CloseCode as CloseCode
 from keen_stream.protocol import (
-    CloseCode,
     ErrorFrame,
     PongFrame,
     ReadyFrame,
@@ -31,8 +34,6 @@ from keen_stream.protocol import (
     UnsubscribedFrame,
     dump_frame,
 )
-
-__all__ = ["CloseCode"]  # shared with the client (keen_stream.protocol); imported from here too
 
 #: Patterns a subscription may name besides exact event types.
 WILDCARDS: Final = {"*": "", "session.*": "session.", "credit.*": "credit."}
