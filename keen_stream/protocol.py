@@ -1,10 +1,11 @@
-"""What the hub sends, as pydantic models shared by the hub and the Python client.
+"""What the hub sends, as pydantic models: the frames and the events' payloads.
 
-The hub builds its frames from these models (``keen_stream.hub.protocol``; the event frame is
-concatenated on the hot path and a test holds it to :class:`EventFrame`), and
-``keen_stream.client`` parses them with the same models, so the two cannot drift apart. This
-module imports neither the data layer nor the hub: the client may import it (import-linter
-contracts in pyproject.toml). docs/protocol.md is the reference.
+``keen_stream.client`` parses with these models; the hub builds its frames as text
+(``keen_stream.hub.protocol``: fast, and exact on the wire) and a unit test holds every frame it
+builds to them (tests/unit/test_protocol.py), as an integration test holds every payload the
+capture triggers write (tests/integration/test_stream_client.py), so the two cannot drift
+apart. This module imports neither the data layer nor the hub, so the client may import it
+(import-linter contracts in pyproject.toml). docs/protocol.md is the reference.
 
 Models accept fields they do not know (``extra="ignore"``): an older client keeps working
 against a newer hub that adds one.
@@ -12,7 +13,6 @@ against a newer hub that adds one.
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import datetime
 from decimal import Decimal
@@ -22,23 +22,6 @@ from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model
 
 #: A frame's ``id``: whatever the client's frame carried (a short string or an integer).
 Ref = str | int | None
-
-
-class CloseCode(enum.IntEnum):
-    """WebSocket close codes the hub uses (4000-4999 are ours; docs/protocol.md)."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001  # the hub node is shutting down: reconnect (to any node) and resume
-    MESSAGE_TOO_BIG = 1009  # a frame over the limit (64 KB)
-    INTERNAL_ERROR = 1011
-    AUTH_REQUIRED = 4001  # no token in time, a frame before auth, or a token in the URL
-    INVALID_TOKEN = 4003  # unknown/malformed token or missing scope
-    TOKEN_EXPIRED = 4004
-    TOKEN_REVOKED = 4005
-    ACCOUNT_INACTIVE = 4006
-    PRIVILEGES_CHANGED = 4007  # the user's admin status changed: reconnect
-    TOO_SLOW = 4008  # the client fell too far behind: reconnect and resume with `since`
-    FLOOD = 4029  # kept sending over the rate limit
 
 
 class ServerFrame(BaseModel):
@@ -170,5 +153,5 @@ class CreditTransaction(ServerFrame):
 
 
 def dump_frame(frame: ServerFrame) -> str:
-    """A frame as the hub sends it (compact JSON)."""
+    """A frame as compact JSON, as the hub sends it (``reason`` only when there is one)."""
     return frame.model_dump_json()

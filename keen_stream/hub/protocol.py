@@ -5,6 +5,7 @@ docs/protocol.md is the reference with examples. Pure functions only: no I/O, no
 
 from __future__ import annotations
 
+import enum
 import json
 import struct
 import uuid
@@ -23,22 +24,27 @@ from keen_stream.errors import (
     TokenRevoked,
 )
 
-# CloseCode lives with the frame models, shared with the client; the hub's modules import it
-# from here too (an explicit re-export).
-from keen_stream.protocol import CloseCode as CloseCode
-from keen_stream.protocol import (
-    ErrorFrame,
-    PongFrame,
-    ReadyFrame,
-    SubscribedFrame,
-    UnsubscribedFrame,
-    dump_frame,
-)
-
 #: Patterns a subscription may name besides exact event types.
 WILDCARDS: Final = {"*": "", "session.*": "session.", "credit.*": "credit."}
 MAX_EVENT_PATTERNS: Final = 32
 _REF = Annotated[str, Field(max_length=64)] | int | None
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the hub uses (4000-4999 are ours; docs/protocol.md)."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the hub node is shutting down: reconnect (to any node) and resume
+    MESSAGE_TOO_BIG = 1009  # a frame over the limit (64 KB)
+    INTERNAL_ERROR = 1011
+    AUTH_REQUIRED = 4001  # no token in time, a frame before auth, or a token in the URL
+    INVALID_TOKEN = 4003  # unknown/malformed token or missing scope
+    TOKEN_EXPIRED = 4004
+    TOKEN_REVOKED = 4005
+    ACCOUNT_INACTIVE = 4006
+    PRIVILEGES_CHANGED = 4007  # the user's admin status changed: reconnect
+    TOO_SLOW = 4008  # the client fell too far behind: reconnect and resume with `since`
+    FLOOD = 4029  # kept sending over the rate limit
 
 
 def close_code_for(exc: KeenError) -> CloseCode:
@@ -209,10 +215,19 @@ def event_type_filter(patterns: Sequence[str] | None, ref: Any = None) -> frozen
 
 
 # --- server -> client -----------------------------------------------------------------------
-# Built from keen_stream.protocol's models, the ones the Python client parses with.
+def _dump(frame: dict[str, Any]) -> str:
+    return json.dumps(frame, separators=(",", ":"), default=str)
+
+
 def ready_frame(connection_id: str, user_id: uuid.UUID, is_admin: bool, cursor: Cursor) -> str:
-    return dump_frame(
-        ReadyFrame(connection_id=connection_id, user_id=user_id, admin=is_admin, cursor=str(cursor))
+    return _dump(
+        {
+            "type": "ready",
+            "connection_id": connection_id,
+            "user_id": str(user_id),
+            "admin": is_admin,
+            "cursor": str(cursor),
+        }
     )
 
 
@@ -226,33 +241,37 @@ def subscribed_frame(
     recovered: bool,
     reason: str | None = None,
 ) -> str:
-    return dump_frame(
-        SubscribedFrame(
-            id=ref,
-            scope=scope,
-            sessions=None if sessions is None else sorted(sessions, key=str),
-            events=None if events is None else sorted(events),
-            cursor=str(cursor),
-            recovered=recovered,
-            reason=reason or None,
-        )
-    )
+    frame: dict[str, Any] = {
+        "type": "subscribed",
+        "id": ref,
+        "scope": scope,
+        "sessions": None if sessions is None else sorted(str(s) for s in sessions),
+        "events": None if events is None else sorted(events),
+        "cursor": str(cursor),
+        "recovered": recovered,
+    }
+    if reason:
+        frame["reason"] = reason
+    return _dump(frame)
 
 
 def unsubscribed_frame(ref: Any, scope: str, sessions: Sequence[uuid.UUID] | None) -> str:
-    return dump_frame(
-        UnsubscribedFrame(
-            id=ref, scope=scope, sessions=None if sessions is None else sorted(sessions, key=str)
-        )
+    return _dump(
+        {
+            "type": "unsubscribed",
+            "id": ref,
+            "scope": scope,
+            "sessions": None if sessions is None else sorted(str(s) for s in sessions),
+        }
     )
 
 
 def pong_frame(ref: Any, cursor: Cursor) -> str:
-    return dump_frame(PongFrame(id=ref, cursor=str(cursor)))
+    return _dump({"type": "pong", "id": ref, "cursor": str(cursor)})
 
 
 def error_frame(code: str, message: str, ref: Any = None) -> str:
-    return dump_frame(ErrorFrame(id=ref, code=code, message=message))
+    return _dump({"type": "error", "id": ref, "code": code, "message": message})
 
 
 def event_frame(event: StreamEvent) -> str:
