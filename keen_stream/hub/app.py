@@ -1,4 +1,5 @@
-"""The hub's ASGI app: WebSocket ``/ws`` (the fan-out fast path), ``/healthz``, ``/metrics``.
+"""The hub's ASGI app: WebSocket ``/ws`` (the fan-out fast path), ``/healthz``, ``/metrics``,
+and the browser monitor's static files under ``/monitor/`` (keen_stream/hub/monitor.py).
 
 Starlette serves the HTTP routes and owns the lifespan (database pool, hub service). WebSocket
 connections to ``/ws`` are routed to :func:`serve_websocket` before Starlette's middleware, so the
@@ -22,6 +23,7 @@ from starlette.routing import Route
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.hub.connection import Receive, Scope, Send, serve_websocket
 from keen_stream.hub.metrics import registry_for
+from keen_stream.hub.monitor import monitor_routes
 from keen_stream.hub.service import HubService
 from keen_stream.hub.transport import ConnectionGuard
 from keen_stream.settings import Settings, get_settings
@@ -59,10 +61,14 @@ class HubApp:
 
 
 def create_app(
-    settings: Settings | None = None, *, db: KeenDatabase | None = None, freeze_gc: bool = False
+    settings: Settings | None = None,
+    *,
+    db: KeenDatabase | None = None,
+    close_db: bool = False,
+    freeze_gc: bool = False,
 ) -> HubApp:
-    """The hub application. ``db``: use this database (not closed at shutdown); default:
-    ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
+    """The hub application. ``db``: use this database (closed at shutdown only if ``close_db``);
+    default: ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
 
     ``freeze_gc`` (set by ``keen-stream serve``, which owns its process): after startup, move
     every object alive into the garbage collector's permanent generation, so full collections
@@ -85,7 +91,7 @@ def create_app(
         finally:
             await service.stop()
             app.state.service = None
-            if db is None:
+            if db is None or close_db:
                 await database.close()
 
     async def healthz(request: Request) -> Response:
@@ -108,6 +114,7 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     starlette = Starlette(
-        routes=[Route("/healthz", healthz), Route("/metrics", metrics)], lifespan=lifespan
+        routes=[Route("/healthz", healthz), Route("/metrics", metrics), *monitor_routes()],
+        lifespan=lifespan,
     )
     return HubApp(starlette)

@@ -352,6 +352,6 @@ async def test_export_user_gives_everything_the_user_owns_and_nothing_of_others(
 async def test_export_user_of_an_unknown_user_is_a_clear_error(
     db: KeenDatabase, settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert await keen(settings, "export-user", str(uuid.uuid4())) == 2
+    assert await keen(settings, "export-user", str(uuid.uuid4())) == 3  # NotFound
     assert "no user" in capsys.readouterr().err
     assert await keen(settings, "export-user", "not-a-uuid") == 2
