@@ -34,8 +34,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, TextIO
 from urllib.parse import urlsplit
 
-from keen_stream.client import Event, StreamClient, Subscription, SubscriptionRejected
-from keen_stream.errors import ConfigurationError
+from keen_stream.client import (
+    Event,
+    StreamClient,
+    StreamUnavailable,
+    Subscription,
+    SubscriptionRejected,
+)
+from keen_stream.errors import ConfigurationError, DatabaseUnavailable
 from keen_stream.settings import Settings, with_database
 
 if TYPE_CHECKING:
@@ -199,13 +205,17 @@ def _scratch_database(settings: Settings, out: Output) -> Iterator[str]:
     name = f"keen_demo_{secrets.token_hex(4)}"
     where = urlsplit(url).hostname or "the local socket"
     out.say(f"creating the scratch database {name} on {where}")
-    asyncio.run(_execute(url, f'CREATE DATABASE "{name}"'))
+    created = False
     try:
+        with _interrupts_deferred():  # so that "created" is exact
+            asyncio.run(_execute(url, f'CREATE DATABASE "{name}"'))
+            created = True
         yield with_database(url, name)
     finally:
-        with _signals_held():
-            asyncio.run(_execute(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-            out.say(f"dropped the scratch database {name}")
+        if created:
+            with _signals_held():
+                asyncio.run(_execute(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+                out.say(f"dropped the scratch database {name}")
 
 
 async def _execute(dsn: str, statement: str) -> None:
@@ -343,13 +353,15 @@ class Watcher:
         return Counter(event.user_id for event in self.events)
 
 
-async def _when(predicate: Callable[[], bool], within: float = 30.0) -> None:
+async def _when(predicate: Callable[[], bool], within: float = 30.0) -> bool:
+    """Wait until ``predicate()`` holds; False if it still does not after ``within`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
     while not predicate():
         if loop.time() > deadline:
-            raise TimeoutError("gave up waiting")
+            return False
         await asyncio.sleep(0.01)
+    return True
 
 
 # --- the run -----------------------------------------------------------------------------------
@@ -566,7 +578,8 @@ async def _play(dsn: str, settings: Settings, *, fast: bool, out: Output) -> boo
     try:
         app = create_app(settings, db=db)
         async with serving(app, settings) as port:
-            await _when(lambda: app.service is not None and app.service.listener.connected)
+            if not await _when(lambda: app.service is not None and app.service.listener.connected):
+                raise DatabaseUnavailable("the hub's event listener could not connect")
             url = f"ws://127.0.0.1:{port}/ws"
             out.say(f"hub listening on {url}")
             try:
@@ -607,8 +620,12 @@ async def _scenario(db: KeenDatabase, url: str, *, fast: bool, out: Output) -> b
     ]
     tasks = [asyncio.create_task(w.follow(url)) for w in watchers]
     try:
-        await _when(lambda: all(w.subscribed for w in watchers) or any(t.done() for t in tasks))
+        ready = await _when(
+            lambda: all(w.subscribed for w in watchers) or any(t.done() for t in tasks)
+        )
         _fail_fast(tasks)
+        if not ready:
+            raise StreamUnavailable("the watchers could not subscribe within 30 s")
         out.say("watching: the admin every user's events (scope all), alice and bob their own")
         out.say(
             "the run: alice's root agent summons research and build; build summons tests and"
@@ -661,13 +678,10 @@ async def _delivery(
     def expected(w: Watcher) -> int:
         return sum(written.values()) if w.scope == "all" else written[w.user_id]
 
-    with suppress(TimeoutError):
-        await _when(
-            lambda: (
-                all(len(w.events) >= expected(w) for w in watchers) or any(t.done() for t in tasks)
-            ),
-            DELIVERY_TIMEOUT,
-        )
+    await _when(
+        lambda: all(len(w.events) >= expected(w) for w in watchers) or any(t.done() for t in tasks),
+        DELIVERY_TIMEOUT,
+    )
     _fail_fast(tasks)
     ok = True
     for w in watchers:
@@ -760,9 +774,10 @@ def format_analytics(a: AdminAnalytics) -> list[str]:
         f" {s.timed_out_sessions} timed out, {s.running_sessions} running",
         f"  recursion  {r.total_recursive_sessions} sub-agent sessions, average depth"
         f" {r.avg_recursion_depth}, deepest {r.max_recursion_depth}",
-        f"  cost       Claude ${c.total_claude_costs} at session ends -> {c.total_credit_revenue}"
-        f" credits (markup {c.markup_effectiveness})",
-        f"  ledger     {c.credits_purchased} credits purchased, {c.credits_used} used",
+        f"  cost       Claude ${c.total_claude_costs} -> {c.total_credit_revenue} credits"
+        f" (markup {c.markup_effectiveness}), charged as sessions ended",
+        f"  ledger     {c.credits_purchased} credits purchased, {c.credits_used} used"
+        " (model calls and session ends)",
         f"  tokens     {t.total_tokens} total, {t.context_tokens} context"
         f" (utilization {t.context_utilization_rate})",
     ]

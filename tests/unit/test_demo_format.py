@@ -196,6 +196,6 @@ def test_the_analytics_print_money_as_decimal_strings() -> None:
     )
     text = "\n".join(format_analytics(analytics))
     assert "7 started: 6 completed, 1 failed" in text
-    assert "Claude $0.250000" in text and "1.250000 credits (markup 5.0000)" in text
+    assert "Claude $0.250000 -> 1.250000 credits (markup 5.0000)" in text
     assert "70.000000 credits purchased, 5.400000 used" in text
     assert "deepest 2" in text
