@@ -42,11 +42,12 @@ def temp_root() -> Iterator[Path]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def demo_env(temp_root: Path) -> dict[str, str]:
-    """No KEEN_* (the demo must not need or touch a configured database); TMPDIR ours; and
-    coverage measured in the child too when this run measures it (pytest --cov)."""
+def demo_env(temp_root: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """No KEEN_* (the demo must not need or touch a configured database) but ``extra``;
+    TMPDIR ours; and coverage measured in the child too when this run measures it (--cov)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KEEN_")}
     env["TMPDIR"] = str(temp_root)
+    env.update(extra or {})
     import coverage
 
     if coverage.Coverage.current() is not None:
@@ -54,14 +55,16 @@ def demo_env(temp_root: Path) -> dict[str, str]:
     return env
 
 
-async def start_demo(temp_root: Path, *args: str) -> asyncio.subprocess.Process:
+async def start_demo(
+    temp_root: Path, *args: str, extra_env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "keen_stream",
         "demo",
         *args,
-        env=demo_env(temp_root),
+        env=demo_env(temp_root, extra_env),
         cwd=ROOT,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
@@ -169,3 +172,32 @@ async def test_an_interrupted_demo_stops_and_removes_everything(temp_root: Path)
     assert "interrupted: everything the demo started is stopped and removed" in output
     assert "Traceback" not in output
     assert_nothing_left(temp_root, output)
+
+
+async def test_the_scratch_database_option_needs_a_configured_server(temp_root: Path) -> None:
+    proc = await start_demo(temp_root, "--use-database-url")  # no KEEN_DATABASE_URL
+    output = (await asyncio.wait_for(proc.communicate(), 60))[0].decode()
+    assert proc.returncode == 2, output
+    assert output.strip() == "keen-stream: --use-database-url needs KEEN_DATABASE_URL"
+    assert_nothing_left(temp_root, output)  # and nothing was started
+
+
+async def test_on_a_configured_server_the_demo_uses_a_scratch_database_and_drops_it(
+    temp_root: Path, pg_admin_dsn: str
+) -> None:
+    import asyncpg
+
+    env_dsn = {"KEEN_DATABASE_URL": pg_admin_dsn}
+    proc = await start_demo(temp_root, "--fast", "--use-database-url", extra_env=env_dsn)
+    output = (await asyncio.wait_for(proc.communicate(), 120))[0].decode()
+    assert proc.returncode == 0, output
+    match = re.search(r"creating the scratch database (keen_demo_[0-9a-f]{8}) on ", output)
+    assert match, output
+    assert f"dropped the scratch database {match[1]}" in output
+    assert "[admin] ledger verify: OK" in output
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        assert not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", match[1])
+    finally:
+        await conn.close()
+    assert_nothing_left(temp_root, output)  # no embedded server was started
