@@ -237,19 +237,32 @@ class Output:
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
+        self.gone = False
         # A terminal without UTF-8 still gets every line (the tree and arrows degrade to "?").
         reconfigure = getattr(stream, "reconfigure", None)
         if reconfigure is not None:
             reconfigure(errors="replace")
 
     def line(self, tag: str, text: str) -> None:
-        print(f"[{tag:<5}] {text}", file=self.stream, flush=True)
+        self._write(f"[{tag:<5}] {text}")
 
     def say(self, text: str) -> None:
         self.line("demo", text)
 
     def blank(self) -> None:
-        print(file=self.stream, flush=True)
+        self._write("")
+
+    def _write(self, text: str) -> None:
+        if self.gone:
+            return
+        try:
+            print(text, file=self.stream, flush=True)
+        except BrokenPipeError:
+            # The reader left (`keen-stream demo | head`): carry on quietly, cleanup included,
+            # and let nothing try this stream again (Python's own flush at exit would).
+            self.gone = True
+            with suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())
 
 
 def session_label(handle: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -17,6 +18,7 @@ from keen_stream.dal.models.analytics import (
     UserMetrics,
 )
 from keen_stream.demo import (
+    Output,
     WatchedSession,
     format_analytics,
     format_event,
@@ -199,3 +201,15 @@ def test_the_analytics_print_money_as_decimal_strings() -> None:
     assert "Claude $0.250000 -> 1.250000 credits (markup 5.0000)" in text
     assert "70.000000 credits purchased, 5.400000 used" in text
     assert "deepest 2" in text
+
+
+def test_output_carries_on_quietly_when_its_reader_has_gone() -> None:
+    """`keen-stream demo | head`: the demo must still finish and clean up, without a traceback."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    with open(write_end, "w") as stream:
+        out = Output(stream)
+        out.say("first")  # the pipe is broken: this write fails
+        assert out.gone
+        out.say("second")  # and nothing tries it again
+        out.blank()
