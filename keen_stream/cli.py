@@ -1,4 +1,4 @@
-"""``keen-stream`` command line: migrate, create-admin, serve, ledger, users, tokens."""
+"""``keen-stream`` command line: migrate, create-admin, serve, ledger, users, tokens, demo."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from keen_stream import accounts_cli, ledger_cli, logs
+from keen_stream import accounts_cli, demo, ledger_cli, logs
 from keen_stream import backup as backup_cli
 from keen_stream.clikit import EXIT_ERROR, EXIT_NOT_FOUND, prompt_password
 from keen_stream.errors import KeenError, NotFound
@@ -87,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     hub_cli.register(sub)
     ledger_cli.register(sub)
     accounts_cli.register(sub)
+    demo.register(sub)
     backup_cli.register(sub)
     return parser
 

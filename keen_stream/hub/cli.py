@@ -13,7 +13,8 @@ import importlib.util
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -73,6 +74,68 @@ def uvicorn_config(
     }
     options.update(extra)
     return uvicorn.Config(app, **options)
+
+
+class _HostedServer(uvicorn.Server):
+    """uvicorn inside an event loop its caller runs: signals stay the caller's to handle.
+
+    uvicorn's own handlers would swallow Ctrl-C into a graceful stop of the server alone and
+    raise it again only once the server has stopped; the caller (a test, ``keen-stream demo``)
+    wants its task cancelled at once, so that its own cleanup runs in order.
+    """
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@asynccontextmanager
+async def serving(
+    app: Any,
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    start_timeout: float = 30.0,
+    **extra: Any,
+) -> AsyncIterator[int]:
+    """Serve ``app`` (with :func:`uvicorn_config`) in the running event loop; yields the port.
+
+    ``port`` 0: a free one. The socket is bound here with SO_REUSEADDR, so a server started
+    again may take the port of one that stopped. On exit the server stops gracefully.
+    """
+    server = _HostedServer(
+        uvicorn_config(app, settings, host=host, port=port, loop="none", **extra)
+    )
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        task = asyncio.create_task(server.serve(sockets=[sock]))
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + start_timeout
+            while not server.started and not task.done():
+                if loop.time() > deadline:
+                    raise TimeoutError(f"the hub did not start within {start_timeout} s")
+                await asyncio.sleep(0.01)
+            if not server.started:
+                # uvicorn logs a failed lifespan and returns; anything else it raises.
+                cause = None if task.cancelled() else task.exception()
+                raise RuntimeError("the hub stopped while starting (see the log above)") from cause
+            yield int(sock.getsockname()[1])
+        finally:
+            server.should_exit = True
+            await asyncio.wait([task], timeout=30)
+            if not task.done():  # a stuck shutdown: cut it
+                task.cancel()
+                await asyncio.wait([task])
+            # Retrieved here so a failure is raised (or chained), never reported at GC.
+            failure = None if task.cancelled() else task.exception()
+        if failure is not None:
+            raise failure
+    finally:
+        sock.close()
 
 
 def raise_open_file_limit(settings: Settings) -> tuple[int, int]:
