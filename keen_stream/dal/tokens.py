@@ -70,7 +70,7 @@ SQL: Final = {
         ORDER BY created_at DESC, id""",
 }
 
-_STATUS_ERRORS: Final = {
+STATUS_ERRORS: Final = {
     "unknown": InvalidToken,
     "revoked": TokenRevoked,
     "expired": TokenExpired,
@@ -174,11 +174,8 @@ class TokenDAO:
             row = await conn.fetchrow(SQL["authenticate"], hash_token(token), parse_ip(ip), touch)
         status = row["status"]
         if status != "ok":
-            raise _STATUS_ERRORS.get(status, InvalidToken)()
-        granted = set(row["scopes"])
-        missing = [s for s in required if s not in granted and "*" not in granted]
-        if missing:
-            raise TokenScopeError(missing=missing)
+            raise STATUS_ERRORS.get(status, InvalidToken)()
+        require_scopes(row["scopes"], required)
         return TokenInfo(
             token_id=row["token_id"],
             user_id=row["user_id"],
@@ -217,6 +214,14 @@ class TokenDAO:
         async with self._db.user_transaction(actor_id or uid) as conn:
             rows = await conn.fetch(SQL["list"], uid, include_inactive)
         return [token_from_row(r) for r in rows]
+
+
+def require_scopes(granted: Iterable[str], required: Iterable[str]) -> None:
+    """TokenScopeError unless ``granted`` carries every scope in ``required`` (``*``: all)."""
+    have = set(granted)
+    missing = [s for s in required if s not in have and "*" not in have]
+    if missing:
+        raise TokenScopeError(missing=missing)
 
 
 def _check_scopes(scopes: Iterable[str]) -> list[str]:
