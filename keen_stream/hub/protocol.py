@@ -1,6 +1,9 @@
-"""The WebSocket protocol: JSON text frames in (validated), JSON text frames out, close codes.
+"""The stream protocol: JSON text frames in (validated), JSON text frames out, close codes; on
+``/ws`` as WebSocket text frames, on ``/events`` as server-sent events (the same JSON).
 
-docs/protocol.md is the reference with examples. Pure functions only: no I/O, no database.
+docs/protocol.md is the reference with examples; keen_stream/protocol.schema.json is the JSON
+Schema of every frame, generated from the models here (keen_stream/hub/protocol_schema.py).
+Pure functions only: no I/O, no database.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import json
 import struct
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -28,6 +32,8 @@ from keen_stream.errors import (
 WILDCARDS: Final = {"*": "", "session.*": "session.", "credit.*": "credit."}
 MAX_EVENT_PATTERNS: Final = 32
 _REF = Annotated[str, Field(max_length=64)] | int | None
+#: A cursor as the hub sends it: opaque to clients, "<int>-<int>" on the wire.
+_CURSOR = Annotated[str, Field(pattern=r"^[0-9]+-[0-9]+$")]
 
 
 class CloseCode(enum.IntEnum):
@@ -37,6 +43,7 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001  # the hub node is shutting down: reconnect (to any node) and resume
     MESSAGE_TOO_BIG = 1009  # a frame over the limit (64 KB)
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # uvicorn's shutdown (an event stream's close says it too)
     AUTH_REQUIRED = 4001  # no token in time, a frame before auth, or a token in the URL
     INVALID_TOKEN = 4003  # unknown/malformed token or missing scope
     TOKEN_EXPIRED = 4004
@@ -215,6 +222,103 @@ def event_type_filter(patterns: Sequence[str] | None, ref: Any = None) -> frozen
 
 
 # --- server -> client -----------------------------------------------------------------------
+# The frames the hub sends are built as text (below, fast and exact); these models describe them
+# for the JSON Schema (keen_stream/protocol.schema.json) and tests check the text against them.
+class ReadyFrame(_Frame):
+    """The connection is authenticated (``/ws`` only)."""
+
+    type: Literal["ready"]
+    connection_id: str
+    user_id: uuid.UUID
+    admin: bool
+    cursor: _CURSOR = Field(description="the stream position now")
+
+
+class SubscribedFrame(_Frame):
+    """The subscription is installed. ``recovered: false`` (with ``reason``): the events after
+    ``since`` cannot be given; reload state and continue from ``cursor``."""
+
+    type: Literal["subscribed"]
+    id: _REF = None
+    scope: Literal["mine", "sessions", "all"]
+    sessions: list[uuid.UUID] | None
+    events: list[str] | None
+    cursor: _CURSOR
+    recovered: bool
+    reason: Literal["since_expired", "since_unknown"] | None = None
+
+
+class UnsubscribedFrame(_Frame):
+    type: Literal["unsubscribed"]
+    id: _REF = None
+    scope: Literal["none", "sessions"]
+    sessions: list[uuid.UUID] | None
+
+
+class PongFrame(_Frame):
+    type: Literal["pong"]
+    id: _REF = None
+    cursor: _CURSOR = Field(description="a safe resume point")
+
+
+class ErrorFrame(_Frame):
+    """A refused frame (``/ws``), or why ``/events`` refused a request (the HTTP body)."""
+
+    type: Literal["error"]
+    id: _REF = None
+    code: str
+    message: str
+
+
+class EventFrame(_Frame):
+    """One event. Money in ``data`` is a decimal string, never a JSON number."""
+
+    type: Literal["event"]
+    cursor: _CURSOR = Field(
+        description="the event's position: the since (or Last-Event-ID) to resume after it"
+    )
+    version: int = Field(description="grows with every change of the same entity")
+    event_type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
+    user_id: uuid.UUID
+    session_id: uuid.UUID | None
+    root_session_id: uuid.UUID | None
+    time: datetime
+    data: dict[str, Any]
+
+
+class CloseFrame(_Frame):
+    """``/events`` only: the hub ends the stream, with the code a WebSocket would have been
+    closed with (docs/protocol.md, section 6)."""
+
+    type: Literal["close"]
+    code: int
+    reason: str
+
+
+ServerFrame = (
+    ReadyFrame
+    | SubscribedFrame
+    | UnsubscribedFrame
+    | PongFrame
+    | ErrorFrame
+    | EventFrame
+    | CloseFrame
+)
+#: The frames on each endpoint and direction, as the JSON Schema lists them.
+FRAMES: Final = {
+    "ws_client": (AuthFrame, SubscribeFrame, UnsubscribeFrame, PingFrame),
+    "ws_server": (
+        ReadyFrame,
+        SubscribedFrame,
+        UnsubscribedFrame,
+        PongFrame,
+        ErrorFrame,
+        EventFrame,
+    ),
+    "sse_server": (SubscribedFrame, ErrorFrame, EventFrame, CloseFrame),
+}
+
+
 def _dump(frame: dict[str, Any]) -> str:
     return json.dumps(frame, separators=(",", ":"), default=str)
 
@@ -285,6 +389,18 @@ def event_frame(event: StreamEvent) -> str:
         f'"user_id":"{event.user_id}","session_id":{sid},"root_session_id":{root},'
         f'"time":"{event.created_at.isoformat()}","data":{event.data}}}'
     )
+
+
+def close_frame(code: int, reason: str) -> str:
+    return _dump({"type": "close", "code": code, "reason": reason})
+
+
+def sse_message(text: str, *, event: str | None = None, event_id: str | None = None) -> bytes:
+    """One server-sent event (the HTML standard's text/event-stream). ``text`` is one line of
+    JSON (the dumps here and PostgreSQL's jsonb text never contain a raw newline). No ``event``:
+    a plain message, which EventSource hands to ``onmessage``."""
+    head = (f"event: {event}\n" if event else "") + (f"id: {event_id}\n" if event_id else "")
+    return f"{head}data: {text}\n\n".encode()
 
 
 def ws_text_frame(payload: bytes) -> bytes:
