@@ -17,7 +17,7 @@ import asyncpg
 from pydantic import SecretStr
 
 from keen_stream.dal.models.users import TokenInfo
-from keen_stream.dal.tokens import STATUS_ERRORS, hash_token
+from keen_stream.dal.tokens import STATUS_ERRORS, hash_token, token_info
 from keen_stream.errors import (
     InvalidToken,
     StreamCredentialRejected,
@@ -132,15 +132,5 @@ def _grant(row: asyncpg.Record, credential: SecretStr | None) -> StreamGrant:
     status = row["status"]
     if status in _TICKET_ERRORS:
         raise _TICKET_ERRORS[status]()
-    if status != "ok":
-        raise STATUS_ERRORS.get(status, InvalidToken)()
-    info = TokenInfo(
-        token_id=row["token_id"],
-        user_id=row["user_id"],
-        token_type=row["token_type"],
-        scopes=list(row["scopes"]),
-        expires_at=row["expires_at"],
-        is_admin=row["is_admin"],
-        bypass_limits=row["bypass_limits"],
-    )
+    info = token_info(row)
     return StreamGrant(info, row["token_hash"], credential, row["credential_expires_at"])

@@ -68,23 +68,23 @@ async def test_last_event_id_resumes_without_loss_or_repeat_and_wins_over_since(
 ):
     async with running_hub(fresh_dsn) as hub, http_client(hub) as client:
         token = await stream_token(db, alice.id)
-        await new_session(db, alice, "a")
         async with open_stream(client, token=token) as stream:
             start = await stream.expect("subscribed")
+            await new_session(db, alice, "a")
             for _ in range(3):
                 await step(db, alice, "a")
-            first = await stream.events(3)
+            first = await stream.events(4)
         for _ in range(2):
             await step(db, alice, "a")
-        # Resume after the second event: the URL's `since` (the start) loses to the header.
-        headers = {"Last-Event-ID": first[1].id or ""}
+        # Resume after the second step: the URL's `since` (the start) loses to the header.
+        headers = {"Last-Event-ID": first[2].id or ""}
         params = {"since": start["cursor"]}
         async with open_stream(client, token=token, params=params, headers=headers) as stream:
             subscribed = await stream.expect("subscribed")
             assert subscribed["recovered"] is True
             rest = await stream.events(3)
             await stream.no_message()
-        counts = [m.json()["data"]["iteration_count"] for m in first[:2] + rest]
+        counts = [m.json()["data"]["iteration_count"] for m in first[1:3] + rest]
         assert counts == [1, 2, 3, 4, 5]
 
         # A cursor this deployment never issued: recovered false, and the id moves on, so the
@@ -293,6 +293,8 @@ async def test_a_reader_that_stops_reading_is_closed_with_its_resume_point(
 ):
     async with running_hub(fresh_dsn, hub_send_buffer_limit=16_384, hub_close_timeout=60) as hub:
         session = await new_session(db, alice, "s")
+        # Its event published before the stream starts: not one of the stream's.
+        await wait_for(lambda: hub.service.stats.events_received >= 1, "session.created")
         token = await stream_token(db, alice.id)
         port = int(hub.http.rsplit(":", 1)[1])
         # A client that stops reading: a small receive buffer, and it never reads.
