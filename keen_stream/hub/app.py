@@ -60,10 +60,8 @@ class HubApp:
             await serve_websocket(service, scope, receive, send)
             return
         if scope["type"] == "http" and scope.get("path") == "/events":
-            service = self.service
-            if service is not None and not service.stopping:
-                await serve_events(service, scope, receive, send)
-                return
+            await serve_events(self.service, scope, receive, send)
+            return
         await self.starlette(scope, receive, send)
 
 

@@ -164,8 +164,15 @@ def _cookie(headers: dict[str, str], name: str) -> str | None:
     return morsel.value if morsel is not None else None
 
 
-async def serve_events(service: HubService, scope: Scope, receive: Receive, send: Send) -> None:
-    """The ASGI application for ``/events`` (GET: the stream; POST /events/tickets is a route)."""
+async def serve_events(
+    service: HubService | None, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """The ASGI application for ``/events`` (POST /events/tickets is a Starlette route)."""
+    if service is None or service.stopping:
+        # Not a network error: EventSource gives up, and its page reopens with a new ticket.
+        response = HttpError(503, "unavailable", "the hub node is starting or stopping").response()
+        await response(scope, receive, send)
+        return
     await EventStream(service, scope, receive, send).run()
 
 
@@ -264,6 +271,9 @@ class EventStream(StreamConnection):
             (b"content-type", b"text/event-stream; charset=utf-8"),
             (b"cache-control", b"no-cache, no-store"),
             (b"x-accel-buffering", b"no"),  # nginx: pass events through at once
+            # The socket ends with the stream (EventSource reconnects on a new one): it was
+            # taken off the stranger cap for the stream, not for requests after it.
+            (b"connection", b"close"),
         ]
         if grant.credential is not None:
             seconds = (grant.credential_expires_at - datetime.now(UTC)).total_seconds()

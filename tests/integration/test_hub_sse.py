@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from datetime import timedelta
 
@@ -97,8 +98,9 @@ async def test_last_event_id_resumes_without_loss_or_repeat_and_wins_over_since(
 
 
 async def test_a_ticket_opens_one_stream_and_its_cookie_lets_the_browser_reconnect(
-    db, fresh_dsn, alice
+    db, fresh_dsn, alice, caplog
 ):
+    caplog.set_level(logging.DEBUG)
     async with running_hub(fresh_dsn) as hub, http_client(hub) as client:
         token = await stream_token(db, alice.id)
         first = await ticket(client, token)
@@ -138,6 +140,18 @@ async def test_a_ticket_opens_one_stream_and_its_cookie_lets_the_browser_reconne
         assert (response.status_code, response.json()["code"]) == (401, "token_in_url")
         response = await client.get("/events/tickets")
         assert response.status_code == 405
+        # A token without the stream scope gets no ticket.
+        unscoped = (await db.tokens.issue(alice.id, "session")).token.get_secret_value()
+        response = await client.post(
+            "/events/tickets", headers={"Authorization": f"Bearer {unscoped}"}
+        )
+        assert (response.status_code, response.json()["code"]) == (401, "token_scope")
+    # The hub never logs them (the test's own HTTP client logs its URLs: not the hub's doing).
+    logged = "\n".join(
+        r.getMessage() for r in caplog.records if r.name.startswith(("keen_stream", "uvicorn"))
+    )
+    assert logged  # the hub did log (at DEBUG), just not the secrets
+    assert first not in logged and token not in logged and "ks_sse_" not in logged
 
 
 async def test_an_expired_ticket_is_refused(db, fresh_dsn, alice):

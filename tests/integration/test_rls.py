@@ -341,6 +341,30 @@ async def test_tenant_cannot_read_secret_columns(db: KeenDatabase, alice: User) 
             )
 
 
+async def test_tickets_are_reached_only_through_their_secrets(
+    db: KeenDatabase, owner_conn: Owner, tenants
+) -> None:
+    """The ticket functions answer for a secret's hash; the one that looks a token up by its id
+    (no secret) is not the tenant's to call, and a tenant cannot write a ticket directly."""
+    alice, bob, _ = tenants
+    token_id = await owner_conn.fetchval("SELECT id FROM auth_tokens WHERE user_id = $1", bob.id)
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.fetch("SELECT * FROM keen_stream_ticket_token($1)", token_id)
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.execute(
+                "UPDATE stream_tickets SET expires_at = now() + interval '1 year'"
+                " WHERE user_id = $1",
+                alice.id,
+            )
+    async with db.anonymous_transaction() as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM keen_stream_credential_authenticate($1, NULL)", uuid.uuid4().hex
+        )
+    assert row["status"] == "credential_unknown" and row["user_id"] is None
+
+
 async def test_tenant_cannot_change_balances_or_the_ledger(
     db: KeenDatabase, owner_conn: Owner, alice: User
 ) -> None:
