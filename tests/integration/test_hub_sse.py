@@ -12,7 +12,7 @@ import pytest
 
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
-from keen_stream.errors import TicketUsed
+from keen_stream.errors import StreamCredentialRejected, TicketUsed
 from tests.integration.hubkit import running_hub, stream_token, wait_for
 from tests.integration.ssekit import http_client, open_stream, refused, ticket
 
@@ -354,3 +354,40 @@ async def test_a_reader_that_stops_reading_is_closed_with_its_resume_point(
             assert (await stream.expect("subscribed"))["recovered"] is True
             rest = await stream.events(total - (len(ids) - 1), within=30)
             assert rest[-1].json()["data"]["iteration_count"] == total
+
+
+async def test_a_ticket_issued_by_one_node_is_redeemed_by_another(db, fresh_dsn, alice):
+    async with running_hub(fresh_dsn) as node_a, running_hub(fresh_dsn) as node_b:
+        token = await stream_token(db, alice.id)
+        async with http_client(node_a) as client_a:
+            issued = await ticket(client_a, token)
+        async with (
+            http_client(node_b) as client_b,
+            open_stream(client_b, params={"ticket": issued}) as stream,
+        ):
+            await stream.expect("subscribed")
+            await new_session(db, alice, "a")
+            (event,) = await stream.events(1)
+            assert event.json()["event_type"] == "session.created"
+        # Spent on node B, so node A refuses it too (no cookie in a new client).
+        async with http_client(node_a) as client_a:
+            status, body = await refused(client_a, params={"ticket": issued})
+            assert (status, body["code"]) == (401, "ticket_used")
+
+
+async def test_expired_tickets_and_credentials_are_pruned(db, owner_conn, alice):
+    token = await stream_token(db, alice.id)
+    spent = (await db.tickets.issue(token, timedelta(seconds=30))).ticket.get_secret_value()
+    grant = await db.tickets.redeem(spent, timedelta(hours=1))
+    assert grant.credential is not None and grant.info.user_id == alice.id
+    await db.tickets.issue(token, timedelta(seconds=30))  # still valid: kept
+    await owner_conn.execute(
+        "UPDATE stream_tickets SET expires_at = now() - interval '2 hours'"
+        " WHERE kind = 'credential' OR used_at IS NOT NULL"
+    )
+    assert await db.tickets.prune() == 2
+    kinds = await owner_conn.fetch("SELECT kind, used_at FROM stream_tickets")
+    assert [(r["kind"], r["used_at"]) for r in kinds] == [("ticket", None)]
+    # Pruned means gone: the credential no longer authenticates.
+    with pytest.raises(StreamCredentialRejected):
+        await db.tickets.authenticate(grant.credential.get_secret_value())
