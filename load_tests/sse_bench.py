@@ -1,14 +1,15 @@
 """Server-sent events vs WebSockets: the hub's CPU per delivered event, same hub, same run.
 
-    python load_tests/sse_bench.py [--dsn ADMIN_DSN] [--clients 100] [--events 2000]
+    python load_tests/sse_bench.py [--dsn ADMIN_DSN] [--clients 100] [--events 2000] [--rounds 3]
 
 Creates a scratch database (migrated to head), one user with one agent session, starts
 ``keen-stream serve`` as a subprocess, then twice: ``--clients`` subscribers (first WebSockets on
 /ws, then event streams on GET /events), every one subscribed to the user's events; the DAL
 writes ``--events`` session updates as fast as it can; the run ends when every client has them
-all. Printed for each: deliveries, wall time, the hub process's CPU per delivery, and the SSE
-figure as a ratio of the WebSocket one (the baseline). Absolute numbers drift on a shared
-machine: read the ratio.
+all. ``--rounds`` repeats the pair (alternating which goes first). Printed for each: deliveries,
+wall time, the hub process's CPU per delivery, and the SSE figure as a ratio of the WebSocket
+one (the baseline) per round and their median. Absolute numbers drift on a shared machine: read
+the ratios.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -131,6 +133,7 @@ async def main() -> int:
     parser.add_argument("--dsn", default="postgresql://127.0.0.1:5432/postgres")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--events", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
 
     name = f"keen_sse_{os.getpid()}_{uuid.uuid4().hex[:6]}"
@@ -176,8 +179,11 @@ async def main() -> int:
         try:
             await wait_port(port)
             await asyncio.sleep(1.0)
-            ws = await run("ws", port, hub.pid, dsn, token, args)
-            sse = await run("sse", port, hub.pid, dsn, token, args)
+            results: list[tuple[dict[str, float], dict[str, float]]] = []
+            for n in range(args.rounds):
+                order = ("ws", "sse") if n % 2 == 0 else ("sse", "ws")
+                pair = {kind: await run(kind, port, hub.pid, dsn, token, args) for kind in order}
+                results.append((pair["ws"], pair["sse"]))
         finally:
             hub.send_signal(signal.SIGTERM)
             try:
@@ -188,14 +194,17 @@ async def main() -> int:
         await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         await admin.close()
     print(f"{args.clients} clients x {args.events} events, {os.cpu_count()} CPUs")
-    print(f"{'':<12}{'deliveries':>12}{'seconds':>10}{'us CPU/delivery':>17}")
-    for label, r in (("WebSocket", ws), ("SSE", sse)):
-        print(
-            f"{label:<12}{r['deliveries']:>12.0f}{r['seconds']:>10.2f}"
-            f"{r['us_cpu_per_delivery']:>17.2f}"
-        )
-    ratio = sse["us_cpu_per_delivery"] / ws["us_cpu_per_delivery"]
-    print(f"SSE / WebSocket hub CPU per delivery: {ratio:.2f}")
+    print(f"{'':<16}{'deliveries':>12}{'seconds':>10}{'us CPU/delivery':>17}")
+    ratios = []
+    for n, (ws, sse) in enumerate(results, 1):
+        for label, r in ((f"{n} WebSocket", ws), (f"{n} SSE", sse)):
+            print(
+                f"{label:<16}{r['deliveries']:>12.0f}{r['seconds']:>10.2f}"
+                f"{r['us_cpu_per_delivery']:>17.2f}"
+            )
+        ratios.append(sse["us_cpu_per_delivery"] / ws["us_cpu_per_delivery"])
+    print("SSE / WebSocket hub CPU per delivery: " + ", ".join(f"{r:.2f}" for r in ratios))
+    print(f"median: {statistics.median(ratios):.2f}")
     return 0
 
 

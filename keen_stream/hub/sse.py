@@ -49,7 +49,7 @@ from keen_stream.hub.connection import (
     clean_client_type,
     token_in_query,
 )
-from keen_stream.hub.fanout import SseSender, Subscription
+from keen_stream.hub.fanout import EventStreamSender, Subscription, make_sse_sender
 from keen_stream.hub.protocol import (
     CloseCode,
     ProtocolError,
@@ -61,7 +61,7 @@ from keen_stream.hub.protocol import (
     too_slow_reason,
 )
 from keen_stream.hub.service import HubService
-from keen_stream.hub.transport import guarded_http, transport_of
+from keen_stream.hub.transport import guarded_http
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +292,7 @@ class EventStream(StreamConnection):
         await self.send(
             {"type": "http.response.start", "status": 200, "headers": self._start_headers(grant)}
         )
-        sender = SseSender(self.send, transport_of(self.send))
+        sender = make_sse_sender(self.send)
         sender.write_raw(f"retry: {int(settings.hub_sse_retry * 1000)}\n\n".encode())
         client_type = clean_client_type(self.headers.get("x-keen-client-type") or "sse", "sse")
         client = self._open(grant.info, grant.token_hash, client_type, sender)
@@ -311,7 +311,7 @@ class EventStream(StreamConnection):
             client.close(CloseCode.INTERNAL_ERROR, f"{code}; reconnect and resume")
         await self._wait(sender)
 
-    async def _wait(self, sender: SseSender) -> None:
+    async def _wait(self, sender: EventStreamSender) -> None:
         """Until the client goes away or the hub ends the stream; heartbeats meanwhile."""
         client = self.client
         assert client is not None
@@ -336,7 +336,7 @@ class EventStream(StreamConnection):
         while (await self.receive())["type"] != "http.disconnect":
             pass
 
-    def _heartbeat(self, sender: SseSender) -> None:
+    def _heartbeat(self, sender: EventStreamSender) -> None:
         """A ``: ping`` comment; a client that has taken nothing for as long as a WebSocket
         client gets to answer a ping, or is over the send-buffer limit, is closed as too slow."""
         client = self.client

@@ -393,11 +393,6 @@ def guarded_http(send: Any) -> _GuardedHttp | None:
     return proto if isinstance(proto, _GuardedHttp) else None
 
 
-def transport_of(send: Any) -> asyncio.Transport | None:
-    """The transport behind an ASGI HTTP ``send`` under uvicorn (None elsewhere)."""
-    return getattr(getattr(send, "__self__", None), "transport", None)
-
-
 def guarded_protocol(send: Any) -> GuardedWebSocketProtocol | None:
     """The guarded protocol behind an ASGI ``send`` (None under another server or protocol)."""
     proto = getattr(send, "__self__", None)

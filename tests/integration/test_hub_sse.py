@@ -13,6 +13,7 @@ import pytest
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.errors import StreamCredentialRejected, TicketUsed
+from keen_stream.hub.fanout import SseTransportSender
 from tests.integration.hubkit import running_hub, stream_token, wait_for
 from tests.integration.ssekit import http_client, open_stream, refused, ticket
 
@@ -302,9 +303,12 @@ def _dechunk(raw: bytes) -> bytes:
     return bytes(body)
 
 
+@pytest.mark.parametrize("sender", ["transport", "asgi"])
 async def test_a_reader_that_stops_reading_is_closed_with_its_resume_point(
-    db, fresh_dsn, owner_conn, alice
+    db, fresh_dsn, owner_conn, alice, monkeypatch, sender
 ):
+    if sender == "asgi":  # the portable sender (servers other than uvicorn's h11 protocol)
+        monkeypatch.setattr(SseTransportSender, "usable", staticmethod(lambda cycle: False))
     async with running_hub(fresh_dsn, hub_send_buffer_limit=16_384, hub_close_timeout=60) as hub:
         session = await new_session(db, alice, "s")
         # Its event published before the stream starts: not one of the stream's.
