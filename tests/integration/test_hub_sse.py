@@ -395,3 +395,45 @@ async def test_expired_tickets_and_credentials_are_pruned(db, owner_conn, alice)
     # Pruned means gone: the credential no longer authenticates.
     with pytest.raises(StreamCredentialRejected):
         await db.tickets.authenticate(grant.credential.get_secret_value())
+
+
+async def test_a_reader_that_takes_nothing_for_a_ping_interval_is_closed_under_the_limit(
+    db, fresh_dsn, owner_conn, alice
+):
+    """The stall rule (a WebSocket's unanswered ping): well under the send-buffer limit, a
+    stream whose transport stays over its high-water mark for the ping interval is closed."""
+    settings = {
+        "hub_send_buffer_limit": 64 * 2**20,
+        "hub_ws_ping_interval": 0.5,
+        "hub_sse_heartbeat_interval": 0.1,
+        "hub_close_timeout": 0.5,
+    }
+    async with running_hub(fresh_dsn, **settings) as hub:
+        session = await new_session(db, alice, "s")
+        await wait_for(lambda: hub.service.stats.events_received >= 1, "session.created")
+        token = await stream_token(db, alice.id)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", int(hub.http.rsplit(":", 1)[1])))
+        request = f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+        await loop.sock_sendall(sock, request.encode())
+        await wait_for(lambda: hub.service.fanout.subscription_count == 1, "subscribed")
+        (client,) = hub.service.fanout.clients.values()
+        sender = client.sender
+        assert isinstance(sender, SseTransportSender)
+        # The hub's side keeps a small kernel buffer too, so its transport fills quickly.
+        server_sock = sender._cycle.transport.get_extra_info("socket")
+        server_sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        await owner_conn.execute(
+            "DO $$ BEGIN FOR i IN 1..1000 LOOP UPDATE agent_sessions SET iteration_count ="
+            f" iteration_count + 1 WHERE id = '{session.id}'; END LOOP; END $$"
+        )
+        await wait_for(lambda: client.closing, "closed as too slow", 20)
+        assert client.close_code == 4008
+        assert sender.buffered() < settings["hub_send_buffer_limit"]
+        assert hub.service.stats.slow_consumers_closed == 1
+        # It never read its close in time: cut.
+        await wait_for(lambda: not hub.service.fanout.clients, "the stream ended", 20)
+        sock.close()
