@@ -383,7 +383,8 @@ async def issue_ticket(request: Request) -> Response:
         except KeenError as exc:
             raise _database_error(exc) from None
     except HttpError as exc:
-        service.stats.auth_failures += exc.status in (401, 403)
+        if exc.status in (401, 403):
+            service.stats.auth_failures += 1
         return exc.response()
     return JSONResponse(
         {
