@@ -1,6 +1,6 @@
 """Stream tickets: a token (sent in a header) traded for a short-lived, single-use ticket that
 opens one server-sent event stream, and the stream credential redeeming it mints for the
-browser's own reconnects (docs/protocol.md, section 10; keen_stream/sql/tickets.sql).
+browser's own reconnects (docs/protocol.md, section 11; keen_stream/sql/tickets.sql).
 
 Only SHA-256 hashes are stored. Every use re-checks the token the ticket was issued for, so a
 revoked or expired token, or a suspended user, is refused however fresh the ticket.

@@ -1,5 +1,6 @@
 """The hub's ASGI app: WebSocket ``/ws`` (the fan-out fast path), server-sent events
-``/events`` (and ``POST /events/tickets``; keen_stream/hub/sse.py), ``/healthz``, ``/metrics``.
+``/events`` (and ``POST /events/tickets``; keen_stream/hub/sse.py), ``/healthz``, ``/metrics``,
+and the browser monitor's static files under ``/monitor/`` (keen_stream/hub/monitor.py).
 
 Starlette serves the HTTP routes and owns the lifespan (database pool, hub service). WebSocket
 connections to ``/ws`` are routed to :func:`serve_websocket` before Starlette's middleware, so the
@@ -25,6 +26,7 @@ from starlette.routing import Route
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.hub.connection import Receive, Scope, Send, serve_websocket
 from keen_stream.hub.metrics import registry_for
+from keen_stream.hub.monitor import monitor_routes
 from keen_stream.hub.service import HubService
 from keen_stream.hub.sse import issue_ticket, serve_events
 from keen_stream.hub.transport import ConnectionGuard
@@ -66,10 +68,14 @@ class HubApp:
 
 
 def create_app(
-    settings: Settings | None = None, *, db: KeenDatabase | None = None, freeze_gc: bool = False
+    settings: Settings | None = None,
+    *,
+    db: KeenDatabase | None = None,
+    close_db: bool = False,
+    freeze_gc: bool = False,
 ) -> HubApp:
-    """The hub application. ``db``: use this database (not closed at shutdown); default:
-    ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
+    """The hub application. ``db``: use this database (closed at shutdown only if ``close_db``);
+    default: ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
 
     ``freeze_gc`` (set by ``keen-stream serve``, which owns its process): after startup, move
     every object alive into the garbage collector's permanent generation, so full collections
@@ -92,7 +98,7 @@ def create_app(
         finally:
             await service.stop()
             app.state.service = None
-            if db is None:
+            if db is None or close_db:
                 await database.close()
 
     async def healthz(request: Request) -> Response:
@@ -119,6 +125,7 @@ def create_app(
             Route("/healthz", healthz),
             Route("/metrics", metrics),
             Route("/events/tickets", issue_ticket, methods=["POST"]),
+            *monitor_routes(),
         ],
         lifespan=lifespan,
     )

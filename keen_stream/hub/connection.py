@@ -115,6 +115,13 @@ class StreamConnection:
         }
         client = scope.get("client")
         self.client_ip = client[0] if client else _UNKNOWN_IP
+        #: For log lines: address and port ("unix" for a client on a Unix socket).
+        self.remote = (
+            (f"[{client[0]}]:{client[1]}" if ":" in client[0] else f"{client[0]}:{client[1]}")
+            if client
+            else "unix"
+        )
+        self.opened_at = 0.0
         self.client: Client | None = None
         self.peer_code: int | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -148,6 +155,26 @@ class StreamConnection:
                 connected_at=now,
             )
         )
+        self.opened_at = time.monotonic()
+        # One INFO line per authenticated connection opened and closed: who, from where, how
+        # long, how it ended (strangers refused at authentication are counted in /metrics).
+        logger.info(
+            "%s open %s user %s from %s (%s%s)",
+            self.kind,
+            self.connection_id,
+            info.user_id,
+            self.remote,
+            client_type,
+            ", admin" if info.is_admin else "",
+            extra={
+                "event": f"{self.kind}.open",
+                "connection_id": self.connection_id,
+                "user_id": str(info.user_id),
+                "remote": self.remote,
+                "client_type": client_type,
+                "admin": info.is_admin,
+            },
+        )
         if info.expires_at is not None:
             delay = max(0.0, (info.expires_at - now).total_seconds())
             self._expiry = asyncio.get_running_loop().call_later(
@@ -172,6 +199,26 @@ class StreamConnection:
             if code in (1006, 1011):
                 status = "timed_out"
         self.service.record_close(client, code, reason, status)
+        duration = round(time.monotonic() - self.opened_at, 3)
+        logger.info(
+            "%s close %s user %s from %s: code %s%s after %.1f s",
+            self.kind,
+            self.connection_id,
+            client.user_id,
+            self.remote,
+            code,
+            f" ({reason})" if reason else "",
+            duration,
+            extra={
+                "event": f"{self.kind}.close",
+                "connection_id": self.connection_id,
+                "user_id": str(client.user_id),
+                "remote": self.remote,
+                "close_code": code,
+                "close_reason": reason,
+                "duration_s": duration,
+            },
+        )
 
     # --- frames ------------------------------------------------------------------------------
     def _send(self, text: str, cursor: Cursor | None = None, resume: Cursor | None = None) -> bool:

@@ -1,9 +1,10 @@
 """The stream protocol: JSON text frames in (validated), JSON text frames out, close codes; on
 ``/ws`` as WebSocket text frames, on ``/events`` as server-sent events (the same JSON).
 
-docs/protocol.md is the reference with examples; keen_stream/protocol.schema.json is the JSON
-Schema of every frame, generated from the models here (keen_stream/hub/protocol_schema.py).
-Pure functions only: no I/O, no database.
+docs/protocol.md is the reference with examples. The client's frames are validated by the models
+here; the frames the hub sends are described by keen_stream/protocol.py (what clients parse
+with). keen_stream/protocol.schema.json, the JSON Schema of every frame, is generated from both
+(keen_stream/hub/protocol_schema.py). Pure functions only: no I/O, no database.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import json
 import struct
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -32,8 +32,6 @@ from keen_stream.errors import (
 WILDCARDS: Final = {"*": "", "session.*": "session.", "credit.*": "credit."}
 MAX_EVENT_PATTERNS: Final = 32
 _REF = Annotated[str, Field(max_length=64)] | int | None
-#: A cursor as the hub sends it: opaque to clients, "<int>-<int>" on the wire.
-_CURSOR = Annotated[str, Field(pattern=r"^[0-9]+-[0-9]+$")]
 
 
 class CloseCode(enum.IntEnum):
@@ -222,103 +220,6 @@ def event_type_filter(patterns: Sequence[str] | None, ref: Any = None) -> frozen
 
 
 # --- server -> client -----------------------------------------------------------------------
-# The frames the hub sends are built as text (below, fast and exact); these models describe them
-# for the JSON Schema (keen_stream/protocol.schema.json) and tests check the text against them.
-class ReadyFrame(_Frame):
-    """The connection is authenticated (``/ws`` only)."""
-
-    type: Literal["ready"]
-    connection_id: str
-    user_id: uuid.UUID
-    admin: bool
-    cursor: _CURSOR = Field(description="the stream position now")
-
-
-class SubscribedFrame(_Frame):
-    """The subscription is installed. ``recovered: false`` (with ``reason``): the events after
-    ``since`` cannot be given; reload state and continue from ``cursor``."""
-
-    type: Literal["subscribed"]
-    id: _REF = None
-    scope: Literal["mine", "sessions", "all"]
-    sessions: list[uuid.UUID] | None
-    events: list[str] | None
-    cursor: _CURSOR
-    recovered: bool
-    reason: Literal["since_expired", "since_unknown"] | None = None
-
-
-class UnsubscribedFrame(_Frame):
-    type: Literal["unsubscribed"]
-    id: _REF = None
-    scope: Literal["none", "sessions"]
-    sessions: list[uuid.UUID] | None
-
-
-class PongFrame(_Frame):
-    type: Literal["pong"]
-    id: _REF = None
-    cursor: _CURSOR = Field(description="a safe resume point")
-
-
-class ErrorFrame(_Frame):
-    """A refused frame (``/ws``), or why ``/events`` refused a request (the HTTP body)."""
-
-    type: Literal["error"]
-    id: _REF = None
-    code: str
-    message: str
-
-
-class EventFrame(_Frame):
-    """One event. Money in ``data`` is a decimal string, never a JSON number."""
-
-    type: Literal["event"]
-    cursor: _CURSOR = Field(
-        description="the event's position: the since (or Last-Event-ID) to resume after it"
-    )
-    version: int = Field(description="grows with every change of the same entity")
-    event_type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
-    user_id: uuid.UUID
-    session_id: uuid.UUID | None
-    root_session_id: uuid.UUID | None
-    time: datetime
-    data: dict[str, Any]
-
-
-class CloseFrame(_Frame):
-    """``/events`` only: the hub ends the stream, with the code a WebSocket would have been
-    closed with (docs/protocol.md, section 6)."""
-
-    type: Literal["close"]
-    code: int
-    reason: str
-
-
-ServerFrame = (
-    ReadyFrame
-    | SubscribedFrame
-    | UnsubscribedFrame
-    | PongFrame
-    | ErrorFrame
-    | EventFrame
-    | CloseFrame
-)
-#: The frames on each endpoint and direction, as the JSON Schema lists them.
-FRAMES: Final = {
-    "ws_client": (AuthFrame, SubscribeFrame, UnsubscribeFrame, PingFrame),
-    "ws_server": (
-        ReadyFrame,
-        SubscribedFrame,
-        UnsubscribedFrame,
-        PongFrame,
-        ErrorFrame,
-        EventFrame,
-    ),
-    "sse_server": (SubscribedFrame, ErrorFrame, EventFrame, CloseFrame),
-}
-
-
 def _dump(frame: dict[str, Any]) -> str:
     return json.dumps(frame, separators=(",", ":"), default=str)
 

@@ -8,7 +8,7 @@ cursor is its SSE ``id``, so a browser resumes by itself. Frames other than even
 SSE events (``subscribed``, ``error``, ``close``); a ``: ping`` comment every
 ``hub_sse_heartbeat_interval`` keeps proxies and idle sockets from ending the stream silently.
 
-Authentication (docs/protocol.md, section 10): ``Authorization: Bearer`` for programs; for
+Authentication (docs/protocol.md, section 11): ``Authorization: Bearer`` for programs; for
 browsers, whose EventSource sends no headers, a ticket (``POST /events/tickets`` with the
 token in the header; short-lived, single-use, stored hashed, so any node of the deployment
 redeems it) in the URL. Redeeming it sets an HttpOnly cookie (a stream credential) with which

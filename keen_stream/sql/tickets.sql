@@ -1,4 +1,4 @@
--- keen_stream: stream tickets (server-sent events, docs/protocol.md section 10).
+-- keen_stream: stream tickets (server-sent events, docs/protocol.md section 11).
 --
 -- A browser's EventSource cannot send an Authorization header, and a long-lived token must not
 -- sit in a URL (proxy and access logs keep URLs). So a client trades its token, in a header,

@@ -8,7 +8,7 @@ A browser's EventSource cannot send an Authorization header and a long-lived tok
 in a URL: a client trades its token (in a header) for a ticket, redeemed once by GET /events,
 which mints a stream credential (an HttpOnly cookie) for the browser's own reconnects. Only
 hashes are stored; every use re-checks the token. keen_stream/sql/tickets.sql is the commented
-current text (docs/protocol.md, section 10).
+current text (docs/protocol.md, section 11).
 """
 
 from alembic import op
