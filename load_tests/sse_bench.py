@@ -19,7 +19,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,7 +29,6 @@ from typing import Any
 
 import asyncpg
 import httpx
-import psutil
 from websockets.asyncio.client import connect
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -38,30 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.migrate import upgrade
 from keen_stream.settings import Settings, with_database
+from load_tests.fanout_bench import cpu, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def cpu(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return float(times.user + times.system)
-
-
-async def wait_port(port: int) -> None:
-    for _ in range(300):
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("the hub did not start")
 
 
 async def ws_client(url: str, token: str, events: int, ready: asyncio.Event, n: list[int]) -> None:
