@@ -316,7 +316,13 @@ class KeenDatabase:
                 " (run migrations: `keen-stream migrate`)"
             )
         elif row["missing"]:
-            problems.append(f"finds no tables {', '.join(row['missing'])} (run migrations)")
+            # Some tables but not all: a database at an older revision than this release
+            # (every release that adds a tenant table lands here before any other check).
+            revision = await self.schema_revision()
+            problems.append(
+                f"finds no tables {', '.join(row['missing'])}: its schema is at revision"
+                f" {revision or '(none)'} (run migrations: `keen-stream migrate`)"
+            )
         if row["unprotected"]:
             problems.append(f"tables without forced RLS: {', '.join(row['unprotected'])}")
         if row["can_create_temp"]:
