@@ -97,6 +97,16 @@ async def test_last_event_id_resumes_without_loss_or_repeat_and_wins_over_since(
             assert (subscribed["recovered"], subscribed["reason"]) == (False, "since_unknown")
             assert stream.last_id == subscribed["cursor"]
 
+        # Past retention: the events after it are gone.
+        await step(db, alice, "a")
+        assert await db.events.prune(timedelta(0)) > 0
+        headers = {"Last-Event-ID": first[0].id or ""}
+        async with open_stream(client, token=token, headers=headers) as stream:
+            subscribed = await stream.expect("subscribed")
+            assert (subscribed["recovered"], subscribed["reason"]) == (False, "since_expired")
+            assert stream.last_id == subscribed["cursor"]
+            await stream.no_message()
+
 
 async def test_a_ticket_opens_one_stream_and_its_cookie_lets_the_browser_reconnect(
     db, fresh_dsn, alice, caplog
