@@ -214,6 +214,36 @@ class TokenScopeError(InvalidToken):
     code = "token_scope"
 
 
+class TicketRejected(InvalidToken):
+    """The stream ticket is not valid."""
+
+    code = "ticket_invalid"
+
+
+class TicketUnknown(TicketRejected):
+    """The stream ticket is unknown (forged, or issued by another deployment)."""
+
+    code = "ticket_unknown"
+
+
+class TicketExpired(TicketRejected):
+    """The stream ticket has expired; request a new one (they last seconds)."""
+
+    code = "ticket_expired"
+
+
+class TicketUsed(TicketRejected):
+    """The stream ticket was already used; a ticket opens one stream."""
+
+    code = "ticket_used"
+
+
+class StreamCredentialRejected(TicketRejected):
+    """The stream credential (cookie) is unknown or expired; open the stream with a new ticket."""
+
+    code = "credential_invalid"
+
+
 class ImmutableRecord(KeenError):
     """This record is append-only and cannot be changed or deleted."""
 

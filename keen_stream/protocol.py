@@ -103,6 +103,15 @@ class EventFrame(ServerFrame):
     data: dict[str, Any]
 
 
+class CloseFrame(ServerFrame):
+    """``GET /events`` only (server-sent events; docs/protocol.md, section 11): the hub ends the
+    stream, with the code a WebSocket would have been closed with (section 6)."""
+
+    type: Literal["close"] = "close"
+    code: int
+    reason: str = ""
+
+
 # --- event payloads (``data``; written by the capture triggers, keen_stream/sql/events.sql) ---
 class SessionState(ServerFrame):
     """``data`` of a ``session.*`` event: the session's whole small state (docs/protocol.md,

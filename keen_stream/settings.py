@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     hub_max_connections_per_address: int = Field(default=256, ge=0)
     # Sockets not (yet) authenticated, so strangers cannot take the whole budget.
     hub_max_unauthenticated: int = Field(default=1_000, ge=0)
+    # Server-sent events (GET /events; docs/protocol.md, section 11).
+    hub_sse_heartbeat_interval: float = Field(default=15.0, gt=0)  # a `: ping` comment
+    hub_sse_retry: float = Field(default=2.0, gt=0)  # seconds; EventSource's reconnect delay
+    hub_ticket_ttl: float = Field(default=30.0, gt=0, le=300)  # a ticket is redeemed at once
+    # The cookie a redeemed ticket leaves for the browser's reconnects (never past the token).
+    hub_stream_credential_ttl: float = Field(default=43_200.0, gt=0)
 
     # --- admin -----------------------------------------------------------------------------
     admin_email: str = "ahiya.butman@gmail.com"

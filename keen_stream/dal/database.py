@@ -38,6 +38,7 @@ TENANT_TABLES = (
     "stream_events",
     "credit_holds",
     "credit_auto_recharge_requests",
+    "stream_tickets",
 )
 
 # One statement sets both: the role and the user live until the transaction ends (is_local),
@@ -197,6 +198,7 @@ class KeenDatabase:
         from keen_stream.dal.credits import CreditManager
         from keen_stream.dal.events import EventDAO
         from keen_stream.dal.sessions import SessionDAO
+        from keen_stream.dal.tickets import TicketDAO
         from keen_stream.dal.tokens import TokenDAO
         from keen_stream.dal.users import UserDAO
 
@@ -206,6 +208,7 @@ class KeenDatabase:
         self._embedded = embedded
         self.users = UserDAO(self)
         self.tokens = TokenDAO(self)
+        self.tickets = TicketDAO(self)
         self.events = EventDAO(self)
         self.connections = ConnectionDAO(self)
         self.credits = CreditManager(self)
@@ -313,7 +316,13 @@ class KeenDatabase:
                 " (run migrations: `keen-stream migrate`)"
             )
         elif row["missing"]:
-            problems.append(f"finds no tables {', '.join(row['missing'])} (run migrations)")
+            # Some tables but not all: a database at an older revision than this release
+            # (every release that adds a tenant table lands here before any other check).
+            revision = await self.schema_revision()
+            problems.append(
+                f"finds no tables {', '.join(row['missing'])}: its schema is at revision"
+                f" {revision or '(none)'} (run migrations: `keen-stream migrate`)"
+            )
         if row["unprotected"]:
             problems.append(f"tables without forced RLS: {', '.join(row['unprotected'])}")
         if row["can_create_temp"]:

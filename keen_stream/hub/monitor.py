@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from keen_stream.errors import AccountInactive, AuthenticationError, KeenError
-from keen_stream.hub.connection import _bearer
+from keen_stream.hub.connection import bearer_token
 from keen_stream.hub.service import HubService
 
 #: Served name -> content type. Nothing else under /monitor/ exists.
@@ -68,7 +68,7 @@ async def origin(request: Request) -> Response:
     service: HubService | None = getattr(request.app.state, "service", None)
     if service is None:
         return _refusal(503, "starting")
-    token = _bearer(request.headers.get("authorization"))
+    token = bearer_token(request.headers.get("authorization"))
     if token is None:
         return _refusal(401, "authentication_required")
     try:
