@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
-from urllib.parse import urlsplit
+from typing import Final, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -146,17 +147,29 @@ def with_database(dsn: str, database: str) -> str:
     return f"{parts.scheme}://{parts.netloc}/{database}{query}"
 
 
+#: ``user:password@`` at the start of a URL's authority. Greedy up to the last "@": a password
+#: with "/", "?", "#" or "@" left unencoded is hidden whole (at worst more than the password is).
+_USERINFO: Final = re.compile(r"^(?P<user>[^:/?#@]*):.*@", re.DOTALL)
+#: ``key=value`` in a URL's query.
+_QUERY_ITEM: Final = re.compile(r"(?P<lead>[?&])(?P<key>[^=&#]*)=[^&#]*")
+#: ``password=value`` in a keyword/value DSN: quoted (backslash escapes), unterminated, or bare.
+_KEYWORD_SECRET: Final = re.compile(
+    r"(?i)\b(?P<key>(?:ssl)?password)\s*=\s*(?:'(?:[^'\\]|\\.)*'|'.*|\S*)", re.DOTALL
+)
+#: Query options that carry a secret (the driver decodes keys, so they are compared decoded).
+_SECRET_OPTIONS: Final = frozenset({"password", "sslpassword"})
+
+
 def redact_dsn(dsn: str) -> str:
-    """``dsn`` fit for a log line: its password (in the URL or a ``password=`` option) hidden."""
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, hostport = netloc.rpartition("@")
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{hostport}"
-    query = "&".join(
-        f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
-        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    query = f"?{query}" if query else ""
-    return f"{parts.scheme}://{netloc}{parts.path}{query}"
+    """``dsn`` fit for a log line or an error message: every password hidden (in the URL's
+    user info, a ``password=`` or ``sslpassword=`` option, or a keyword/value DSN's)."""
+    scheme, sep, rest = dsn.partition("://")
+    if not sep:
+        return _KEYWORD_SECRET.sub(lambda m: f"{m['key']}=***", dsn)
+    rest = _USERINFO.sub(lambda m: f"{m['user']}:***@", rest, count=1)
+
+    def query_item(m: re.Match[str]) -> str:
+        secret = unquote(m["key"]).strip().lower() in _SECRET_OPTIONS
+        return f"{m['lead']}{m['key']}=***" if secret else m[0]
+
+    return f"{scheme}://{_QUERY_ITEM.sub(query_item, rest)}"

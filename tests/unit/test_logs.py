@@ -27,6 +27,19 @@ from keen_stream.settings import redact_dsn
         ),
         ("postgresql:///keen?host=/run/pg", "postgresql:///keen?host=/run/pg"),
         ("postgresql://u:pw@[::1]:5432/keen", "postgresql://u:***@[::1]:5432/keen"),
+        # asyncpg decodes query keys, so an encoded "password" is one too; sslpassword unlocks
+        # the client key.
+        ("postgresql://u@db/keen?pass%77ord=s3cret", "postgresql://u@db/keen?pass%77ord=***"),
+        ("postgresql://u@db/keen?sslpassword=s3cret", "postgresql://u@db/keen?sslpassword=***"),
+        # Characters that should have been percent-encoded: hide everything up to the last @.
+        ("postgresql://u:p/s?s#w@db/keen", "postgresql://u:***@db/keen"),
+        ("postgresql://u:p@ss@db/keen", "postgresql://u:***@db/keen"),
+        ("postgresql://u:@db/keen", "postgresql://u:***@db/keen"),
+        ("postgresql://u@db:5432/keen", "postgresql://u@db:5432/keen"),
+        # The keyword form (which the driver refuses, and the refusal names it).
+        ("host=db user=u password=s3cret dbname=keen", "host=db user=u password=*** dbname=keen"),
+        ("host=db password = 'a b\\' c' dbname=keen", "host=db password=*** dbname=keen"),
+        ("host=db password='unterminated", "host=db password=***"),
     ],
 )
 def test_a_dsn_in_a_log_line_hides_its_password(dsn: str, shown: str) -> None:
