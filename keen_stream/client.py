@@ -472,6 +472,9 @@ class Subscription:
         self.dead_connections = 0
         self._ws: ClientConnection | None = None
         self._failures = 0
+        # A 4004 while connected is retried with a fresh token; once, until a connection with
+        # the new token subscribes (then its own expiry is a new one to refresh, events or not).
+        self._refreshed = False
         self._closing = False
         self._gen = self._run()
 
@@ -522,7 +525,6 @@ class Subscription:
     async def _run(self) -> AsyncGenerator[Event, None]:
         client = self._client
         first = True
-        refreshed = False  # a 4004 while connected is retried once with a fresh token
         while not self._stopping():
             if not first:
                 await asyncio.sleep(client._delay(self._failures))
@@ -536,7 +538,6 @@ class Subscription:
                     self.url = url
                     authenticated = True
                     async for event in self._follow(self._ws):
-                        refreshed = False
                         yield event
                 finally:
                     self.url, self.live = None, False
@@ -555,9 +556,9 @@ class Subscription:
                     fatal is TokenExpired
                     and authenticated
                     and client._token_provider
-                    and (not refreshed)
+                    and (not self._refreshed)
                 ):
-                    refreshed = True  # expired while connected: try a fresh token
+                    self._refreshed = True  # expired while connected: try a fresh token
                     logger.info("%s: token expired; reconnecting with a new one", url)
                     continue
                 if fatal is not None:
@@ -593,6 +594,7 @@ class Subscription:
             elif kind == "subscribed":
                 self._failures = 0
                 self.live = True
+                self._refreshed = False
                 await self._subscribed(_parse(SubscribedFrame, frame))
             elif kind == "error":
                 error = _parse(ErrorFrame, frame)

@@ -182,3 +182,28 @@ test("an async iterator yields events and ends on close", async () => {
   sub.close();
   assert.equal((await pending).done, true);
 });
+
+test("every expiry of a refreshed token is refreshed again, even on a quiet stream", async () => {
+  // Hourly tokens, hours without events: each expiry is a new one, not a second try.
+  const tokens = ["a", "b", "c"];
+  let error = null;
+  const sub = client({ token: undefined, tokenProvider: () => tokens.shift() }).subscribe({
+    onError: (e) => { error = e; },
+  });
+  const expire = async (ws, withEvent) => {
+    ws.frame({ type: "ready", cursor: "5-0" });
+    ws.frame({ type: "subscribed", cursor: "5-0", recovered: true });
+    if (withEvent) ws.frame(event("5-1"));
+    await tick();
+    ws.drop(4004, "token expired");
+    await tick();
+    await tick();
+  };
+  await tick();
+  await expire(FakeSocket.all[0], true);
+  await expire(FakeSocket.all[1], false);
+  assert.equal(error, null);
+  assert.equal(FakeSocket.all.length, 3);
+  assert.deepEqual(FakeSocket.all.map((ws) => ws.sent[0].token), ["a", "b", "c"]);
+  sub.close();
+});

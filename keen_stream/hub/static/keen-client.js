@@ -342,6 +342,7 @@ export class Subscription {
 
   async _subscribed(conn, frame) {
     this._failures = 0;
+    this._refreshed = false; // the connection works: its token's expiry is a new one to refresh
     conn.subscribed = true;
     const cursor = String(frame.cursor);
     if (frame.recovered !== false) {
@@ -385,7 +386,9 @@ export class Subscription {
     if (this._ws !== conn || this._ended()) return;
     const fatal = FATAL_CLOSES[code];
     if (code === 4004 && conn.authenticated && this.client.refreshable && !this._refreshed) {
-      this._refreshed = true; // expired while connected: once more with a fresh token
+      // Expired while connected: once more with a fresh token (again after each connection
+      // that subscribed, so an hourly token on a quiet stream is refreshed every hour).
+      this._refreshed = true;
       this._reconnect(0);
       return;
     }
