@@ -420,3 +420,18 @@ async def test_user_text_is_shown_as_text_never_run(db, fresh_dsn, alice):
         assert await page.locator("#credits img, #trees img, #trees script").count() == 0
         assert await page.evaluate("window.__xss") is None
         assert monitor.problems() == []
+
+
+async def test_a_user_suspended_while_watching_is_stopped_and_the_token_forgotten(
+    db, fresh_dsn, alice, admin
+):
+    async with running_hub(fresh_dsn) as hub, chromium() as browser:
+        monitor = await Monitor.open(browser, hub, await stream_token(db, alice.id))
+        page = monitor.page
+        await db.users.set_account_status(alice.id, "suspended", actor_id=admin.id)
+        await monitor.expect_state("failed")  # closed with 4006: not retried
+        assert "4006" in await page.locator("#banner").inner_text()
+        # As for every refused token (docs/monitor.md): forgotten, and the page asks again.
+        assert await page.evaluate("sessionStorage.getItem('keen.monitor.token')") is None
+        assert await page.locator("#login").is_visible()
+        assert monitor.problems() == []

@@ -147,11 +147,14 @@ function onGap(gap) {
   if (reloadsInRow <= 3) watch(currentToken, { reload: true });
 }
 
+// Closes (and /monitor/origin refusals) after which this token will not work again.
+const REFUSED_TOKEN = new Set([
+  "authentication_failed", "token_rejected", "token_expired", "token_revoked", "account_inactive",
+]);
+
 function onError(error) {
-  const fatal = error && error.kind;
   banner("failed", `Stopped: ${error.message}.`);
-  if (fatal === "token_rejected" || fatal === "token_revoked" || fatal === "token_expired" ||
-      fatal === "authentication_failed") {
+  if (REFUSED_TOKEN.has(error && error.kind)) {
     sessionStorage.removeItem(TOKEN_KEY);
     $("login").hidden = false;
   }
