@@ -29,10 +29,18 @@ def _dsn_or_embedded(settings: Settings) -> tuple[str, object | None]:
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from keen_stream import migrate
+    from keen_stream.dal.pgerrors import connect_error
 
     dsn, embedded = _dsn_or_embedded(settings)
     try:
         migrate.upgrade(dsn, args.revision, credit_markup=args.markup)
+    except Exception as exc:
+        # The database unreachable or refusing: one line and exit 2 like every command (the
+        # driver's error, found inside SQLAlchemy's), not the migration tool's traceback.
+        error = connect_error(exc)
+        if error is None:
+            raise
+        raise error from exc
     finally:
         if embedded is not None:
             embedded.stop()  # type: ignore[attr-defined]

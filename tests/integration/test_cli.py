@@ -81,6 +81,19 @@ async def test_migrate_command_is_a_no_op_on_a_migrated_database(
     assert await owner_conn.fetchval("SELECT version_num FROM alembic_version") == before
 
 
+async def test_migrate_on_an_unreachable_database_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # docs/operations.md, "Exit codes": the database unreachable is a one-line refusal (2), as
+    # for every command, not the migration tool's traceback.
+    dsn = "postgresql://keen:s3cret@127.0.0.1:1/keen"
+    assert await _run("migrate", settings=make_settings(dsn)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keen-stream: ") and err.count("\n") == 1, err
+    assert "Connection refused" in err or "Connect call failed" in err, err
+    assert "s3cret" not in err
+
+
 async def test_an_admin_sets_the_markup_from_the_command_line(
     fresh_dsn: str, owner_conn: asyncpg.Connection, capsys: pytest.CaptureFixture[str]
 ) -> None:
