@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from keen_stream.clikit import print_json, print_table, prompt_password, run_with_database
+from keen_stream.clikit import print_json, print_table, prompt_password, run_with_database, shown
 from keen_stream.dal.models.users import USERNAME_PATTERN
 from keen_stream.dal.validation import parse_uuid
 from keen_stream.errors import InvalidIdentifier, InvalidInput, NotFound
@@ -275,14 +275,14 @@ def cmd_users_show(args: argparse.Namespace, settings: Settings) -> int:
             "active_tokens": len(tokens),
         }
 
-    shown = _on_user(settings, args, show)
+    user = _on_user(settings, args, show)
     if args.json:
-        print_json(shown)
+        print_json(user)
         return 0
-    credits = shown.pop("credits")
-    width = max(map(len, shown))
-    for key, value in shown.items():
-        print(f"{key.ljust(width)}  {'-' if value is None else value}")
+    credits = user.pop("credits")
+    width = max(map(len, user))
+    for key, value in user.items():
+        print(f"{key.ljust(width)}  {shown(value)}")
     print("credits".ljust(width) + "  " + ", ".join(f"{k} {v}" for k, v in credits.items()))
     return 0
 

@@ -47,9 +47,18 @@ def print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, default=str))
 
 
+def shown(value: object) -> str:
+    """``value`` for a terminal: ``-`` for None; characters that are not printable (newlines,
+    escape sequences, bidi overrides: in text users chose, such as a token's name) escaped as
+    Python writes them, so they cannot forge rows, move the cursor or retitle the terminal."""
+    if value is None:
+        return "-"
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(value))
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
-    """Left-aligned columns for people; ``-`` for a missing value."""
-    cells = [[("-" if v is None else str(v)) for v in row] for row in rows]
+    """Left-aligned columns for people (values :func:`shown`)."""
+    cells = [[shown(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     for line in [list(headers), *cells]:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())

@@ -189,3 +189,27 @@ async def test_commands_that_act_as_the_admin_need_one(
     await run.json("users", "create", "hal@example.com", "--password-stdin", stdin=PASSWORD)
     code, _, err = await run("tokens", "issue", "hal@example.com")
     assert code == 2 and "keen-stream create-admin" in err
+
+
+async def test_text_users_chose_reaches_the_terminal_escaped(run: Cli, ops: Settings) -> None:
+    # A token's name and a display name are the user's own free text: control characters in
+    # them must not move the operator's cursor, recolour, retitle or add rows to the output.
+    evil = "laptop\n2f8c  api_key  root  *  yes\x1b[2J\x1b]0;pwned\x07\u202e"
+    created = await run.json(
+        "users", "create", "eve@example.com", "--display-name", evil, "--password-stdin",
+        stdin=PASSWORD,
+    )  # fmt: skip
+    db = await KeenDatabase.connect(settings=ops, migrate=False)
+    try:
+        await db.tokens.issue(created["id"], "api_key", name=evil, scopes=["stream"])
+    finally:
+        await db.close()
+    for argv in (("tokens", "list", "eve@example.com"), ("users", "show", "eve@example.com")):
+        code, out, err = await run(*argv)
+        assert code == 0, err
+        assert not any(ch in out for ch in "\x1b\x07\u202e"), (argv, out)
+        assert "laptop\\n2f8c" in out, out  # shown, escaped
+    code, out, _ = await run("tokens", "list", "eve@example.com")
+    assert len(out.splitlines()) == 2  # the header and one token: no forged row
+    # JSON output is JSON's escaping, value intact.
+    assert (await run.json("users", "show", "eve@example.com"))["display_name"] == evil
