@@ -9,6 +9,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pydantic import ValidationError
+
 from keen_stream import accounts_cli, demo, ledger_cli, logs
 from keen_stream import backup as backup_cli
 from keen_stream.clikit import EXIT_ERROR, EXIT_NOT_FOUND, prompt_password
@@ -73,6 +75,17 @@ def cmd_create_admin(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def settings_problems(exc: ValidationError) -> str:
+    """What is wrong with the ``KEEN_*`` environment, on one line: each variable and why, never
+    its value (it may be a secret)."""
+    problems = []
+    for error in exc.errors(include_url=False, include_input=False):
+        variable = "KEEN_" + "_".join(str(part) for part in error["loc"]).upper()
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(message if variable in message else f"{variable}: {message}")
+    return "; ".join(problems)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="keen-stream", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -102,7 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, *, settings: Settings | None = None) -> int:
     args = build_parser().parse_args(argv)
-    settings = settings or get_settings()
+    if settings is None:
+        try:
+            settings = get_settings()
+        except ValidationError as exc:
+            print(f"keen-stream: invalid settings: {settings_problems(exc)}", file=sys.stderr)
+            return EXIT_ERROR
     logs.configure(logging.INFO if args.verbose else logging.WARNING, settings.log_format)
     # Diagnostics: KEEN_DEBUG_LOGGERS=keen_stream.hub.connection,... logs those at DEBUG.
     for name in filter(

@@ -280,6 +280,17 @@ def _announce(server: uvicorn.Server, app: HubApp, db: KeenDatabase, revision: s
     )
 
 
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535: uvicorn would take 70000 as 70000 % 65536."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a number from 0 to 65535, not {text!r}")
+    return port
+
+
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser(
         "serve",
@@ -287,7 +298,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "(embedded PostgreSQL when KEEN_DATABASE_URL is unset)",
     )
     p.add_argument("--host", default=None, help="default: KEEN_HUB_HOST (127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="default: KEEN_HUB_PORT (8765)")
+    p.add_argument("--port", type=_port, default=None, help="default: KEEN_HUB_PORT (8765)")
     p.add_argument(
         "--log-format",
         choices=("text", "json"),
