@@ -68,7 +68,11 @@ def prompt_password(label: str, *, otherwise: str) -> str:
     """A password typed twice on the terminal; ``otherwise`` says what to do without one."""
     if not sys.stdin.isatty():
         raise KeenError(f"no terminal to ask for the password on: {otherwise}")
-    first = getpass.getpass(f"{label}: ")
-    if first != getpass.getpass("Again: "):
+    try:
+        first = getpass.getpass(f"{label}: ")
+        again = getpass.getpass("Again: ")
+    except EOFError:  # Ctrl-D at the prompt
+        raise KeenError("no password given (end of input)") from None
+    if first != again:
         raise KeenError("passwords do not match")
     return first

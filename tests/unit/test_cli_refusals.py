@@ -8,6 +8,7 @@ import pytest
 
 from keen_stream import cli
 from keen_stream.settings import get_settings
+from tests.conftest import make_settings
 
 
 @pytest.fixture
@@ -50,3 +51,18 @@ def test_serve_refuses_a_port_that_does_not_exist(
         cli.main(["serve", "--port", port])
     assert exit_.value.code == 2
     assert "--port" in capsys.readouterr().err
+
+
+def test_end_of_input_at_a_password_prompt_is_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Ctrl-D at "Password:": getpass raises EOFError, which is no KeenError.
+    def eof(prompt: str = "") -> str:
+        raise EOFError
+
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    monkeypatch.setattr("getpass.getpass", eof)
+    settings = make_settings("postgresql://127.0.0.1:1/never-reached")
+    assert cli.main(["users", "create", "ada@example.com"], settings=settings) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keen-stream: no password") and err.count("\n") == 1, err
