@@ -435,3 +435,26 @@ async def test_a_user_suspended_while_watching_is_stopped_and_the_token_forgotte
         assert await page.evaluate("sessionStorage.getItem('keen.monitor.token')") is None
         assert await page.locator("#login").is_visible()
         assert monitor.problems() == []
+
+
+async def test_forget_token_then_another_users_token_shows_nothing_of_the_first(
+    db, fresh_dsn, alice, bob
+):
+    # One tab, two people: what the first watched must not stay on the page (or in it,
+    # hidden) for the second, even before the second's first event.
+    await recursive_run(db, alice, "alices-run")
+    async with running_hub(fresh_dsn) as hub, chromium() as browser:
+        monitor = await Monitor.open(browser, hub, await stream_token(db, alice.id))
+        page = monitor.page
+        await monitor.wait_events(await events_of(db, alice))
+        assert await page.locator(".tree").count() == 1
+        await page.click("#logout")
+        assert await page.locator(".tree, #credits tbody tr").count() == 0  # not kept hidden
+        await page.fill("#token", await stream_token(db, bob.id))  # bob has no events
+        await page.click("#login button[type=submit]")
+        await monitor.expect_state("live")
+        assert await page.locator(".tree, #credits tbody tr").count() == 0
+        assert await page.locator("#no-sessions").is_visible()
+        assert await page.locator("#no-credits").is_visible()
+        assert str(alice.id)[:8] not in await page.locator("body").inner_text()
+        assert monitor.problems() == []

@@ -429,9 +429,7 @@ async function watch(token, { reload = false } = {}) {
   const mine = generation;
   currentToken = token;
   if (!reload) {
-    state.sessions.clear();
-    state.credits.clear();
-    state.users.clear();
+    forget();
     document.body.dataset.events = "0";
     banner(null);
     reloadsInRow = 0;
@@ -471,6 +469,23 @@ async function watch(token, { reload = false } = {}) {
   subscription = sub;
 }
 
+/** Empty the view: another token (another person, in the same tab) sees nothing of this one's,
+ * not even before its own first event, nor hidden in the page. */
+function forget() {
+  state.sessions.clear();
+  state.credits.clear();
+  state.users.clear();
+  state.fresh.clear();
+  state.admin = false;
+  $("who").hidden = true;
+  $("who").textContent = "";
+  $("filter-user").replaceChildren(el("option", { value: "", text: "everyone" }));
+  $("filter-user-label").hidden = true;
+  $("filter-session").value = "";
+  clearTimeout(renderTimer);
+  render();
+}
+
 function stop() {
   generation += 1;
   if (client) client.close();
@@ -491,8 +506,8 @@ function init() {
   $("logout").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
     stop();
+    forget();
     $("main").hidden = true;
-    $("who").hidden = true;
     $("login").hidden = false;
     banner(null);
     setStatus("signed-out", "signed out");
