@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from keen_stream import logs
+from keen_stream.clikit import EXIT_ERROR
 from keen_stream.errors import ConfigurationError, KeenError
 from keen_stream.settings import Settings, redact_dsn
 
@@ -171,7 +172,8 @@ def raise_open_file_limit(settings: Settings) -> tuple[int, int]:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
-    logs.configure(args.log_level.upper(), args.log_format or settings.log_format, replace=True)
+    log_format = args.log_format or settings.log_format
+    logs.configure(args.log_level.upper(), log_format, replace=True)
     host = args.host or settings.hub_host
     port = settings.hub_port if args.port is None else args.port
     raise_open_file_limit(settings)
@@ -185,6 +187,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             return runner.run(serve(settings, host, port))
     except KeyboardInterrupt:  # Ctrl-C: uvicorn stopped gracefully, then passed the signal on
         return 130
+    except KeenError as exc:
+        if log_format != "json":
+            raise  # keen-stream's own one line on stderr
+        # A log collector reads JSON only: the refusal as a JSON line, the same words.
+        logger.error("keen-stream: %s", exc, extra={"event": "hub.refused", "code": exc.code})
+        return EXIT_ERROR
 
 
 async def open_database(settings: Settings) -> tuple[KeenDatabase, str]:

@@ -91,6 +91,22 @@ async def test_serve_names_an_unreachable_database_without_its_password() -> Non
     assert "Connection refused" in output
 
 
+async def test_with_json_logs_a_refusal_is_a_json_line_too() -> None:
+    with socket.socket() as closed:  # a port nothing listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    dsn = f"postgresql://keen:hunter2-secret@127.0.0.1:{port}/keen"
+    env = {"KEEN_DATABASE_URL": dsn}
+    proc = await start_serve(None, free_port(), "--log-format", "json", env=env)
+    output = await _exit_output(proc)
+    assert proc.returncode == 2, output
+    lines = [json.loads(line) for line in output.strip().splitlines()]  # every line is JSON
+    refused = lines[-1]
+    assert (refused["level"], refused["event"]) == ("ERROR", "hub.refused"), refused
+    assert refused["message"].startswith("keen-stream: cannot serve on postgresql://keen:***@")
+    assert "hunter2" not in output
+
+
 async def test_serve_refuses_an_unsafe_database(fresh_dsn: str) -> None:
     admin = await asyncpg.connect(fresh_dsn)
     try:  # the default grant a plain restore gives back: keen_app could shadow tables
