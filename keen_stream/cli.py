@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from keen_stream import ledger_cli
+from keen_stream import analytics_cli, ledger_cli
 from keen_stream.errors import KeenError
 from keen_stream.hub import cli as hub_cli
 from keen_stream.settings import Settings, get_settings
@@ -90,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hub_cli.register(sub)
     ledger_cli.register(sub)
+    analytics_cli.register(sub)
     return parser
 
 
