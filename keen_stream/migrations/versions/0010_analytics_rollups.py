@@ -22,6 +22,21 @@ down_revision = "0008_session_handle"
 branch_labels = None
 depends_on = None
 
+# The privilege check, then the figures: from the rollups (up) or live (down).
+ADMIN_ANALYTICS = """
+    CREATE OR REPLACE FUNCTION keen_admin_analytics(p_from timestamptz, p_to timestamptz)
+    RETURNS keen_analytics_summary
+    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+    AS $$
+    BEGIN
+        IF NOT public.keen_can_view_analytics() THEN
+            RAISE EXCEPTION 'Insufficient privileges for analytics access'
+                USING ERRCODE = 'KS403';
+        END IF;
+        RETURN public.keen_analytics_{source}(p_from, p_to);
+    END $$
+"""
+
 UPGRADE = [
     """
     -- One UTC hour. NULL sums: no row of that kind (as sum() over nothing), so that combining
@@ -369,35 +384,11 @@ UPGRADE = [
     """
     GRANT EXECUTE ON FUNCTION keen_analytics_hours_to_roll(timestamptz) TO keen_system
     """,
-    """
-    CREATE OR REPLACE FUNCTION keen_admin_analytics(p_from timestamptz, p_to timestamptz)
-    RETURNS keen_analytics_summary
-    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
-    AS $$
-    BEGIN
-        IF NOT public.keen_can_view_analytics() THEN
-            RAISE EXCEPTION 'Insufficient privileges for analytics access'
-                USING ERRCODE = 'KS403';
-        END IF;
-        RETURN public.keen_analytics_rolled(p_from, p_to);
-    END $$
-    """,
+    ADMIN_ANALYTICS.format(source="rolled"),
 ]
 
 DOWNGRADE = [
-    """
-    CREATE OR REPLACE FUNCTION keen_admin_analytics(p_from timestamptz, p_to timestamptz)
-    RETURNS keen_analytics_summary
-    LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
-    AS $$
-    BEGIN
-        IF NOT public.keen_can_view_analytics() THEN
-            RAISE EXCEPTION 'Insufficient privileges for analytics access'
-                USING ERRCODE = 'KS403';
-        END IF;
-        RETURN public.keen_analytics_window(p_from, p_to);
-    END $$
-    """,
+    ADMIN_ANALYTICS.format(source="window"),
     "DROP FUNCTION keen_analytics_hours_to_roll(timestamptz)",
     "DROP FUNCTION keen_analytics_roll_hour(timestamptz)",
     "DROP FUNCTION keen_analytics_rolled(timestamptz, timestamptz)",
