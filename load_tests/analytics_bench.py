@@ -18,6 +18,10 @@ interleaved), against ``keen_analytics_window`` (the live computation the public
 before the rollups) measured in the same run (``--live-samples`` each). Prints p50/p95 per
 range and live/rollups; checks that both give the same figures for the same window. The
 scratch database is dropped at the end unless ``--keep``.
+
+``--write-cost SECONDS`` measures instead what the rollups cost the writers: the ledger's
+deduction statement under pgbench (load_tests/ledger_bench.py's scratch database, script and
+funding), 8 clients, with the analytics triggers enabled and disabled in turns, three runs each.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from keen_stream.dal.analytics import TIME_RANGES
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.migrate import upgrade
 from keen_stream.settings import Settings, with_database
+from load_tests import ledger_bench
 
 DAYS = 30
 ADMINS = 10  # their sessions are admin sessions, their ledger rows admin bypasses
@@ -70,7 +75,7 @@ SESSION_VALUES = """
            (i * 2654435761) % 100 AS h,
            round(((i * 7919) % 1000000)::numeric / 200000, 6) AS usd,
            (i * 31) % 50000 + 100 AS tokens
-      FROM generate_series($5::bigint * $1::int, ($5::bigint + 1) * $1::int - 1) i"""
+      FROM generate_series($5::bigint * $1::int, $6::bigint - 1) i"""
 SESSION_INSERT = """
     INSERT INTO agent_sessions (user_id, session_id, parent_session_id, git_branch, vision,
         working_directory, streaming_enabled, start_time, last_activity_at, created_at, end_time,
@@ -171,10 +176,12 @@ class Progress:
 
 async def generate(conn: asyncpg.Connection, scale: float, progress: Progress) -> dict[str, int]:
     users = max(ADMINS + 10, round(10_000 * scale))
-    per_day = max(10, round(1_000_000 * scale / DAYS)) // 10 * 10
+    # A whole number of families (10 sessions) per statement; the last takes the remainder.
+    sessions = max(10 * DAYS, round(1_000_000 * scale)) // 10 * 10
+    per_day = sessions // DAYS // 10 * 10
     per_account = max(10, round(5_000_000 * scale / users))
     t0 = await conn.fetchval("SELECT date_trunc('second', now()) - interval '30 days'")
-    step = timedelta(days=DAYS) / (per_day * DAYS)
+    step = timedelta(days=DAYS) / sessions
     progress.show(f"users: {users:,}")
     await conn.execute(USERS, users, ADMINS, t0 + timedelta(days=DAYS))
     await conn.execute("INSERT INTO credit_accounts (user_id) SELECT id FROM users")
@@ -184,11 +191,12 @@ async def generate(conn: asyncpg.Connection, scale: float, progress: Progress) -
     await conn.execute(key)
     for day in range(DAYS):
         values = SESSION_VALUES
-        args = (per_day, t0, step, users, day)
+        end = sessions if day == DAYS - 1 else (day + 1) * per_day
+        args = (per_day, t0, step, users, day, end)
         for members in ("0, 3, 4, 5, 6, 7, 8, 9", "1", "2"):
             await conn.execute(SESSION_INSERT.format(values=values, members=members), *args)
         await conn.execute(SESSION_END_PARENTS.format(values=values), *args)
-        progress.show(f"sessions: day {day + 1}/{DAYS} ({(day + 1) * per_day:,} sessions)")
+        progress.show(f"sessions: day {day + 1}/{DAYS} ({end:,} sessions)")
     ledger_step = timedelta(days=DAYS) / per_account
     for day in range(DAYS):
         await conn.execute(LEDGER_DAY, per_account, t0, users, day, ADMINS, ledger_step, DAYS)
@@ -263,7 +271,54 @@ async def measure(db: KeenDatabase, admin: str, samples: int, live_samples: int)
         raise SystemExit("the rollups and the live computation disagree")
 
 
+ANALYTICS_TRIGGERS = (
+    ("credit_transactions", "credit_transactions_analytics"),
+    ("agent_sessions", "agent_sessions_analytics_insert_delete"),
+    ("agent_sessions", "agent_sessions_analytics_update"),
+)
+
+
+async def write_cost(args: argparse.Namespace) -> int:
+    """Deductions per second with and without the late-write triggers, alternating."""
+    name = f"keen_analytics_write_{os.getpid()}"
+    accounts = 1000
+    dsn = await ledger_bench.create_scratch(args.dsn, name, accounts)
+    try:
+        await ledger_bench.fund_accounts(Settings(database_url=dsn, pool_max_size=32))
+        conn = await asyncpg.connect(dsn)
+        tps: dict[str, list[float]] = {"with": [], "without": []}
+        try:
+            for _ in range(3):
+                for mode in ("with", "without"):
+                    verb = "ENABLE" if mode == "with" else "DISABLE"
+                    for table, trigger in ANALYTICS_TRIGGERS:
+                        await conn.execute(f"ALTER TABLE {table} {verb} TRIGGER {trigger}")
+                    tps[mode].append(
+                        await asyncio.to_thread(
+                            ledger_bench.pgbench,
+                            dsn,
+                            8,
+                            args.write_cost,
+                            accounts,
+                            ledger_bench.LEDGER_DEBIT,
+                        )
+                    )
+                    print(f"  deductions, 8 clients, triggers {mode}: {tps[mode][-1]:,.0f}/s")
+        finally:
+            await conn.close()
+        with_, without = statistics.median(tps["with"]), statistics.median(tps["without"])
+        print(
+            f"deductions/s (median of 3): with the analytics triggers {with_:,.0f}, without"
+            f" {without:,.0f}; with/without {with_ / without:.3f}"
+        )
+    finally:
+        await ledger_bench.drop_scratch(args.dsn, name)
+    return 0
+
+
 async def main(args: argparse.Namespace) -> int:
+    if args.write_cost:
+        return await write_cost(args)
     name = f"keen_analytics_bench_{os.getpid()}"
     progress = Progress()
     admin_conn = await asyncpg.connect(args.dsn)
@@ -327,6 +382,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--samples", type=int, default=200, help="public API calls per range")
     parser.add_argument("--live-samples", type=int, default=15, help="live computations per range")
     parser.add_argument("--keep", action="store_true", help="keep the scratch database")
+    parser.add_argument(
+        "--write-cost",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="measure the deductions' cost of the late-write triggers instead (pgbench runs)",
+    )
     return parser.parse_args()
 
 
