@@ -299,7 +299,7 @@ async def test_tenants_cannot_read_or_write_the_rollups(
         "SELECT * FROM keen_analytics_rolled(now() - interval '1 day', now())",
         "SELECT keen_analytics_roll_hour(date_trunc('hour', now()) - interval '2 hours')",
         "DELETE FROM analytics_hourly",
-        "SELECT keen_analytics_touch(now() - interval '1 day')",
+        "INSERT INTO analytics_dirty_hours (hour_bucket) VALUES (now())",
     ):
         for who in (alice, admin):
             with pytest.raises(InsufficientPrivileges):

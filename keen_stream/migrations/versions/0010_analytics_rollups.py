@@ -109,36 +109,38 @@ UPGRADE = [
     REVOKE ALL ON FUNCTION keen_analytics_hour_key(timestamptz) FROM PUBLIC
     """,
     """
-    GRANT EXECUTE ON FUNCTION keen_analytics_hour_key(timestamptz) TO keen_system
+    GRANT EXECUTE ON FUNCTION keen_analytics_hour_key(timestamptz)
+        TO keen_app, keen_system, keen_billing, keen_ledger
     """,
     """
-    CREATE FUNCTION keen_analytics_touch(p_at timestamptz) RETURNS void
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+    CREATE FUNCTION keen_analytics_mark_hour(p_hour timestamptz) RETURNS void
+    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
     AS $$
-    DECLARE
-        bucket timestamptz := date_trunc('hour', p_at, 'UTC');
-    BEGIN
-        PERFORM pg_advisory_xact_lock_shared(7246, public.keen_analytics_hour_key(bucket));
-        -- The clock, not now(): a transaction that began inside the hour may write after its roll.
-        IF bucket + interval '1 hour' <= clock_timestamp() THEN
-            INSERT INTO public.analytics_dirty_hours (hour_bucket) VALUES (bucket)
-            ON CONFLICT (hour_bucket) DO NOTHING;
-        END IF;
-    END $$
+        INSERT INTO public.analytics_dirty_hours (hour_bucket)
+        VALUES (date_trunc('hour', p_hour, 'UTC'))
+        ON CONFLICT (hour_bucket) DO NOTHING
+    $$
     """,
     """
-    ALTER FUNCTION keen_analytics_touch(timestamptz) OWNER TO keen_system
+    ALTER FUNCTION keen_analytics_mark_hour(timestamptz) OWNER TO keen_system
     """,
     """
-    REVOKE ALL ON FUNCTION keen_analytics_touch(timestamptz) FROM PUBLIC
+    REVOKE ALL ON FUNCTION keen_analytics_mark_hour(timestamptz) FROM PUBLIC
+    """,
+    """
+    GRANT EXECUTE ON FUNCTION keen_analytics_mark_hour(timestamptz)
+        TO keen_app, keen_system, keen_billing, keen_ledger
     """,
     """
     CREATE FUNCTION keen_analytics_mark() RETURNS trigger
-    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+    LANGUAGE plpgsql
     AS $$
     DECLARE
         old_at timestamptz;
         new_at timestamptz;
+        at timestamptz;
+        hour timestamptz;
+        seen timestamptz;
     BEGIN
         IF TG_TABLE_NAME = 'agent_sessions' THEN
             IF TG_OP <> 'INSERT' THEN old_at := OLD.start_time; END IF;
@@ -147,19 +149,19 @@ UPGRADE = [
             IF TG_OP <> 'INSERT' THEN old_at := OLD.created_at; END IF;
             IF TG_OP <> 'DELETE' THEN new_at := NEW.created_at; END IF;
         END IF;
-        IF old_at IS NOT NULL THEN
-            PERFORM public.keen_analytics_touch(old_at);
-        END IF;
-        IF new_at IS NOT NULL
-           AND (old_at IS NULL OR date_trunc('hour', old_at, 'UTC') <> date_trunc('hour', new_at, 'UTC'))
-        THEN
-            PERFORM public.keen_analytics_touch(new_at);
-        END IF;
+        FOREACH at IN ARRAY ARRAY[old_at, new_at] LOOP
+            CONTINUE WHEN at IS NULL;
+            hour := pg_catalog.date_trunc('hour', at, 'UTC');
+            CONTINUE WHEN hour IS NOT DISTINCT FROM seen;
+            seen := hour;
+            PERFORM pg_catalog.pg_advisory_xact_lock_shared(
+                7246, public.keen_analytics_hour_key(hour));
+            IF hour + interval '1 hour' <= pg_catalog.clock_timestamp() THEN
+                PERFORM public.keen_analytics_mark_hour(hour);
+            END IF;
+        END LOOP;
         RETURN NULL;
     END $$
-    """,
-    """
-    ALTER FUNCTION keen_analytics_mark() OWNER TO keen_system
     """,
     """
     REVOKE ALL ON FUNCTION keen_analytics_mark() FROM PUBLIC
@@ -397,7 +399,7 @@ DOWNGRADE = [
     "DROP TRIGGER agent_sessions_analytics_update ON agent_sessions",
     "DROP TRIGGER agent_sessions_analytics_insert_delete ON agent_sessions",
     "DROP FUNCTION keen_analytics_mark()",
-    "DROP FUNCTION keen_analytics_touch(timestamptz)",
+    "DROP FUNCTION keen_analytics_mark_hour(timestamptz)",
     "DROP FUNCTION keen_analytics_hour_key(timestamptz)",
     "DROP TABLE analytics_dirty_hours",
     "DROP TABLE analytics_hourly",
