@@ -21,7 +21,9 @@ scratch database is dropped at the end unless ``--keep``.
 
 ``--write-cost SECONDS`` measures instead what the rollups cost the writers: the ledger's
 deduction statement under pgbench (load_tests/ledger_bench.py's scratch database, script and
-funding), 8 clients, with the analytics triggers enabled and disabled in turns, three runs each.
+funding), 8 clients, with the analytics triggers enabled and disabled in turns, three runs each;
+then, steadier on a shared machine, the time per row of 50,000-row INSERTs into the ledger in
+one session, the same way.
 """
 
 from __future__ import annotations
@@ -278,6 +280,35 @@ ANALYTICS_TRIGGERS = (
 )
 
 
+ROWS = """
+    INSERT INTO credit_transactions (user_id, account_id, transaction_type, amount,
+        balance_after, description, sequence_number)
+    SELECT a.user_id, a.id, 'purchase', 1, 1, 'row cost', a.last_sequence + g
+      FROM (SELECT * FROM credit_accounts ORDER BY id LIMIT 1) a, generate_series(1, $1::int) g"""
+BUMP = """
+    UPDATE credit_accounts SET last_sequence = last_sequence + $1::int
+     WHERE id = (SELECT id FROM credit_accounts ORDER BY id LIMIT 1)"""
+
+
+async def _triggers(conn: asyncpg.Connection, enabled: bool) -> None:
+    verb = "ENABLE" if enabled else "DISABLE"
+    for table, trigger in ANALYTICS_TRIGGERS:
+        await conn.execute(f"ALTER TABLE {table} {verb} TRIGGER {trigger}")
+
+
+async def _row_cost(conn: asyncpg.Connection, rows: int = 50_000) -> dict[str, list[float]]:
+    cost: dict[str, list[float]] = {"with": [], "without": []}
+    for _ in range(3):
+        for mode in ("with", "without"):
+            await _triggers(conn, mode == "with")
+            started = time.perf_counter()
+            await conn.execute(ROWS, rows)
+            cost[mode].append((time.perf_counter() - started) * 1e6 / rows)
+            await conn.execute(BUMP, rows)
+    await _triggers(conn, True)
+    return cost
+
+
 async def write_cost(args: argparse.Namespace) -> int:
     """Deductions per second with and without the late-write triggers, alternating."""
     name = f"keen_analytics_write_{os.getpid()}"
@@ -290,9 +321,7 @@ async def write_cost(args: argparse.Namespace) -> int:
         try:
             for _ in range(3):
                 for mode in ("with", "without"):
-                    verb = "ENABLE" if mode == "with" else "DISABLE"
-                    for table, trigger in ANALYTICS_TRIGGERS:
-                        await conn.execute(f"ALTER TABLE {table} {verb} TRIGGER {trigger}")
+                    await _triggers(conn, mode == "with")
                     tps[mode].append(
                         await asyncio.to_thread(
                             ledger_bench.pgbench,
@@ -304,12 +333,21 @@ async def write_cost(args: argparse.Namespace) -> int:
                         )
                     )
                     print(f"  deductions, 8 clients, triggers {mode}: {tps[mode][-1]:,.0f}/s")
+            per_row = await _row_cost(conn)
         finally:
             await conn.close()
         with_, without = statistics.median(tps["with"]), statistics.median(tps["without"])
         print(
             f"deductions/s (median of 3): with the analytics triggers {with_:,.0f}, without"
             f" {without:,.0f}; with/without {with_ / without:.3f}"
+        )
+        row_with, row_without = (
+            statistics.median(per_row["with"]),
+            statistics.median(per_row["without"]),
+        )
+        print(
+            f"ledger INSERT, us per row (median of 3): with {row_with:.1f}, without"
+            f" {row_without:.1f}; the triggers' cost {row_with - row_without:.1f} us per row"
         )
     finally:
         await ledger_bench.drop_scratch(args.dsn, name)
