@@ -107,7 +107,13 @@ def dal(checkout: str) -> int:
         print(f"keen_stream was imported from the checkout ({location})", file=sys.stderr)
         return 1
     package = resources.files("keen_stream")
-    for name in ("py.typed", "migrations/env.py", "migrations/script.py.mako"):
+    for name in (
+        "py.typed",
+        "migrations/env.py",
+        "migrations/script.py.mako",
+        "hub/static/index.html",  # the browser monitor (/monitor/) and its JS client
+        "hub/static/keen-client.js",
+    ):
         if not package.joinpath(name).is_file():
             print(f"the installed keen_stream lacks {name}", file=sys.stderr)
             return 1

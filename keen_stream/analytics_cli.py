@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 from datetime import date
 
+from keen_stream.clikit import run_with_database
 from keen_stream.errors import InvalidInput
-from keen_stream.ledger_cli import _with_database
 from keen_stream.settings import Settings
 
 
@@ -52,13 +52,13 @@ def _day(value: str | None, option: str) -> date | None:
 
 def cmd_rollup(args: argparse.Namespace, settings: Settings) -> int:
     day, since = _day(args.date, "--date"), _day(args.since, "--since")
-    report = _with_database(settings, lambda db: db.analytics.rollup(since=since, day=day))
+    report = run_with_database(settings, lambda db: db.analytics.rollup(since=since, day=day))
     days = ", ".join(d.isoformat() for d in report.days) or "none"
     print(f"analytics rollup: {report.hours} hours rolled; days rewritten: {days}")
     return 0
 
 
 def cmd_refresh(args: argparse.Namespace, settings: Settings) -> int:
-    _with_database(settings, lambda db: db.analytics.refresh_dashboard())
+    run_with_database(settings, lambda db: db.analytics.refresh_dashboard())
     print("analytics refresh: dashboard view refreshed")
     return 0

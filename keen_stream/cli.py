@@ -1,17 +1,18 @@
-"""``keen-stream`` command line: migrate, create-admin, serve, ledger verify."""
+"""``keen-stream`` command line: migrate, create-admin, serve, ledger, users, tokens, demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
 import logging
 import os
 import sys
 from collections.abc import Sequence
 
-from keen_stream import analytics_cli, ledger_cli
-from keen_stream.errors import KeenError
+from keen_stream import accounts_cli, analytics_cli, demo, ledger_cli, logs
+from keen_stream import backup as backup_cli
+from keen_stream.clikit import EXIT_ERROR, EXIT_NOT_FOUND, prompt_password
+from keen_stream.errors import KeenError, NotFound
 from keen_stream.hub import cli as hub_cli
 from keen_stream.settings import Settings, get_settings
 
@@ -42,12 +43,7 @@ def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
 def _admin_password(settings: Settings) -> str:
     if settings.admin_password is not None:
         return settings.admin_password.get_secret_value()
-    if not sys.stdin.isatty():
-        raise KeenError("set KEEN_ADMIN_PASSWORD (no terminal to prompt on)")
-    first = getpass.getpass("Admin password: ")
-    if first != getpass.getpass("Again: "):
-        raise KeenError("passwords do not match")
-    return first
+    return prompt_password("Admin password", otherwise="set KEEN_ADMIN_PASSWORD")
 
 
 def cmd_create_admin(args: argparse.Namespace, settings: Settings) -> int:
@@ -90,23 +86,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     hub_cli.register(sub)
     ledger_cli.register(sub)
+    accounts_cli.register(sub)
+    demo.register(sub)
+    backup_cli.register(sub)
     analytics_cli.register(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None, *, settings: Settings | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    settings = settings or get_settings()
+    logs.configure(logging.INFO if args.verbose else logging.WARNING, settings.log_format)
     # Diagnostics: KEEN_DEBUG_LOGGERS=keen_stream.hub.connection,... logs those at DEBUG.
     for name in filter(
         None, (n.strip() for n in os.environ.get("KEEN_DEBUG_LOGGERS", "").split(","))
     ):
         logging.getLogger(name).setLevel(logging.DEBUG)
     try:
-        return int(args.func(args, settings or get_settings()))
+        return int(args.func(args, settings))
+    except NotFound as exc:
+        print(f"keen-stream: {exc}", file=sys.stderr)
+        return EXIT_NOT_FOUND
     except KeenError as exc:
         print(f"keen-stream: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_ERROR

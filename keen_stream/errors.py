@@ -157,6 +157,13 @@ class CursorExpired(KeenError):
     code = "since_expired"
 
 
+class CursorUnknown(KeenError):
+    """This stream cursor was not issued by this database (e.g. by the old cluster after the
+    backup a restore came from): reload state."""
+
+    code = "since_unknown"
+
+
 # --- authorization -------------------------------------------------------------------------
 class InsufficientPrivileges(KeenError):
     """Insufficient privileges for this operation."""
@@ -205,6 +212,36 @@ class TokenScopeError(InvalidToken):
     """The token lacks a required scope."""
 
     code = "token_scope"
+
+
+class TicketRejected(InvalidToken):
+    """The stream ticket is not valid."""
+
+    code = "ticket_invalid"
+
+
+class TicketUnknown(TicketRejected):
+    """The stream ticket is unknown (forged, or issued by another deployment)."""
+
+    code = "ticket_unknown"
+
+
+class TicketExpired(TicketRejected):
+    """The stream ticket has expired; request a new one (they last seconds)."""
+
+    code = "ticket_expired"
+
+
+class TicketUsed(TicketRejected):
+    """The stream ticket was already used; a ticket opens one stream."""
+
+    code = "ticket_used"
+
+
+class StreamCredentialRejected(TicketRejected):
+    """The stream credential (cookie) is unknown or expired; open the stream with a new ticket."""
+
+    code = "credential_invalid"
 
 
 class ImmutableRecord(KeenError):

@@ -6,14 +6,11 @@ Picked up by ``keen_stream.cli`` through :func:`register`.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import uuid
-from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
+from keen_stream.clikit import run_with_database
 from keen_stream.dal.models.credits import LedgerReport
-from keen_stream.errors import NotFound
 from keen_stream.settings import Settings
 
 if TYPE_CHECKING:
@@ -73,37 +70,20 @@ def format_report(report: LedgerReport) -> str:
     return "\n".join(lines)
 
 
-T = TypeVar("T")
-
-
-def _with_database(settings: Settings, action: Callable[[KeenDatabase], Awaitable[T]]) -> T:
-    """Connect, run ``action``, close: one command's whole life, in its own event loop."""
-    from keen_stream.dal.database import KeenDatabase
-
-    async def run() -> T:
-        db = await KeenDatabase.connect(settings=settings)
-        try:
-            return await action(db)
-        finally:
-            await db.close()
-
-    return asyncio.run(run())
-
-
 def cmd_verify(args: argparse.Namespace, settings: Settings) -> int:
-    report = _with_database(settings, lambda db: db.credits.verify_ledger())
+    report = run_with_database(settings, lambda db: db.credits.verify_ledger())
     print(format_report(report))
     return 0 if report.ok else 1
 
 
 def cmd_expire_holds(args: argparse.Namespace, settings: Settings) -> int:
-    expired = _with_database(settings, lambda db: db.credits.expire_holds(limit=args.limit))
+    expired = run_with_database(settings, lambda db: db.credits.expire_holds(limit=args.limit))
     print(f"expired {expired} holds")
     return 0
 
 
 def cmd_markup(args: argparse.Namespace, settings: Settings) -> int:
-    markup = _with_database(settings, lambda db: db.billing.get_markup())
+    markup = run_with_database(settings, lambda db: db.billing.get_markup())
     print(f"markup: {markup} credits per dollar of provider cost")
     return 0
 
@@ -112,14 +92,9 @@ def cmd_set_markup(args: argparse.Namespace, settings: Settings) -> int:
     email = args.admin_email or settings.admin_email
 
     async def set_markup(db: KeenDatabase) -> Decimal:
-        # Who answers for the change: the database checks they are an active admin.
-        async with db.system_transaction() as conn:
-            admin: uuid.UUID | None = await conn.fetchval(
-                "SELECT user_id FROM keen_login_lookup($1)", email
-            )
-        if admin is None:
-            raise NotFound(f"no user with email {email}")
-        return await db.billing.set_markup(args.markup, reason=args.reason, actor_id=admin)
+        # Who answers for the change (the database checks again that they are an active admin).
+        admin = await db.users.admin_by_email(email)
+        return await db.billing.set_markup(args.markup, reason=args.reason, actor_id=admin.id)
 
-    print(f"markup is now {_with_database(settings, set_markup)} (set by {email})")
+    print(f"markup is now {run_with_database(settings, set_markup)} (set by {email})")
     return 0

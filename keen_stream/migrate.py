@@ -12,6 +12,7 @@ import asyncio
 import threading
 from decimal import Decimal
 from pathlib import Path
+from typing import Literal
 
 from alembic import command
 from alembic.config import Config
@@ -71,3 +72,19 @@ async def upgrade_async(
 ) -> None:
     # Alembic's env.py runs its own event loop, so it must not share ours.
     await asyncio.to_thread(upgrade, dsn, revision, credit_markup=credit_markup)
+
+
+def revision_state(revision: str | None) -> Literal["current", "behind", "newer"]:
+    """Where a database at ``revision`` stands against this release's migrations.
+
+    ``behind``: never migrated (None) or at an older revision of ours; ``newer``: a revision we
+    do not know, i.e. a later release migrated it (an additive migration lets this release
+    keep running on it: docs/operations.md, "Deploying a release that migrates").
+    """
+    if revision is None:
+        return "behind"
+    script = ScriptDirectory.from_config(alembic_config("postgresql:///unused"))
+    if revision in script.get_heads():
+        return "current"
+    known = {r.revision for r in script.walk_revisions()}
+    return "behind" if revision in known else "newer"

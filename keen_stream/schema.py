@@ -15,7 +15,14 @@ import asyncpg
 
 #: Applied in this order: each file may use what the files before it define. The sessions come
 #: before the ledger because credit rows and holds reference agent_sessions.
-SQL_FILES = ("foundation.sql", "sessions.sql", "ledger.sql", "events.sql", "analytics.sql")
+SQL_FILES = (
+    "foundation.sql",
+    "sessions.sql",
+    "ledger.sql",
+    "events.sql",
+    "analytics.sql",
+    "tickets.sql",
+)
 
 
 def sql_text(name: str) -> str:

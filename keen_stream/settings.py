@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator
@@ -97,6 +98,8 @@ class Settings(BaseSettings):
     listener_backoff_max: float = Field(default=10.0, gt=0)
     hub_host: str = "127.0.0.1"
     hub_port: int = Field(default=8765, ge=0, le=65535)
+    # `serve`'s log lines: "text" for people, "json" (one object a line) for log collectors.
+    log_format: Literal["text", "json"] = "text"
     hub_required_scopes: tuple[str, ...] = ("stream",)
     hub_auth_timeout: float = Field(default=10.0, gt=0)
     hub_token_recheck_interval: float = Field(default=30.0, gt=0)
@@ -120,6 +123,12 @@ class Settings(BaseSettings):
     hub_max_connections_per_address: int = Field(default=256, ge=0)
     # Sockets not (yet) authenticated, so strangers cannot take the whole budget.
     hub_max_unauthenticated: int = Field(default=1_000, ge=0)
+    # Server-sent events (GET /events; docs/protocol.md, section 11).
+    hub_sse_heartbeat_interval: float = Field(default=15.0, gt=0)  # a `: ping` comment
+    hub_sse_retry: float = Field(default=2.0, gt=0)  # seconds; EventSource's reconnect delay
+    hub_ticket_ttl: float = Field(default=30.0, gt=0, le=300)  # a ticket is redeemed at once
+    # The cookie a redeemed ticket leaves for the browser's reconnects (never past the token).
+    hub_stream_credential_ttl: float = Field(default=43_200.0, gt=0)
 
     # --- admin -----------------------------------------------------------------------------
     admin_email: str = "ahiya.butman@gmail.com"
@@ -138,3 +147,19 @@ def with_database(dsn: str, database: str) -> str:
     # Built by hand: urlunsplit drops the "//" of an empty host (postgresql:///db, a socket).
     query = f"?{parts.query}" if parts.query else ""
     return f"{parts.scheme}://{parts.netloc}/{database}{query}"
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` fit for a log line: its password (in the URL or a ``password=`` option) hidden."""
+    parts = urlsplit(dsn)
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.split(":", 1)[0]
+        netloc = f"{user}:***@{hostport}"
+    query = "&".join(
+        f"{key}=***" if key.lower() == "password" else f"{key}={value}" if sep else key
+        for key, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    query = f"?{query}" if query else ""
+    return f"{parts.scheme}://{netloc}{parts.path}{query}"

@@ -357,7 +357,11 @@ async def run_hub(
         "KEEN_HUB_MAX_UNAUTHENTICATED": "0",
     }
     hub = subprocess.Popen(  # noqa: ASYNC220
-        [sys.executable, "-m", "keen_stream", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        # --log-level warning: a line per connection would be measured along with the fan-out.
+        [
+            *(sys.executable, "-m", "keen_stream", "serve"),
+            *("--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"),
+        ],
         env=env,
         cwd=ROOT,
     )

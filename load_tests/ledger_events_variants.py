@@ -75,6 +75,10 @@ def cpu_seconds(pid: int | None) -> float:
     return float(times.user + times.system)
 
 
+#: A line per connection would be measured too.
+SERVE_QUIET = ("--log-level", "warning")
+
+
 class Hub:
     """A ``keen-stream serve`` process on the scratch database, started and stopped per phase."""
 
@@ -87,7 +91,7 @@ class Hub:
             return
         port = free_port()
         self.proc = subprocess.Popen(  # noqa: ASYNC220
-            [sys.executable, "-m", "keen_stream", "serve", "--port", str(port)],
+            [sys.executable, "-m", "keen_stream", "serve", *SERVE_QUIET, "--port", str(port)],
             env={**os.environ, "KEEN_DATABASE_URL": self.dsn, "KEEN_POOL_MAX_SIZE": "4"},
             cwd=HERE.parent,
         )

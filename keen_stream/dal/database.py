@@ -38,6 +38,7 @@ TENANT_TABLES = (
     "stream_events",
     "credit_holds",
     "credit_auto_recharge_requests",
+    "stream_tickets",
 )
 
 # One statement sets both: the role and the user live until the transaction ends (is_local),
@@ -197,6 +198,7 @@ class KeenDatabase:
         from keen_stream.dal.credits import CreditManager
         from keen_stream.dal.events import EventDAO
         from keen_stream.dal.sessions import SessionDAO
+        from keen_stream.dal.tickets import TicketDAO
         from keen_stream.dal.tokens import TokenDAO
         from keen_stream.dal.users import UserDAO
 
@@ -206,6 +208,7 @@ class KeenDatabase:
         self._embedded = embedded
         self.users = UserDAO(self)
         self.tokens = TokenDAO(self)
+        self.tickets = TicketDAO(self)
         self.events = EventDAO(self)
         self.connections = ConnectionDAO(self)
         self.credits = CreditManager(self)
@@ -213,6 +216,7 @@ class KeenDatabase:
         self.analytics = AnalyticsDAO(self)
         self.billing = BillingDAO(self)
         self._session_reset = session_reset or SessionReset()
+        self._closed = False
 
     # --- lifecycle -------------------------------------------------------------------------
     @classmethod
@@ -273,6 +277,10 @@ class KeenDatabase:
         return db
 
     async def close(self) -> None:
+        """Close the pool (and stop the embedded server, if it was started here). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
         await self.credits.drain()
         await self.events.close()
         await self.pool.close()
@@ -291,7 +299,10 @@ class KeenDatabase:
         async with self._transaction(None) as conn:
             row = await conn.fetchrow(_ROLE_SAFETY, role, list(TENANT_TABLES))
         if row is None:
-            raise UnsafeRoleError(f"role {role} does not exist: run `keen-stream migrate`")
+            raise UnsafeRoleError(
+                f"role {role} does not exist: the cluster is not migrated"
+                " (run `keen-stream migrate`)"
+            )
         problems = []
         if row["rolsuper"]:
             problems.append("is a superuser")
@@ -299,8 +310,19 @@ class KeenDatabase:
             problems.append("has BYPASSRLS")
         if row["owned"]:
             problems.append(f"owns {row['owned']} relations")
-        if row["missing"]:
-            problems.append(f"finds no tables {', '.join(row['missing'])} (run migrations)")
+        if len(row["missing"]) == len(TENANT_TABLES):
+            problems.append(
+                "finds none of keen_stream's tables: the database is not migrated"
+                " (run migrations: `keen-stream migrate`)"
+            )
+        elif row["missing"]:
+            # Some tables but not all: a database at an older revision than this release
+            # (every release that adds a tenant table lands here before any other check).
+            revision = await self.schema_revision()
+            problems.append(
+                f"finds no tables {', '.join(row['missing'])}: its schema is at revision"
+                f" {revision or '(none)'} (run migrations: `keen-stream migrate`)"
+            )
         if row["unprotected"]:
             problems.append(f"tables without forced RLS: {', '.join(row['unprotected'])}")
         if row["can_create_temp"]:
@@ -315,6 +337,16 @@ class KeenDatabase:
             problems.append("can create objects in schema public")
         if problems:
             raise UnsafeRoleError(f"{role} {'; '.join(problems)}; refusing tenant work")
+
+    async def schema_revision(self) -> str | None:
+        """The Alembic revision the database is at; None if it was never migrated."""
+        async with self._transaction(None) as conn:
+            if await conn.fetchval("SELECT to_regclass('public.alembic_version')") is None:
+                return None
+            revision: str | None = await conn.fetchval(
+                "SELECT version_num FROM public.alembic_version"
+            )
+        return revision
 
     async def health(self) -> dict[str, Any]:
         """Round-trip the database; report latency and pool use. Never raises."""

@@ -30,7 +30,7 @@ import asyncpg
 from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent, TailBatch
 from keen_stream.dal.pgerrors import translating
 from keen_stream.dal.validation import parse_uuid
-from keen_stream.errors import CursorExpired, InvalidInput
+from keen_stream.errors import CursorExpired, CursorUnknown, InvalidInput
 
 if TYPE_CHECKING:
     from keen_stream.dal.database import KeenDatabase
@@ -72,8 +72,8 @@ SQL: Final = {
     # retention watermark is read in the same snapshot: if it is not past ``after``, no event of
     # the range had been pruned when the page was read, so the page is complete.
     "replay": f"""
-        SELECT w.pruned_xid, w.pruned_id, e.*
-          FROM stream_retention w LEFT JOIN LATERAL (
+        SELECT w.pruned_xid, w.pruned_id, g.gap_from, g.gap_to, e.*
+          FROM stream_retention w CROSS JOIN stream_state g LEFT JOIN LATERAL (
               SELECT {_EVENT_COLUMNS} FROM stream_events e
                WHERE (e.xid, e.id) > ($1::xid8, $2::bigint)
                  AND (e.xid, e.id) <= ($3::xid8, $4::bigint)
@@ -85,14 +85,17 @@ SQL: Final = {
     # Both ends of what a resume can get: the retention watermark and the newest released event
     # (NULL when nothing is kept), in one snapshot.
     "bounds": """
-        SELECT w.pruned_xid, w.pruned_id, h.xid, h.id
-          FROM stream_retention w LEFT JOIN LATERAL (
+        SELECT w.pruned_xid, w.pruned_id, g.gap_from, g.gap_to, h.xid, h.id
+          FROM stream_retention w CROSS JOIN stream_state g LEFT JOIN LATERAL (
               SELECT e.xid, e.id FROM stream_events e
                WHERE e.xid < keen_stream_horizon()
                ORDER BY e.xid DESC, e.id DESC LIMIT 1) h ON true""",
     "prune": "SELECT keen_stream_prune($1::interval, $2)",
     "notify": "SELECT pg_notify($1, '')",
     "enter_system": "SET ROLE keen_system",
+    # Confirm this server start's stream offset (moves it on a restored database's new
+    # cluster) before reading: migration 0009, docs/architecture.md.
+    "claim": "SELECT keen_stream_claim()",
     "probe": "SELECT 1",
     # Which of these sessions the user may see (RLS decides; admins see all).
     "visible_sessions": "SELECT id FROM agent_sessions WHERE id = ANY($1::uuid[])",
@@ -109,6 +112,17 @@ def event_from_row(row: asyncpg.Record) -> StreamEvent:
         data=row["data"],
         created_at=row["created_at"],
     )
+
+
+def _check_issued(since: Cursor, row: asyncpg.Record) -> None:
+    """Raise CursorUnknown when ``since`` lies in ``stream_state``'s gap: positions a restore on
+    another cluster skipped, which only the old cluster can have issued (after the backup)."""
+    gap_from, gap_to = row["gap_from"], row["gap_to"]
+    if gap_from is not None and gap_from < since.xid < gap_to:
+        raise CursorUnknown(
+            "this cursor was not issued by this database (restored from a backup)",
+            since=str(since),
+        )
 
 
 class StreamReader:
@@ -316,6 +330,7 @@ class EventDAO:
             # after connecting must not hang its reader (TCP alone can take minutes to notice).
             with translating():
                 await conn.execute(SQL["enter_system"], timeout=settings.connect_timeout)
+                await conn.execute(SQL["claim"], timeout=settings.connect_timeout)
         except BaseException:
             conn.terminate()
             raise
@@ -326,12 +341,15 @@ class EventDAO:
         """The newest released cursor: a reader starting now continues from here."""
         return (await self.bounds())[1]
 
-    async def bounds(self) -> tuple[Cursor, Cursor]:
+    async def bounds(self, since: Cursor | None = None) -> tuple[Cursor, Cursor]:
         """``(pruned_through, head)``: a resume from a cursor before the first has lost events;
         one after the second was not issued by this database. With nothing kept, the head is
-        the watermark."""
+        the watermark. Raises :class:`CursorUnknown` if ``since`` lies in the range a restore
+        on another cluster skipped (issued by the old cluster after the backup)."""
         async with self._db.system_transaction() as conn:
             row = await conn.fetchrow(SQL["bounds"])
+        if since is not None and row is not None:
+            _check_issued(since, row)
         pruned = ORIGIN if row is None else Cursor(row["pruned_xid"], row["pruned_id"])
         if row is None or row["xid"] is None:
             return pruned, pruned
@@ -386,6 +404,8 @@ class EventDAO:
                 SQL["replay"], after.xid, after.id, upto.xid, upto.id, owner, sessions, limit
             )
         pruned = Cursor(rows[0]["pruned_xid"], rows[0]["pruned_id"]) if rows else ORIGIN
+        if rows:
+            _check_issued(after, rows[0])
         if after < pruned:
             raise CursorExpired(
                 "events after this cursor were pruned", since=str(after), pruned=str(pruned)

@@ -70,7 +70,7 @@ SQL: Final = {
         ORDER BY created_at DESC, id""",
 }
 
-_STATUS_ERRORS: Final = {
+STATUS_ERRORS: Final = {
     "unknown": InvalidToken,
     "revoked": TokenRevoked,
     "expired": TokenExpired,
@@ -172,22 +172,9 @@ class TokenDAO:
             raise InvalidToken()
         async with self._db.anonymous_transaction() as conn:
             row = await conn.fetchrow(SQL["authenticate"], hash_token(token), parse_ip(ip), touch)
-        status = row["status"]
-        if status != "ok":
-            raise _STATUS_ERRORS.get(status, InvalidToken)()
-        granted = set(row["scopes"])
-        missing = [s for s in required if s not in granted and "*" not in granted]
-        if missing:
-            raise TokenScopeError(missing=missing)
-        return TokenInfo(
-            token_id=row["token_id"],
-            user_id=row["user_id"],
-            token_type=row["token_type"],
-            scopes=list(row["scopes"]),
-            expires_at=row["expires_at"],
-            is_admin=row["is_admin"],
-            bypass_limits=row["bypass_limits"],
-        )
+        info = token_info(row)
+        require_scopes(info.scopes, required)
+        return info
 
     async def revoke(
         self,
@@ -217,6 +204,31 @@ class TokenDAO:
         async with self._db.user_transaction(actor_id or uid) as conn:
             rows = await conn.fetch(SQL["list"], uid, include_inactive)
         return [token_from_row(r) for r in rows]
+
+
+def token_info(row: asyncpg.Record) -> TokenInfo:
+    """What a row of keen_token_authenticate (or a function answering like it) proves, or the
+    error its status means."""
+    status = row["status"]
+    if status != "ok":
+        raise STATUS_ERRORS.get(status, InvalidToken)()
+    return TokenInfo(
+        token_id=row["token_id"],
+        user_id=row["user_id"],
+        token_type=row["token_type"],
+        scopes=list(row["scopes"]),
+        expires_at=row["expires_at"],
+        is_admin=row["is_admin"],
+        bypass_limits=row["bypass_limits"],
+    )
+
+
+def require_scopes(granted: Iterable[str], required: Iterable[str]) -> None:
+    """TokenScopeError unless ``granted`` carries every scope in ``required`` (``*``: all)."""
+    have = set(granted)
+    missing = [s for s in required if s not in have and "*" not in have]
+    if missing:
+        raise TokenScopeError(missing=missing)
 
 
 def _check_scopes(scopes: Iterable[str]) -> list[str]:

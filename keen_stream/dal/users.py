@@ -23,6 +23,7 @@ from keen_stream.dal.models.users import (
 from keen_stream.dal.validation import build, parse_ip, parse_uuid
 from keen_stream.errors import (
     AccountInactive,
+    InsufficientPrivileges,
     InvalidCredentials,
     InvalidInput,
     NotFound,
@@ -61,7 +62,15 @@ SQL: Final = {
         WHERE id = $1 RETURNING {USER_COLUMNS}""",
     "set_status": f"""
         UPDATE users SET account_status = $2 WHERE id = $1 RETURNING {USER_COLUMNS}""",
+    # Oldest first, so a page boundary stays put while users are added.
+    "list": f"""
+        SELECT {USER_COLUMNS} FROM users
+        WHERE ($1::text IS NULL OR account_status = $1)
+        ORDER BY created_at, id LIMIT $2""",
 }
+
+#: The most users one ``list`` call returns.
+MAX_LIST: Final = 10_000
 
 _STATUSES: Final = frozenset(AccountStatus.__args__)  # type: ignore[attr-defined]
 
@@ -222,6 +231,39 @@ class UserDAO:
         if row is None:
             raise NotFound("no such user")
         return user_from_row(row)
+
+    async def list(
+        self, *, actor_id: uuid.UUID | str, status: str | None = None, limit: int = 1000
+    ) -> list[User]:
+        """Users as ``actor_id`` sees the table (admins: everyone; others: themselves), oldest
+        first; ``status`` keeps only accounts in that state."""
+        if status is not None and status not in _STATUSES:
+            raise InvalidInput(f"unknown account status {status!r}", field="status")
+        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_LIST:
+            raise InvalidInput(f"limit must be an integer from 1 to {MAX_LIST}", field="limit")
+        async with self._db.user_transaction(actor_id) as conn:
+            rows = await conn.fetch(SQL["list"], status, limit)
+        return [user_from_row(r) for r in rows]
+
+    async def admin_by_email(self, email: str) -> User:
+        """The active admin with this email, for tools that act as one (the operator's CLI).
+
+        Raises :class:`InsufficientPrivileges` when there is none: the caller then has nobody to
+        act as, which is not a lookup the caller asked for (so not NotFound).
+        """
+        if not isinstance(email, str) or len(email) > 255:
+            raise InvalidInput("invalid email", field="email")
+        # The login lookup is the one way to find a user before anyone's context exists.
+        async with self._db.system_transaction() as conn:
+            row = await conn.fetchrow(SQL["login_lookup"], email)
+        if row is not None:
+            user = await self.get(row["user_id"])
+            if user.is_admin and user.account_status == "active":
+                return user
+        raise InsufficientPrivileges(
+            f"{email} is not an active admin: run `keen-stream create-admin` or name another"
+            " admin (KEEN_ADMIN_EMAIL, --admin-email)"
+        )
 
     async def get_by_email(self, email: str, *, actor_id: uuid.UUID | str) -> User:
         """Look a user up by email, as ``actor_id`` sees the table (admins see everyone)."""

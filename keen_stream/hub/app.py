@@ -1,9 +1,13 @@
-"""The hub's ASGI app: WebSocket ``/ws`` (the fan-out fast path), ``/healthz``, ``/metrics``.
+"""The hub's ASGI app: WebSocket ``/ws`` (the fan-out fast path), server-sent events
+``/events`` (and ``POST /events/tickets``; keen_stream/hub/sse.py), ``/healthz``, ``/metrics``,
+and the browser monitor's static files under ``/monitor/`` (keen_stream/hub/monitor.py).
 
 Starlette serves the HTTP routes and owns the lifespan (database pool, hub service). WebSocket
 connections to ``/ws`` are routed to :func:`serve_websocket` before Starlette's middleware, so the
 ASGI ``send`` it receives is uvicorn's own: that is what lets the fan-out write pre-encoded frames
-to the transport (keen_stream/hub/fanout.py). Other WebSocket paths are refused.
+to the transport (keen_stream/hub/fanout.py). Other WebSocket paths are refused. ``GET /events``
+is routed the same way: its stream needs uvicorn's ``send`` (the transport's buffer is part of
+the send-buffer limit) and no middleware buffering it.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from starlette.routing import Route
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.hub.connection import Receive, Scope, Send, serve_websocket
 from keen_stream.hub.metrics import registry_for
+from keen_stream.hub.monitor import monitor_routes
 from keen_stream.hub.service import HubService
+from keen_stream.hub.sse import issue_ticket, serve_events
 from keen_stream.hub.transport import ConnectionGuard
 from keen_stream.settings import Settings, get_settings
 
@@ -55,14 +61,21 @@ class HubApp:
                 return
             await serve_websocket(service, scope, receive, send)
             return
+        if scope["type"] == "http" and scope.get("path") == "/events":
+            await serve_events(self.service, scope, receive, send)
+            return
         await self.starlette(scope, receive, send)
 
 
 def create_app(
-    settings: Settings | None = None, *, db: KeenDatabase | None = None, freeze_gc: bool = False
+    settings: Settings | None = None,
+    *,
+    db: KeenDatabase | None = None,
+    close_db: bool = False,
+    freeze_gc: bool = False,
 ) -> HubApp:
-    """The hub application. ``db``: use this database (not closed at shutdown); default:
-    ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
+    """The hub application. ``db``: use this database (closed at shutdown only if ``close_db``);
+    default: ``KeenDatabase.connect()`` (``KEEN_DATABASE_URL``, or the embedded PostgreSQL).
 
     ``freeze_gc`` (set by ``keen-stream serve``, which owns its process): after startup, move
     every object alive into the garbage collector's permanent generation, so full collections
@@ -85,7 +98,7 @@ def create_app(
         finally:
             await service.stop()
             app.state.service = None
-            if db is None:
+            if db is None or close_db:
                 await database.close()
 
     async def healthz(request: Request) -> Response:
@@ -108,6 +121,12 @@ def create_app(
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     starlette = Starlette(
-        routes=[Route("/healthz", healthz), Route("/metrics", metrics)], lifespan=lifespan
+        routes=[
+            Route("/healthz", healthz),
+            Route("/metrics", metrics),
+            Route("/events/tickets", issue_ticket, methods=["POST"]),
+            *monitor_routes(),
+        ],
+        lifespan=lifespan,
     )
     return HubApp(starlette)

@@ -20,14 +20,25 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import h11
+
 from keen_stream.dal.models.events import ORIGIN, Cursor, StreamEvent
-from keen_stream.hub.protocol import CloseCode, event_frame, too_slow_reason, ws_text_frame
+from keen_stream.hub.protocol import (
+    CloseCode,
+    close_frame,
+    event_frame,
+    sse_message,
+    too_slow_reason,
+    ws_text_frame,
+)
 from keen_stream.hub.sockinfo import tcp_state
 
 logger = logging.getLogger(__name__)
@@ -48,14 +59,32 @@ class HubStats:
 
 
 class Frame:
-    """One server frame, encoded once: ``wire`` is the whole WebSocket frame."""
+    """One server frame, encoded once: ``wire`` is the whole WebSocket frame; ``sse()`` the
+    server-sent event (encoded on first use, once for every ``/events`` client).
 
-    __slots__ = ("cursor", "text", "wire")
+    ``resume``: for a frame that is not an event, the SSE ``id`` it sets (the position a
+    browser's EventSource resumes from after it; keen_stream/hub/sse.py)."""
 
-    def __init__(self, text: str, cursor: Cursor | None = None) -> None:
+    __slots__ = ("_sse", "cursor", "resume", "text", "wire")
+
+    def __init__(self, text: str, cursor: Cursor | None = None, resume: Cursor | None = None):
         self.text = text
         self.wire = ws_text_frame(text.encode())
         self.cursor = cursor
+        self.resume = resume
+        self._sse: bytes | None = None
+
+    def sse(self) -> bytes:
+        data = self._sse
+        if data is None:
+            if self.cursor is not None:  # an event: a plain message, its cursor the SSE id
+                data = sse_message(self.text, event_id=str(self.cursor))
+            else:
+                kind = json.loads(self.text)["type"]
+                resume = None if self.resume is None else str(self.resume)
+                data = sse_message(self.text, event=kind, event_id=resume)
+            self._sse = data
+        return data
 
 
 # --- senders: how bytes reach one client ---------------------------------------------------
@@ -182,7 +211,210 @@ class AsgiSender:
         self._task.cancel()
 
 
-Sender = TransportSender | AsgiSender
+class SseSender:
+    """Server-sent events (``/events``): the stream's body chunks go out through the ASGI
+    ``send`` from a writer task, several frames per chunk when they queue up.
+
+    ``buffered()`` counts what is queued here plus what the transport holds, so the fan-out's
+    send-buffer limit bounds an SSE client as it bounds a WebSocket one; uvicorn's ``send``
+    waits while the transport is over its high-water mark, so a client that stops reading
+    leaves the chunks here, where the limit sees them."""
+
+    fast = False
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_end",
+        "_send",
+        "_sending_since",
+        "_task",
+        "_transport",
+        "_wake",
+        "finished",
+    )
+
+    def __init__(self, send: Callable[..., Any], transport: Any) -> None:
+        self._send = send
+        self._transport = transport
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._end = False
+        #: When the chunk being sent started waiting (None: not sending).
+        self._sending_since: float | None = None
+        self._wake = asyncio.Event()
+        #: Set when the response has ended (closed by the hub, or cut).
+        self.finished = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._writer())
+
+    def write(self, frame: Frame) -> bool:
+        return self.write_raw(frame.sse())
+
+    def write_many(self, frames: list[Frame]) -> bool:
+        return self.write_raw(b"".join([frame.sse() for frame in frames]))
+
+    def write_raw(self, data: bytes) -> bool:
+        """Queue bytes of the event stream (a frame, a comment, a ``retry`` field)."""
+        if self._end:
+            return False
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake.set()
+        return True
+
+    def buffered(self) -> int:
+        transport = self._transport
+        held = transport.get_write_buffer_size() if transport is not None else 0
+        return self._buffered + held
+
+    def stalled_for(self) -> float:
+        """How long the current chunk has waited for the client to read (0: not waiting)."""
+        since = self._sending_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    def diagnostics(self) -> dict[str, Any]:
+        return {"buffered": self.buffered(), "queued": len(self._chunks)}
+
+    async def _writer(self) -> None:
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake.clear()
+                while self._chunks:
+                    data = b"".join(self._chunks)
+                    self._chunks.clear()
+                    self._sending_since = time.monotonic()
+                    await self._send(
+                        {"type": "http.response.body", "body": data, "more_body": True}
+                    )
+                    self._sending_since = None
+                    self._buffered -= len(data)
+                if self._end:
+                    await self._send(
+                        {"type": "http.response.body", "body": b"", "more_body": False}
+                    )
+                    return
+        except Exception as exc:  # the peer went away mid-write: nothing more to send
+            logger.debug("event stream writer ended: %r", exc)
+        finally:
+            self.finished.set()
+
+    async def close(self, code: int, reason: str, grace: float) -> None:
+        """End the stream with a ``close`` event (queued behind what is already queued, like a
+        WebSocket close frame); a client that does not take it all within ``grace`` is cut."""
+        if not self._end:
+            self.write_raw(sse_message(close_frame(code, reason), event="close"))
+            self._end = True
+            self._wake.set()
+        try:
+            await asyncio.wait_for(self.finished.wait(), grace)
+        except TimeoutError:
+            self.abort()
+
+    def abort(self) -> None:
+        self._end = True
+        self._task.cancel()
+        self.finished.set()
+        transport = self._transport
+        if transport is not None:
+            transport.abort()
+
+
+class SseTransportSender:
+    """Server-sent events on uvicorn's h11 protocol: each write is framed by the response's own
+    h11 connection (its chunked encoding) and goes straight to the transport, from the event
+    loop thread, as ``TransportSender`` writes WebSocket frames: no task wake-up or ASGI message
+    per client per event (``SseSender`` costs about twice the hub CPU per delivery:
+    docs/performance.md). The response's start and end still go through the ASGI ``send``.
+
+    ``buffered()`` is the transport's write buffer, as for a WebSocket."""
+
+    fast = True
+    __slots__ = ("_cycle", "_end", "_paused_since", "_send", "finished")
+
+    def __init__(self, cycle: Any, send: Callable[..., Any]) -> None:
+        self._cycle = cycle
+        self._send = send
+        self._end = False
+        self._paused_since: float | None = None
+        self.finished = asyncio.Event()
+
+    @staticmethod
+    def usable(cycle: Any) -> bool:
+        return isinstance(getattr(cycle, "conn", None), h11.Connection) and all(
+            hasattr(cycle, a) for a in ("transport", "flow", "disconnected", "response_complete")
+        )
+
+    def write(self, frame: Frame) -> bool:
+        return self.write_raw(frame.sse())
+
+    def write_many(self, frames: list[Frame]) -> bool:
+        return self.write_raw(b"".join([frame.sse() for frame in frames]))
+
+    def write_raw(self, data: bytes) -> bool:
+        cycle = self._cycle
+        transport = cycle.transport
+        if self._end or cycle.disconnected or cycle.response_complete or transport.is_closing():
+            return False
+        transport.write(cycle.conn.send(h11.Data(data=data)))
+        return True
+
+    def buffered(self) -> int:
+        return int(self._cycle.transport.get_write_buffer_size())
+
+    def stalled_for(self) -> float:
+        """How long the transport has been over its high-water mark (the client not reading),
+        as seen by successive calls (the heartbeats); 0 when it is not."""
+        if not self._cycle.flow.write_paused:
+            self._paused_since = None
+            return 0.0
+        now = time.monotonic()
+        if self._paused_since is None:
+            self._paused_since = now
+        return now - self._paused_since
+
+    def diagnostics(self) -> dict[str, Any]:
+        cycle = self._cycle
+        info: dict[str, Any] = {
+            "buffered": self.buffered(),
+            "paused": cycle.flow.write_paused,
+            "disconnected": cycle.disconnected,
+        }
+        sock = cycle.transport.get_extra_info("socket")
+        if sock is not None:
+            info.update(tcp_state(sock))
+        return info
+
+    async def close(self, code: int, reason: str, grace: float) -> None:
+        """The ``close`` event behind what was sent, then the response's end; a client that
+        does not take them within ``grace`` is cut."""
+        if self._end:
+            return
+        self.write_raw(sse_message(close_frame(code, reason), event="close"))
+        self._end = True
+        try:
+            end = {"type": "http.response.body", "body": b"", "more_body": False}
+            await asyncio.wait_for(self._send(end), grace)
+        except Exception:  # a stuck or vanished peer: cut it
+            self.abort()
+        self.finished.set()
+
+    def abort(self) -> None:
+        self._end = True
+        self._cycle.transport.abort()
+        self.finished.set()
+
+
+Sender = TransportSender | AsgiSender | SseSender | SseTransportSender
+EventStreamSender = SseSender | SseTransportSender
+
+
+def make_sse_sender(send: Callable[..., Any]) -> EventStreamSender:
+    """The fastest way to write an event stream's body through this ``send``."""
+    cycle = getattr(send, "__self__", None)
+    if cycle is not None and SseTransportSender.usable(cycle):
+        return SseTransportSender(cycle, send)
+    transport = getattr(cycle, "transport", None)
+    return SseSender(send, transport)
 
 
 def make_sender(send: Callable[..., Any]) -> Sender:

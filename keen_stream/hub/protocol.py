@@ -1,6 +1,10 @@
-"""The WebSocket protocol: JSON text frames in (validated), JSON text frames out, close codes.
+"""The stream protocol: JSON text frames in (validated), JSON text frames out, close codes; on
+``/ws`` as WebSocket text frames, on ``/events`` as server-sent events (the same JSON).
 
-docs/protocol.md is the reference with examples. Pure functions only: no I/O, no database.
+docs/protocol.md is the reference with examples. The client's frames are validated by the models
+here; the frames the hub sends are described by keen_stream/protocol.py (what clients parse
+with). keen_stream/protocol.schema.json, the JSON Schema of every frame, is generated from both
+(keen_stream/hub/protocol_schema.py). Pure functions only: no I/O, no database.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ class CloseCode(enum.IntEnum):
     GOING_AWAY = 1001  # the hub node is shutting down: reconnect (to any node) and resume
     MESSAGE_TOO_BIG = 1009  # a frame over the limit (64 KB)
     INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # uvicorn's shutdown (an event stream's close says it too)
     AUTH_REQUIRED = 4001  # no token in time, a frame before auth, or a token in the URL
     INVALID_TOKEN = 4003  # unknown/malformed token or missing scope
     TOKEN_EXPIRED = 4004
@@ -285,6 +290,18 @@ def event_frame(event: StreamEvent) -> str:
         f'"user_id":"{event.user_id}","session_id":{sid},"root_session_id":{root},'
         f'"time":"{event.created_at.isoformat()}","data":{event.data}}}'
     )
+
+
+def close_frame(code: int, reason: str) -> str:
+    return _dump({"type": "close", "code": code, "reason": reason})
+
+
+def sse_message(text: str, *, event: str | None = None, event_id: str | None = None) -> bytes:
+    """One server-sent event (the HTML standard's text/event-stream). ``text`` is one line of
+    JSON (the dumps here and PostgreSQL's jsonb text never contain a raw newline). No ``event``:
+    a plain message, which EventSource hands to ``onmessage``."""
+    head = (f"event: {event}\n" if event else "") + (f"id: {event_id}\n" if event_id else "")
+    return f"{head}data: {text}\n\n".encode()
 
 
 def ws_text_frame(payload: bytes) -> bytes:

@@ -192,6 +192,9 @@ class HubService:
         deleted = await self.db.events.prune()
         if deleted:
             logger.info("pruned %d stream events past retention", deleted)
+        tickets = await self.db.tickets.prune()
+        if tickets:
+            logger.info("pruned %d expired stream tickets and credentials", tickets)
 
     async def _sweep_sessions(self) -> None:
         ended = await self.db.sessions.sweep_timed_out(

@@ -203,6 +203,28 @@ class _GuardedHttp(_HttpBase):
 
     guard: ClassVar[ConnectionGuard]
     _deadline: asyncio.TimerHandle | None = None
+    _on_shutdown: Callable[[], None] | None = None
+
+    def streaming(self, on_shutdown: Callable[[], None]) -> None:
+        """An authenticated client's response streams for as long as it lasts (server-sent
+        events): no deadline for it (its own send-buffer and stall rules apply), off the
+        stranger cap, and ``on_shutdown`` ends it when the server shuts down (uvicorn waits for
+        responses to finish before the application's shutdown runs)."""
+        self._disarm()
+        self._on_shutdown = on_shutdown
+        self.guard.authenticated(self.transport)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        handler, self._on_shutdown = self._on_shutdown, None
+        if handler is not None:
+            handler()
+
+    def on_response_complete(self) -> None:
+        self._on_shutdown = None
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm()  # the next request gets its own deadline
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -220,11 +242,6 @@ class _GuardedHttp(_HttpBase):
         # The request is complete; from here the hub's auth timeout and the keepalive rule.
         self._disarm()
         super().handle_websocket_upgrade(*args)
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self._arm()  # the next request gets its own deadline
 
     def _arm(self) -> None:
         self._disarm()
@@ -367,6 +384,13 @@ def protocol_classes(
     http_class = type("GuardedHttpProtocol", (_GuardedHttp, base), {"guard": guard})
     ws_class = type("GuardedWebSocketProtocol", (GuardedWebSocketProtocol,), {"guard": guard})
     return cast(type[asyncio.Protocol], http_class), ws_class
+
+
+def guarded_http(send: Any) -> _GuardedHttp | None:
+    """The guarded HTTP protocol behind an ASGI ``send`` (its request-response cycle's)."""
+    cycle = getattr(send, "__self__", None)
+    proto = getattr(getattr(cycle, "on_response", None), "__self__", None)
+    return proto if isinstance(proto, _GuardedHttp) else None
 
 
 def guarded_protocol(send: Any) -> GuardedWebSocketProtocol | None:

@@ -5,18 +5,132 @@
 --   writing transaction, so an event exists if and only if its change committed. They never
 --   call pg_notify: a notifying transaction takes a cluster-wide lock through its commit. The
 --   wake-up is sent after commit, outside the business transaction.
--- - Each row stores its transaction id (xid8). Readers deliver in (xid, id) order and only rows
---   whose xid is below the "horizon" (the oldest transaction of this database still running),
---   so a transaction that holds an early id and commits late is waited for, never skipped.
+-- - Each row stores its position (xid8, column xid): the writing transaction's id plus the
+--   cluster's offset (stream_state; 0 on the cluster that created the database). Readers
+--   deliver in (xid, id) order and only rows whose position is below the "horizon" (the oldest
+--   transaction of this database still running, shifted by the same offset), so a transaction
+--   that holds an early id and commits late is waited for, never skipped. Restored on another
+--   cluster, the first writer raises the offset so new positions continue above the restored
+--   ones (migration 0009).
 -- - id is drawn while the writer holds the entity's row lock (the session row; for credit rows,
 --   the account row the ledger locks first), so it doubles as a per-entity version.
+
+-- === Positions across clusters ================================================================
+-- A position is the writing transaction's xid plus xid_offset. A transaction id belongs to one
+-- cluster: restored from a dump on another cluster, the database keeps the old numbers while
+-- the new cluster counts from wherever its initdb left them. The row says which cluster the
+-- offset was set on (system_identifier) and which server start last confirmed it
+-- (postmaster_start: comparing that variable is cheap; pg_control_system() reads the control
+-- file, ~14 us). The schema seeds the row unclaimed (NULLs: the same on every cluster). The
+-- hub's listener, `keen-stream backup` and `restore`, and else the first writer of a server
+-- start that has not been seen call
+-- keen_stream_claim(): same cluster, it records the start; another cluster, it raises the
+-- offset so new positions start 2^32 above everything kept and records the skipped range:
+-- cursors in (gap_from, gap_to) were issued by the old cluster after the backup was taken,
+-- and a resume from one gets since_unknown.
+CREATE TABLE stream_state (
+    singleton BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (singleton),
+    system_identifier BIGINT,
+    postmaster_start TIMESTAMP WITH TIME ZONE,
+    xid_offset BIGINT NOT NULL DEFAULT 0 CHECK (xid_offset >= 0),
+    gap_from xid8,
+    gap_to xid8,
+    moved_at TIMESTAMP WITH TIME ZONE,
+    CONSTRAINT stream_state_gap_check CHECK ((gap_from IS NULL) = (gap_to IS NULL))
+);
+INSERT INTO stream_state DEFAULT VALUES;
+
+GRANT SELECT ON stream_state TO keen_app;
+GRANT SELECT, UPDATE ON stream_state TO keen_system;
+
+-- xid8 has no arithmetic; numeric carries the sum exactly.
+CREATE FUNCTION keen_stream_shift(p_xid xid8, p_offset bigint) RETURNS xid8
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$ SELECT (p_xid::text::numeric + p_offset)::text::xid8 $$;
+REVOKE ALL ON FUNCTION keen_stream_shift(xid8, bigint) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_stream_shift(xid8, bigint) TO keen_app, keen_system;
+
+-- The offset of this cluster, for readers (who cannot write the claim): NULL when the database
+-- was restored on another cluster and no writer has claimed it yet. PL/pgSQL, not SQL: its
+-- plans are cached for the session, where a SQL function with a FROM clause is planned again
+-- in every transaction (that halved the listener's tail reads).
+CREATE FUNCTION keen_stream_offset() RETURNS bigint
+LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    off bigint;
+BEGIN
+    SELECT s.xid_offset INTO off FROM public.stream_state s
+     WHERE s.postmaster_start = pg_postmaster_start_time();
+    IF NOT FOUND THEN
+        SELECT s.xid_offset INTO off FROM public.stream_state s
+         WHERE s.system_identifier = (SELECT c.system_identifier FROM pg_control_system() c);
+    END IF;
+    RETURN off;
+END $$;
+REVOKE ALL ON FUNCTION keen_stream_offset() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_stream_offset() TO keen_app, keen_system;
+
+-- Confirm (or move) the offset for this server start; returns it. The row lock serializes
+-- concurrent claimers: the second one finds the row already moved. A new cluster whose ids are
+-- already past the new start needs no offset (it never goes below 0).
+CREATE FUNCTION keen_stream_claim() RETURNS bigint
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    here bigint := (SELECT c.system_identifier FROM pg_control_system() c);
+    state public.stream_state;
+    top xid8;
+    base numeric;
+BEGIN
+    SELECT * INTO STRICT state FROM public.stream_state FOR UPDATE;
+    SELECT e.xid INTO top FROM public.stream_events e ORDER BY e.xid DESC LIMIT 1;
+    top := greatest(top, state.gap_to,
+                    (SELECT r.pruned_xid FROM public.stream_retention r), '0'::xid8);
+    -- Never claimed (the row as the schema seeds it): the rows kept were written here with
+    -- offset 0, unless they are ahead of this cluster's transaction ids.
+    IF state.system_identifier IS DISTINCT FROM here AND (state.system_identifier IS NOT NULL
+            OR top::text::numeric >= pg_current_xact_id()::text::numeric) THEN
+        base := top::text::numeric + 4294967296;
+        state.xid_offset := greatest(base - pg_current_xact_id()::text::numeric, 0);
+        state.gap_from := top;
+        state.gap_to := base::text::xid8;
+        state.moved_at := now();
+        RAISE NOTICE 'keen_stream: a new cluster; stream positions continue at %', base;
+    END IF;
+    UPDATE public.stream_state
+       SET system_identifier = here, postmaster_start = pg_postmaster_start_time(),
+           xid_offset = state.xid_offset, gap_from = state.gap_from,
+           gap_to = state.gap_to, moved_at = state.moved_at;
+    RETURN state.xid_offset;
+END $$;
+REVOKE ALL ON FUNCTION keen_stream_claim() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_stream_claim() TO keen_system;
+
+-- The default of stream_events.xid: the calling transaction's position. One singleton read per
+-- event; the claim runs once per server start.
+CREATE FUNCTION keen_stream_next_position() RETURNS xid8
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    off bigint;
+BEGIN
+    SELECT s.xid_offset INTO off FROM public.stream_state s
+     WHERE s.postmaster_start = pg_postmaster_start_time();
+    IF off IS NULL THEN
+        off := public.keen_stream_claim();
+    END IF;
+    RETURN public.keen_stream_shift(pg_current_xact_id(), off);
+END $$;
+REVOKE ALL ON FUNCTION keen_stream_next_position() FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION keen_stream_next_position() TO keen_system;
 
 -- === The outbox ===============================================================================
 -- No foreign keys: each would add a lookup and a KEY SHARE lock on the users/sessions row to
 -- every business write, and events are short-lived (pruned after the retention window).
 -- The one index serves tailing, replay ranges and pruning (all in stream order).
 CREATE TABLE stream_events (
-    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    xid xid8 NOT NULL DEFAULT keen_stream_next_position(),
     id BIGINT GENERATED ALWAYS AS IDENTITY,
     user_id UUID NOT NULL,
     session_id UUID,
@@ -180,24 +294,36 @@ CREATE TRIGGER credit_transactions_stream AFTER INSERT ON credit_transactions
     FOR EACH ROW EXECUTE FUNCTION keen_stream_capture_credit();
 
 -- === Reading the stream =======================================================================
--- The delivery horizon: every transaction with a smaller xid has finished, and no future
--- transaction can get one, so rows below it are final. It is the oldest xid still running
--- in the statement's snapshot, skipping transactions that pg_stat_activity says belong to
--- another database (they cannot write our outbox): on a shared cluster someone else's long
+-- The delivery horizon, as a position: every transaction with a smaller xid has finished, and
+-- no future transaction can get one, so rows below it are final. It is the oldest xid still
+-- running in the statement's snapshot, skipping transactions that pg_stat_activity says belong
+-- to another database (they cannot write our outbox): on a shared cluster someone else's long
 -- transaction does not stall our stream. An xid we cannot place counts as ours (safe side).
--- STABLE: it must use the calling statement's snapshot, the one the tail query reads with.
+-- Shifted by the cluster's offset; on an unclaimed restored database, just past the newest
+-- row (all of them are final). STABLE: it must use the calling statement's snapshot, the one
+-- the tail query reads with (a STABLE PL/pgSQL function runs in its caller's snapshot).
+-- PL/pgSQL since 0009: its plans are cached for the session, where the SQL function was planned
+-- again on every call (the listener calls it whenever committed rows wait).
 CREATE FUNCTION keen_stream_horizon() RETURNS xid8
-LANGUAGE sql STABLE
+LANGUAGE plpgsql STABLE
 AS $$
-    SELECT coalesce(
-        (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
-          WHERE NOT EXISTS (
-              SELECT 1 FROM pg_stat_get_activity(NULL) AS a
-               WHERE a.backend_xid = x::xid
-                 AND a.datid <> (SELECT d.oid FROM pg_database d
-                                  WHERE d.datname = current_database()))),
-        pg_snapshot_xmax(pg_current_snapshot()))
-$$;
+DECLARE
+    off bigint := keen_stream_offset();
+    newest xid8;
+    running xid8;
+BEGIN
+    IF off IS NULL THEN
+        SELECT e.xid INTO newest FROM stream_events e ORDER BY e.xid DESC LIMIT 1;
+        RETURN coalesce(keen_stream_shift(newest, 1), '0'::xid8);
+    END IF;
+    SELECT min(x) INTO running FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+     WHERE NOT EXISTS (
+         SELECT 1 FROM pg_stat_get_activity(NULL) AS a
+          WHERE a.backend_xid = x::xid
+            AND a.datid <> (SELECT d.oid FROM pg_database d
+                             WHERE d.datname = current_database()));
+    RETURN keen_stream_shift(coalesce(running, pg_snapshot_xmax(pg_current_snapshot())), off);
+END $$;
 REVOKE ALL ON FUNCTION keen_stream_horizon() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_stream_horizon() TO keen_app, keen_system;
 
@@ -214,10 +340,19 @@ LANGUAGE plpgsql STABLE
 AS $$
 DECLARE
     newest xid8;
+    off bigint;
 BEGIN
     -- No parameter in this plan, so no generic plan can turn it into a table scan.
     SELECT e.xid INTO newest FROM stream_events e ORDER BY e.xid DESC LIMIT 1;
-    horizon := pg_snapshot_xmin(pg_current_snapshot());
+    off := keen_stream_offset();
+    IF off IS NULL THEN
+        -- Restored on another cluster that no writer has claimed yet: every stored row is
+        -- final, and the claim puts every new position above them.
+        horizon := coalesce(keen_stream_shift(newest, 1), '0'::xid8);
+        pending := false;
+        RETURN;
+    END IF;
+    horizon := keen_stream_shift(pg_snapshot_xmin(pg_current_snapshot()), off);
     pending := coalesce(newest >= horizon, false);
     IF pending THEN
         horizon := keen_stream_horizon();

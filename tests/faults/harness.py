@@ -38,6 +38,9 @@ The pieces:
   (``tests/integration/credits_support.fund``).
 - :class:`ResumingClient`: a WebSocket client that follows docs/protocol.md and resumes with
   ``since`` after every close or failure, round-robin over the nodes, recording everything.
+- :class:`Follower`: what the check needs of a client; :class:`ResumingClient` is one, and so is
+  ``tests/faults/clientkit.StreamClientConsumer`` (keen_stream.client as an application uses
+  it: what its caller was handed).
 - :func:`verify`: per client, entitled vs received: lost, duplicated, out of order, foreign,
   ``recovered`` claims that were not true; losses attributed to the phase they happened in.
 - :func:`write_evidence`: what a failed run leaves behind (JSON): per client its log of
@@ -65,7 +68,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit
 
 import asyncpg
@@ -75,9 +78,13 @@ from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.protocol import State
 
 from keen_stream.dal.database import KeenDatabase
+from keen_stream.dal.models import User
 from keen_stream.dal.models.events import EVENT_TYPES
 from keen_stream.dal.models.sessions import PHASES
+from keen_stream.dal.users import upsert_super_admin
 from keen_stream.hub.sockinfo import tcp_state
+from tests.conftest import ADMIN_EMAIL, PASSWORD, make_settings
+from tests.integration.credits_support import fund
 
 ROOT: Final = Path(__file__).resolve().parents[2]
 
@@ -401,6 +408,29 @@ async def head_cursor(dsn: str) -> Cursor | None:
     return None if row is None else (int(row["xid"]), row["id"])
 
 
+async def writer_database(dsn: str, *, pool_max_size: int) -> KeenDatabase:
+    """The writer's DAL: short connect and acquire timeouts, so an outage fails a write quickly
+    (counted) instead of holding the writer."""
+    return await KeenDatabase.connect(
+        settings=make_settings(
+            dsn, pool_max_size=pool_max_size, connect_timeout=2.0, pool_acquire_timeout=2.0
+        ),
+        migrate=False,
+    )
+
+
+async def funded_users(db: KeenDatabase, prefix: str, count: int) -> list[User]:
+    """``count`` users (``<prefix><i>@example.com``) with 1,000 credits each to spend."""
+    users = []
+    for i in range(count):
+        user = await db.users.create(
+            email=f"{prefix}{i}@example.com", username=f"{prefix}_{i}", password=PASSWORD
+        )
+        await fund(db, user, "1000")
+        users.append(user)
+    return users
+
+
 # --- the writer ---------------------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class WriterUser:
@@ -591,6 +621,31 @@ class Writer:
             )
 
 
+@dataclass
+class Tenants:
+    """Who a scenario writes for: funded users and the super-admin, each with a root session the
+    writer keeps open (``roots``: user id to the root's row id)."""
+
+    admin: User
+    users: list[User]
+    writer: Writer
+    roots: dict[uuid.UUID, uuid.UUID]
+
+
+async def tenants(db: KeenDatabase, prefix: str, count: int, *, timeline: Timeline) -> Tenants:
+    """``count`` funded users (:func:`funded_users`), the super-admin, and a :class:`Writer`
+    for all of them (not started); session handles ``u<i>-<n>`` and ``adm-<n>``."""
+    admin = await upsert_super_admin(db, ADMIN_EMAIL, PASSWORD)
+    users = await funded_users(db, prefix, count)
+    writer = Writer(
+        db,
+        [WriterUser(u.id, f"u{i}") for i, u in enumerate(users)] + [WriterUser(admin.id, "adm")],
+        timeline=timeline,
+    )
+    roots = {u.id: await writer.open_root(u.id) for u in [*users, admin]}
+    return Tenants(admin, users, writer, roots)
+
+
 # --- the resuming client ----------------------------------------------------------------------
 def _event_types(patterns: Iterable[str]) -> frozenset[str] | None:
     """The types a subscription's ``events`` list selects (None: all), as docs/protocol.md."""
@@ -622,6 +677,9 @@ class SubscriptionSpec:
         if since is not None:
             frame["since"] = since
         return frame
+
+    def evidence(self) -> dict[str, Any]:
+        return {"scope": self.scope, "sessions": list(self.sessions), "events": list(self.events)}
 
     def entitles(self, row: StreamRow, user_id: str, is_admin: bool) -> bool:
         """The authorization rule (RLS: own events; admins all), then the subscription's."""
@@ -839,11 +897,7 @@ class ResumingClient:
             "name": self.name,
             "user_id": self.user_id,
             "is_admin": self.is_admin,
-            "spec": {
-                "scope": self.spec.scope,
-                "sessions": list(self.spec.sessions),
-                "events": list(self.spec.events),
-            },
+            "spec": self.spec.evidence(),
             "baseline": self.baseline,
             "last": self.last,
             "highest_received": None if highest is None else format_cursor(highest),
@@ -1093,6 +1147,39 @@ class _ConnectionState:
 
 
 # --- the check ----------------------------------------------------------------------------------
+class Follower(Protocol):
+    """A client as the check sees it (:class:`ResumingClient`, or a StreamClient's caller in
+    tests/faults/clientkit.py): what it subscribed to, from where, and what it received."""
+
+    name: str
+    spec: SubscriptionSpec
+    user_id: str
+    is_admin: bool
+    #: The starting ``since``; ``last`` the cursor of the last event received.
+    baseline: str | None
+    last: str | None
+    received: list[Received]
+    replies: list[SubscribeReply]
+    error_frames: list[tuple[int, str, str]]
+    connect_failures: Counter[str]
+    unexpected: list[str]
+    unavailable: int
+
+    @property
+    def disconnects(self) -> list[Disconnect]: ...
+
+    @property
+    def recovered_false(self) -> int: ...
+
+    @property
+    def reconnects(self) -> int: ...
+
+    @property
+    def last_cursor(self) -> Cursor | None: ...
+
+    def evidence(self) -> dict[str, Any]: ...
+
+
 @dataclass
 class ClientVerdict:
     name: str
@@ -1199,7 +1286,7 @@ class Verdict:
         return "\n".join(lines)
 
 
-def entitled_rows(client: ResumingClient, rows: Iterable[StreamRow]) -> list[StreamRow]:
+def entitled_rows(client: Follower, rows: Iterable[StreamRow]) -> list[StreamRow]:
     """The rows ``client`` must receive: after its starting ``since``, allowed by the
     authorization rule and its subscription."""
     start = parse_cursor(client.baseline) if client.baseline else (0, 0)
@@ -1211,7 +1298,7 @@ def entitled_rows(client: ResumingClient, rows: Iterable[StreamRow]) -> list[Str
 
 
 def verify(
-    clients: Sequence[ResumingClient],
+    clients: Sequence[Follower],
     rows: Sequence[StreamRow],
     *,
     faults: int,
@@ -1227,7 +1314,7 @@ def verify(
     )
 
 
-def _verify_one(client: ResumingClient, rows: Sequence[StreamRow]) -> ClientVerdict:
+def _verify_one(client: Follower, rows: Sequence[StreamRow]) -> ClientVerdict:
     entitled = {r.cursor for r in entitled_rows(client, rows)}
     by_cursor = {r.cursor: r for r in rows}
     v = ClientVerdict(client.name, entitled=len(entitled), deliveries=len(client.received))
@@ -1300,7 +1387,7 @@ def _verify_one(client: ResumingClient, rows: Sequence[StreamRow]) -> ClientVerd
 
 
 async def wait_caught_up(
-    clients: Sequence[ResumingClient],
+    clients: Sequence[Follower],
     rows: Sequence[StreamRow],
     *,
     within: float = 30.0,
@@ -1347,7 +1434,7 @@ async def wait_caught_up(
 
 def write_evidence(
     path: Path,
-    clients: Sequence[ResumingClient],
+    clients: Sequence[Follower],
     rows: Sequence[StreamRow],
     verdict: Verdict | None = None,
     **extra: Any,

@@ -4,7 +4,8 @@ entitled to.
 One scenario, faults in sequence, each while a writer writes through the DAL and the clients
 follow the stream: a PostgreSQL server the test owns (stopped, restarted, its backends killed),
 two hub nodes as separate processes (stopped, killed, restarted), users and an admin that
-resume with ``since`` as docs/protocol.md says. Afterwards every client's receipts are compared
+resume with ``since`` as docs/protocol.md says, and two applications following the stream with
+keen_stream.client (tests/faults/clientkit.py). Afterwards every client's receipts are compared
 with ``stream_events``: every event it is entitled to, exactly once after dedupe by cursor, in
 cursor order per connection, nothing it is not entitled to, and no ``recovered: true`` that was
 not true. docs/reliability.md describes each fault; tests/faults/harness.py the pieces.
@@ -18,10 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
-from keen_stream.dal.users import upsert_super_admin
-from tests.conftest import ADMIN_EMAIL, PASSWORD, make_settings
+from tests.faults.clientkit import StreamClientConsumer
 from tests.faults.harness import (
     LISTENER_APPLICATION_NAME,
     HubNode,
@@ -29,18 +28,18 @@ from tests.faults.harness import (
     SubscriptionSpec,
     Timeline,
     Writer,
-    WriterUser,
     format_cursor,
     head_cursor,
     long_transaction,
     parse_cursor,
     read_stream,
+    tenants,
     terminate_backends,
     verify,
     wait_caught_up,
     write_evidence,
+    writer_database,
 )
-from tests.integration.credits_support import fund
 from tests.integration.hubkit import stream_token, wait_for
 from tests.pgcluster import OwnedPostgres, StopMode, requires_owned_postgres
 
@@ -76,6 +75,8 @@ class Scenario:
     nodes: dict[str, HubNode]
     writer: Writer
     clients: list[ResumingClient]
+    #: Applications iterating keen_stream.client: checked like the clients, never dropped.
+    consumers: list[StreamClientConsumer]
     #: What each fault did and what was observed (printed with the verdict).
     log: list[str] = field(default_factory=list)
     #: Faults that did not happen as planned: the scenario would not prove what it claims.
@@ -86,6 +87,10 @@ class Scenario:
     def admin_dsn(self) -> str:
         return self.pg.dsn("postgres")
 
+    @property
+    def followers(self) -> list[ResumingClient | StreamClientConsumer]:
+        return [*self.clients, *self.consumers]
+
     def client(self, name: str) -> ResumingClient:
         return next(c for c in self.clients if c.name == name)
 
@@ -94,8 +99,13 @@ class Scenario:
 
     async def all_live(self, within: float = 30.0) -> None:
         await wait_for(
-            lambda: all(c.live for c in self.clients), "every client subscribed", within=within
+            lambda: all(c.live for c in self.followers),
+            "every client subscribed",
+            within=within,
         )
+
+    def urls(self) -> list[str | None]:
+        return [c.url for c in self.followers]
 
     def fault(self, name: str) -> str:
         """Start the next fault: its phase name is ``"<n> <name>"``."""
@@ -160,7 +170,7 @@ class Scenario:
         if not on_a:
             self.problem("no client was on node A")
         await self.settle()
-        if any(c.url != b.url for c in self.clients):
+        if any(url != b.url for url in self.urls()):
             self.problem("a client is not on node B")
 
     async def node_b_killed(self) -> None:
@@ -188,7 +198,7 @@ class Scenario:
                 f"node A restarted under transaction {xid}; clients resumed on it "
                 f"before its first event: {early or 'none'}"
             )
-        if any(c.url != a.url for c in self.clients):
+        if any(url != a.url for url in self.urls()):
             self.problem("a client is not on the restarted node A")
         b.start()
         await b.wait_healthy()
@@ -275,34 +285,17 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
     owned_pg: OwnedPostgres, owned_dsn: str, tmp_path: Path
 ) -> None:
     timeline = Timeline()
-    db = await KeenDatabase.connect(
-        settings=make_settings(
-            owned_dsn, pool_max_size=6, connect_timeout=2.0, pool_acquire_timeout=2.0
-        ),
-        migrate=False,
-    )
+    db = await writer_database(owned_dsn, pool_max_size=6)
     nodes = {name: HubNode(name, owned_dsn, tmp_path, env=HUB_ENV) for name in ("A", "B")}
     clients: list[ResumingClient] = []
+    consumers: list[StreamClientConsumer] = []
+    followers: list[ResumingClient | StreamClientConsumer] = []
     writer: Writer | None = None
     try:
         for node in nodes.values():
             node.start()
-        admin = await upsert_super_admin(db, ADMIN_EMAIL, PASSWORD)
-        users: list[User] = []
-        for i in range(4):
-            users.append(
-                await db.users.create(
-                    email=f"fault{i}@example.com", username=f"fault_{i}", password=PASSWORD
-                )
-            )
-            await fund(db, users[-1], "1000")
-        writer = Writer(
-            db,
-            [WriterUser(u.id, f"u{i}") for i, u in enumerate(users)]
-            + [WriterUser(admin.id, "adm")],
-            timeline=timeline,
-        )
-        roots = {u.id: await writer.open_root(u.id) for u in [*users, admin]}
+        cast = await tenants(db, "fault", 4, timeline=timeline)
+        admin, users, writer, roots = cast.admin, cast.users, cast.writer, cast.roots
         baseline = await head_cursor(owned_dsn)
         assert baseline is not None
         since = format_cursor(baseline)
@@ -347,10 +340,31 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
                     receive_buffer=receive_buffer,
                 )
             )
+        # keen_stream.client, given both URLs: user 1's events, and everything (as an admin).
+        for name, user, spec, order in [
+            ("py-u1-mine", users[1], SubscriptionSpec("mine"), urls),
+            ("py-admin-all", admin, SubscriptionSpec("all"), urls[::-1]),
+        ]:
+            consumers.append(
+                StreamClientConsumer(
+                    name,
+                    order,
+                    spec,
+                    user_id=user.id,
+                    is_admin=user.id == admin.id,
+                    since=since,
+                    timeline=timeline,
+                    token=await stream_token(db, user.id),
+                    # No hung node here: slower pings, so a busy box cannot fake one.
+                    ping_interval=2.0,
+                    ping_timeout=2.0,
+                )
+            )
         await asyncio.gather(*(node.wait_healthy() for node in nodes.values()))
-        for client in clients:
-            client.start()
-        s = Scenario(owned_pg, owned_dsn, timeline, nodes, writer, clients)
+        followers = [*clients, *consumers]
+        for follower in followers:
+            follower.start()
+        s = Scenario(owned_pg, owned_dsn, timeline, nodes, writer, clients, consumers)
         await s.all_live()
         timeline.enter("warm-up")
         writer.start()
@@ -370,18 +384,19 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
         caught_up: list[dict[str, object]] = []
         # Longer than the hub's drain timeout (30 s): a replay that stalled for good would end
         # in a 4008 close, which the verdict below refuses, rather than in a timeout here.
-        behind = await wait_caught_up(clients, rows, within=45.0, record=caught_up)
+        behind = await wait_caught_up(followers, rows, within=45.0, record=caught_up)
     finally:
-        for client in clients:
-            await client.stop()
+        for follower in followers:
+            await follower.stop()
         if writer is not None:
             await writer.stop()
         for node in nodes.values():
             await node.close()
         await db.close()
 
-    verdict = verify(clients, rows, faults=s.faults, writer_errors=writer.errors)
+    verdict = verify(followers, rows, faults=s.faults, writer_errors=writer.errors)
     verdict.notes += s.problems
+    verdict.notes += [problem for c in consumers for problem in c.check_signal()]
     verdict.notes += [f"{name} did not catch up with the stream" for name in behind]
     # No client here reads too slowly for the hub: a 4008 means a replay or the fan-out stopped
     # waiting for a client that was reading (test_hub_replay_pacing.py).
@@ -405,7 +420,7 @@ async def test_each_client_gets_every_entitled_event_exactly_once_through_a_sequ
     if not verdict.ok:
         evidence = write_evidence(
             tmp_path / "fault_evidence.json",
-            clients,
+            followers,
             rows,
             verdict,
             baseline=format_cursor(baseline),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -13,13 +12,12 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import asyncpg
-import uvicorn
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.hub.app import HubApp, create_app
-from keen_stream.hub.cli import uvicorn_config
+from keen_stream.hub.cli import serving
 from keen_stream.hub.service import HubService
 from keen_stream.settings import Settings
 from tests.conftest import make_settings
@@ -65,28 +63,13 @@ async def running_hub(dsn: str, **overrides: Any) -> AsyncIterator[Hub]:
     port = int(overrides.pop("port", 0))
     settings = make_settings(dsn, **{**FAST, **overrides})
     db = await KeenDatabase.connect(settings=settings, migrate=False)
-    app = create_app(settings, db=db)
-    config = uvicorn_config(app, settings, host="127.0.0.1", port=0, loop="none")
-    server = uvicorn.Server(config)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
-    port = sock.getsockname()[1]
-    task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        if task.done():
-            task.result()
-        hub = Hub(f"ws://127.0.0.1:{port}/ws", app, db, settings)
-        await wait_for(lambda: hub.service.listener.connected, "listener connected")
-        yield hub
+        app = create_app(settings, db=db)
+        async with serving(app, settings, port=port) as bound:
+            hub = Hub(f"ws://127.0.0.1:{bound}/ws", app, db, settings)
+            await wait_for(lambda: hub.service.listener.connected, "listener connected")
+            yield hub
     finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 30)
-        sock.close()
         await db.close()
 
 

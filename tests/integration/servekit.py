@@ -21,10 +21,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def start_serve(data_dir: Path, port: int) -> asyncio.subprocess.Process:
-    """The README's hub command, with KEEN_DATABASE_URL unset: the embedded server in data_dir."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KEEN_")}
-    env["KEEN_EMBEDDED_DIR"] = str(data_dir)
+async def start_serve(
+    data_dir: Path | None, port: int, *args: str, env: dict[str, str] | None = None
+) -> asyncio.subprocess.Process:
+    """The README's hub command, with KEEN_DATABASE_URL unset: the embedded server in data_dir
+    (or, with ``data_dir`` None, whatever ``env`` configures); output on stdout."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("KEEN_")}
+    if data_dir is not None:
+        environ["KEEN_EMBEDDED_DIR"] = str(data_dir)
+    environ.update(env or {})
     return await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -32,7 +37,8 @@ async def start_serve(data_dir: Path, port: int) -> asyncio.subprocess.Process:
         "serve",
         "--port",
         str(port),
-        env=env,
+        *args,
+        env=environ,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )

@@ -33,9 +33,25 @@ async def _session_row(owner: Owner, user_id: uuid.UUID) -> uuid.UUID:
 
 async def _arrange_rows(owner: Owner, user: User) -> None:
     """Give ``user`` at least one row in every tenant table (users, accounts, audit exist)."""
-    await owner.execute(
-        "INSERT INTO auth_tokens (user_id, token_type, token_hash) VALUES ($1, 'api_key', $2)",
+    token_id = await owner.fetchval(
+        "INSERT INTO auth_tokens (user_id, token_type, token_hash) VALUES ($1, 'api_key', $2)"
+        " RETURNING id",
         user.id,
+        uuid.uuid4().hex,
+    )
+    # A ticket and the stream credential redeeming it minted (keen_stream/sql/tickets.sql).
+    await owner.execute(
+        """WITH ticket AS (
+               INSERT INTO stream_tickets (user_id, token_id, kind, secret_hash, expires_at,
+                                           used_at)
+               VALUES ($1, $2, 'ticket', $3, now() + interval '30 seconds', now())
+               RETURNING id)
+           INSERT INTO stream_tickets (user_id, token_id, kind, secret_hash, ticket_id,
+                                       expires_at)
+           SELECT $1, $2, 'credential', $4, id, now() + interval '1 hour' FROM ticket""",
+        user.id,
+        token_id,
+        uuid.uuid4().hex,
         uuid.uuid4().hex,
     )
     session_id = await _session_row(owner, user.id)
@@ -138,6 +154,8 @@ SPECS: dict[str, TableSpec] = {
     "audit_log": TableSpec("user_id", None, None, False),
     # Written only by triggers (as keen_system): tenants read their own events.
     "stream_events": TableSpec("user_id", None, None, False),
+    # Written only by the ticket functions; tenants list and withdraw their own.
+    "stream_tickets": TableSpec("user_id", None, None, True),
 }
 
 
@@ -316,6 +334,35 @@ async def test_tenant_cannot_read_secret_columns(db: KeenDatabase, alice: User) 
         with pytest.raises(InsufficientPrivileges):
             async with db.user_transaction(alice.id) as conn:
                 await conn.fetchval(f"SELECT {column} FROM users WHERE id = $1", alice.id)
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.fetchval(
+                "SELECT secret_hash FROM stream_tickets WHERE user_id = $1", alice.id
+            )
+
+
+async def test_tickets_are_reached_only_through_their_secrets(
+    db: KeenDatabase, owner_conn: Owner, tenants
+) -> None:
+    """The ticket functions answer for a secret's hash; the one that looks a token up by its id
+    (no secret) is not the tenant's to call, and a tenant cannot write a ticket directly."""
+    alice, bob, _ = tenants
+    token_id = await owner_conn.fetchval("SELECT id FROM auth_tokens WHERE user_id = $1", bob.id)
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.fetch("SELECT * FROM keen_stream_ticket_token($1)", token_id)
+    with pytest.raises(InsufficientPrivileges):
+        async with db.user_transaction(alice.id) as conn:
+            await conn.execute(
+                "UPDATE stream_tickets SET expires_at = now() + interval '1 year'"
+                " WHERE user_id = $1",
+                alice.id,
+            )
+    async with db.anonymous_transaction() as conn:
+        row = await conn.fetchrow(
+            "SELECT * FROM keen_stream_credential_authenticate($1, NULL)", uuid.uuid4().hex
+        )
+    assert row["status"] == "credential_unknown" and row["user_id"] is None
 
 
 async def test_tenant_cannot_change_balances_or_the_ledger(

@@ -249,3 +249,26 @@ async def test_tenants_cannot_call_the_login_lookup(db: KeenDatabase, alice: Use
     with pytest.raises(InsufficientPrivileges):
         async with db.user_transaction(alice.id) as conn:
             await conn.fetch("SELECT * FROM keen_login_lookup('alice@example.com')")
+
+
+async def test_list_shows_an_admin_everyone_and_a_user_only_themselves(
+    db: KeenDatabase, alice: User, bob: User, admin: User
+) -> None:
+    everyone = await db.users.list(actor_id=admin.id)
+    assert [u.id for u in everyone] == [alice.id, bob.id, admin.id]  # oldest first
+    assert [u.id for u in await db.users.list(actor_id=alice.id)] == [alice.id]  # RLS
+    assert [u.id for u in await db.users.list(actor_id=admin.id, limit=1)] == [alice.id]
+    await db.users.set_account_status(bob.id, "suspended", actor_id=admin.id)
+    assert [u.id for u in await db.users.list(actor_id=admin.id, status="suspended")] == [bob.id]
+    for bad in ({"status": "gone"}, {"limit": 0}, {"limit": 10_001}, {"limit": True}):
+        with pytest.raises(InvalidInput):
+            await db.users.list(actor_id=admin.id, **bad)
+
+
+async def test_admin_by_email_finds_only_an_active_admin(
+    db: KeenDatabase, alice: User, admin: User
+) -> None:
+    assert (await db.users.admin_by_email(admin.email.upper())).id == admin.id
+    for email in (alice.email, "nobody@example.com"):
+        with pytest.raises(InsufficientPrivileges, match="not an active admin"):
+            await db.users.admin_by_email(email)

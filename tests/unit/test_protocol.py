@@ -18,12 +18,26 @@ from keen_stream.hub.protocol import (
     ProtocolError,
     SubscribeFrame,
     close_code_for,
+    error_frame,
     event_frame,
     event_type_filter,
     parse_client_frame,
     parse_session_ids,
     parse_since,
+    pong_frame,
+    ready_frame,
+    subscribed_frame,
+    unsubscribed_frame,
     ws_text_frame,
+)
+from keen_stream.protocol import (
+    ErrorFrame,
+    EventFrame,
+    PongFrame,
+    ReadyFrame,
+    ServerFrame,
+    SubscribedFrame,
+    UnsubscribedFrame,
 )
 
 
@@ -142,6 +156,77 @@ def test_event_frames_are_valid_json_with_the_payload_untouched():
     }
     bare = json.loads(event_frame(_event(session=False)))
     assert bare["session_id"] is None and bare["root_session_id"] is None
+
+
+def _same_as_model(text: str, model: type[ServerFrame]) -> dict[str, object]:
+    """The frame parses as ``model`` (the client's view) and nothing in it is left out of it."""
+    raw = json.loads(text)
+    parsed = model.model_validate(raw)
+    dumped = json.loads(parsed.model_dump_json())
+    assert set(dumped) == set(raw)
+    assert model.model_validate(dumped) == parsed
+    return raw  # type: ignore[no-any-return]
+
+
+def test_every_server_frame_is_one_of_the_shared_models_the_client_parses():
+    """keen_stream.protocol is what the Python client parses with: every frame the hub builds
+    (as text, for speed) parses as its model, with no field the model does not know."""
+    for event in (_event(), _event(session=False)):
+        frame = _same_as_model(event_frame(event), EventFrame)
+        assert frame["version"] == 42
+    user, s1, s2 = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    ready = _same_as_model(ready_frame("ws-1", user, True, Cursor(7, 8)), ReadyFrame)
+    assert ready == {
+        "type": "ready",
+        "connection_id": "ws-1",
+        "user_id": str(user),
+        "admin": True,
+        "cursor": "7-8",
+    }
+    sub = _same_as_model(
+        subscribed_frame(
+            "r1",
+            scope="sessions",
+            sessions=[s2, s1],
+            events=["session.progress", "credit.usage"],
+            cursor=Cursor(7, 9),
+            recovered=True,
+        ),
+        SubscribedFrame,
+    )
+    assert sub["sessions"] == sorted([str(s1), str(s2)])
+    assert sub["events"] == ["credit.usage", "session.progress"]
+    assert "reason" not in sub
+    gap = _same_as_model(
+        subscribed_frame(
+            5,
+            scope="mine",
+            sessions=None,
+            events=None,
+            cursor=Cursor(7, 9),
+            recovered=False,
+            reason="since_expired",
+        ),
+        SubscribedFrame,
+    )
+    assert (gap["id"], gap["sessions"], gap["reason"]) == (5, None, "since_expired")
+    assert _same_as_model(unsubscribed_frame(7, "none", None), UnsubscribedFrame) == {
+        "type": "unsubscribed",
+        "id": 7,
+        "scope": "none",
+        "sessions": None,
+    }
+    assert _same_as_model(pong_frame(None, Cursor(1, 2)), PongFrame) == {
+        "type": "pong",
+        "id": None,
+        "cursor": "1-2",
+    }
+    assert _same_as_model(error_frame("forbidden", "no", "r2"), ErrorFrame) == {
+        "type": "error",
+        "id": "r2",
+        "code": "forbidden",
+        "message": "no",
+    }
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 65_535, 65_536, 70_000])

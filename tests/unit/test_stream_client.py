@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from keen_stream.client import StreamClient, TokenExpired, parse_cursor
+from keen_stream.client import (
+    Event,
+    LatestByEntity,
+    StreamClient,
+    TokenExpired,
+    UnexpectedFrame,
+    parse_cursor,
+)
+from keen_stream.protocol import ErrorFrame, ReadyFrame, SubscribedFrame, dump_frame
 
 USER = uuid.uuid4()
 Script = Callable[[ServerConnection], Awaitable[None]]
@@ -36,8 +44,15 @@ def event(cursor: str) -> str:
 
 
 def subscribed(cursor: str, recovered: bool = True) -> str:
-    return json.dumps(
-        {"type": "subscribed", "id": "keen-client", "cursor": cursor, "recovered": recovered}
+    """Built with the hub's own model (keen_stream.protocol), as the hub builds it."""
+    return dump_frame(
+        SubscribedFrame(
+            id="keen-client",
+            scope="mine",
+            cursor=cursor,
+            recovered=recovered,
+            reason=None if recovered else "since_expired",
+        )
     )
 
 
@@ -48,7 +63,8 @@ class Fake:
         self.tokens: list[str | None] = []
 
     async def ready(self, ws: ServerConnection) -> None:
-        await ws.send(json.dumps({"type": "ready", "connection_id": "ws-1", "cursor": "1-0"}))
+        frame = ReadyFrame(connection_id="ws-1", user_id=USER, admin=False, cursor="1-0")
+        await ws.send(dump_frame(frame))
 
     async def subscribe(self, ws: ServerConnection) -> dict[str, Any]:
         frame: dict[str, Any] = json.loads(await ws.recv())
@@ -87,7 +103,7 @@ async def test_unavailable_a_4008_and_a_restart_resume_without_repeats_or_reorde
     async def first(ws: ServerConnection) -> None:
         await fake.ready(ws)
         await fake.subscribe(ws)
-        await ws.send(json.dumps({"type": "error", "id": "keen-client", "code": "unavailable"}))
+        await ws.send(dump_frame(ErrorFrame(id="keen-client", code="unavailable")))
         await fake.subscribe(ws)
         await ws.send(subscribed("10-1"))
         await ws.send(event("10-2"))
@@ -158,3 +174,85 @@ def test_cursors_compare_as_integer_pairs():
         parse_cursor("11_10")
     with pytest.raises(ValueError):
         StreamClient("ws://x/ws", token="t").subscribe(since="nope")
+
+
+@pytest.mark.parametrize("kind", ["sync", "async"])
+async def test_the_token_provider_may_be_plain_or_async_and_is_asked_at_every_connection(
+    kind: str,
+):
+    fake = Fake([])
+    issued = iter(["a", "b"])
+
+    async def closes(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(subscribed("3-0"))
+        await ws.send(event("3-1"))
+        await ws.close(1012)
+
+    async def stays(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(subscribed("3-1"))
+        await ws.send(event("3-2"))
+        await ws.wait_closed()
+
+    def plain() -> str:
+        return next(issued)
+
+    async def coroutine() -> str:
+        return next(issued)
+
+    fake.scripts = [closes, stays]
+    provider = plain if kind == "sync" else coroutine
+    async with (
+        fake_hub(fake) as url,
+        StreamClient(url, token_provider=provider, backoff_initial=0.01) as stream,
+    ):
+        assert await asyncio.wait_for(take(stream, 2), 10) == ["3-1", "3-2"]
+    assert fake.tokens == ["Bearer a", "Bearer b"]
+
+
+async def test_a_frame_that_is_not_the_protocol_is_a_typed_error_not_a_retry():
+    fake = Fake([])
+
+    async def garbled(ws: ServerConnection) -> None:
+        await fake.ready(ws)
+        await fake.subscribe(ws)
+        await ws.send(subscribed("3-0"))
+        await ws.send(json.dumps({"type": "event", "cursor": "3-1", "version": "new"}))
+        await ws.wait_closed()
+
+    fake.scripts = [garbled]
+    async with fake_hub(fake) as url, StreamClient(url, token="t") as stream:
+        with pytest.raises(UnexpectedFrame):
+            await asyncio.wait_for(take(stream, 1), 10)
+    assert len(fake.tokens) == 1
+
+
+def _typed(cursor: str, event_type: str, version: int, **fields: Any) -> Event:
+    frame = json.loads(event(cursor))
+    return Event.model_validate({**frame, "event_type": event_type, "version": version, **fields})
+
+
+def test_latest_by_entity_keeps_the_highest_version_of_each_session_and_account():
+    s1, s2, account = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    latest = LatestByEntity()
+    newer = _typed("9-12", "session.progress", 12, session_id=str(s1))
+    older = _typed("10-11", "session.progress", 11, session_id=str(s1))  # overlapping tx
+    other = _typed("10-13", "session.created", 13, session_id=str(s2))
+    charge = _typed(
+        "10-14", "credit.usage", 14, session_id=str(s1), data={"account_id": str(account)}
+    )
+    assert latest.update(newer)
+    assert not latest.update(older)  # a later cursor, an older state: ignored
+    assert not latest.update(newer)  # the same version again
+    assert latest.update(other) and latest.update(charge)
+    assert latest.session(s1) == newer
+    assert latest.session(str(s2)) == other
+    assert latest.account(account) == charge  # a charge is its account's, not its session's
+    assert latest.session(uuid.uuid4()) is None
+    assert list(latest) == [newer, other, charge]
+    assert not latest.update(_typed("11-1", "session.progress", 1))  # no session id
+    latest.clear()
+    assert len(latest) == 0 and latest.update(older)

@@ -1,7 +1,7 @@
 """Analytics rollups: exact admin analytics from hourly sums plus a live tail.
 
 Revision ID: 0010_analytics_rollups
-Revises: 0008_session_handle
+Revises: 0011_stream_tickets
 Create Date: 2026-12-01
 
 ``keen_admin_analytics`` aggregated the whole window live (1.7 s p95 for a month on 1,000,000
@@ -18,7 +18,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0010_analytics_rollups"
-down_revision = "0008_session_handle"
+down_revision = "0011_stream_tickets"
 branch_labels = None
 depends_on = None
 

@@ -1,0 +1,357 @@
+"""``keen-stream backup`` / ``restore`` / ``export-user`` on real PostgreSQL (docs/operations.md).
+
+The drill runs on two private clusters: the source's transaction ids are pushed 3 * 2^32 ahead
+(``pg_resetwal -e``, the xid epoch) so that, as after years of production, the restored events'
+positions are far above anything the new cluster would issue on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
+from decimal import Decimal
+from itertools import count
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+
+from keen_stream import cli
+from keen_stream.dal.database import KeenDatabase
+from keen_stream.dal.models import User
+from keen_stream.migrate import upgrade_async
+from keen_stream.settings import Settings, with_database
+from tests.conftest import PASSWORD, make_settings
+from tests.integration.hubkit import open_client, running_hub, stream_token
+from tests.integration.test_hub_stream import new_session, step
+from tests.integration.test_stream_after_restore import _restore as plain_restore
+from tests.pgcluster import OwnedPostgres, owned_postgres_available
+
+_names = count()
+
+
+async def keen(settings: Settings, *argv: str) -> int:
+    return await asyncio.to_thread(cli.main, list(argv), settings=settings)
+
+
+def _target_name() -> str:
+    return f"keen_restore_{os.getpid()}_{next(_names)}"
+
+
+@pytest.fixture
+async def target(pg_admin_dsn: str) -> AsyncIterator[str]:
+    """The URL of a database that does not exist yet (restore creates it); dropped after."""
+    name = _target_name()
+    yield with_database(pg_admin_dsn, name)
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def _exists(admin_dsn: str, url: str) -> bool:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        name = url.rsplit("/", 1)[1]
+        return bool(await conn.fetchval("SELECT true FROM pg_database WHERE datname = $1", name))
+    finally:
+        await conn.close()
+
+
+async def _business(db: KeenDatabase, user: User, handle: str = "s") -> None:
+    """Users' sessions, ledger rows and events."""
+    await db.billing.purchase(user.id, Decimal("100.000001"), description="buy")
+    await new_session(db, user, handle)
+    await step(db, user, handle, 1)
+    await db.credits.deduct_credits(user.id, Decimal("0.123456"), handle, "model call")
+
+
+@pytest.fixture
+async def backed_up(
+    db: KeenDatabase, settings: Settings, alice: User, bob: User, tmp_path: Path
+) -> Path:
+    await _business(db, alice, "a")
+    await _business(db, bob, "b")
+    path = tmp_path / "keen.dump"
+    assert await keen(settings, "backup", str(path)) == 0
+    return path
+
+
+async def test_backup_writes_an_archive_roles_and_a_manifest_that_describe_the_database(
+    backed_up: Path, owner_conn: asyncpg.Connection, alice: User
+) -> None:
+    manifest = json.loads(backed_up.with_name("keen.dump.manifest.json").read_text())
+    roles = backed_up.with_name("keen.dump.roles.sql").read_text()
+    assert "CREATE ROLE keen_system" in roles and "PASSWORD" not in roles.upper()
+    assert manifest["schema_revision"] == await owner_conn.fetchval(
+        "SELECT version_num FROM alembic_version"
+    )
+    assert manifest["row_counts"]["users"] == 2
+    assert manifest["row_counts"]["credit_transactions"] == await owner_conn.fetchval(
+        "SELECT count(*) FROM credit_transactions"
+    )
+    account = next(a for a in manifest["ledger"] if a["user_id"] == str(alice.id))
+    # Exact: 100.000001 bought, 0.123456 * markup spent; balance is the ledger's sum.
+    assert Decimal(account["balance"]) == Decimal(account["ledger_sum"])
+    assert account["purchased"] == "100.000001"
+    assert account["transactions"] == 2
+    assert len(manifest["archive"]["sha256"]) == 64
+    assert manifest["server_version"] and manifest["pg_dump_version"].startswith("pg_dump")
+
+
+async def test_restore_verifies_and_refuses_a_non_empty_target_unless_forced(
+    backed_up: Path, settings: Settings, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await keen(settings, "restore", str(backed_up), "--target", target) == 0
+    out = capsys.readouterr()
+    assert "ledger verify: OK" in out.out and "verified" in out.out
+    assert await keen(settings, "restore", str(backed_up), "--target", target) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert await keen(settings, "restore", str(backed_up), "--target", target, "--force") == 0
+    conn = await asyncpg.connect(target)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 2
+    finally:
+        await conn.close()
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "tampered":
+        data[len(data) // 2] ^= 0x01  # one bit
+    else:
+        del data[len(data) // 2 :]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["tampered", "truncated"])
+async def test_a_damaged_archive_is_refused_before_the_target_is_touched(
+    backed_up: Path,
+    settings: Settings,
+    target: str,
+    pg_admin_dsn: str,
+    damage: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _damage(backed_up, damage)
+    assert await keen(settings, "restore", str(backed_up), "--target", target) == 2
+    err = capsys.readouterr().err
+    assert "does not match its manifest" in err and err.count("\n") == 1
+    assert not await _exists(pg_admin_dsn, target)
+
+
+async def test_a_restore_that_disagrees_with_the_manifest_fails(
+    backed_up: Path, settings: Settings, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    manifest_path = backed_up.with_name("keen.dump.manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["row_counts"]["agent_sessions"] += 1
+    manifest["ledger"][0]["balance"] = str(Decimal(manifest["ledger"][0]["balance"]) + 1)
+    manifest_path.write_text(json.dumps(manifest))
+    assert await keen(settings, "restore", str(backed_up), "--target", target) == 1
+    out = capsys.readouterr().out
+    assert "MISMATCH table agent_sessions" in out
+    assert f"MISMATCH account {manifest['ledger'][0]['account_id']}: balance" in out
+    assert "FAILED verification" in out
+
+
+async def test_a_role_that_cannot_bypass_rls_is_told_so(
+    fresh_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    role = f"keen_plain_{os.getpid()}_{next(_names)}"
+    admin = await asyncpg.connect(fresh_dsn)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS")
+        parts = urlsplit(fresh_dsn)
+        dsn = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+        rc = await keen(make_settings(dsn), "backup", str(tmp_path / "x.dump"))
+        err = capsys.readouterr().err
+    finally:
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+    assert rc == 2
+    assert err.count("\n") == 1 and "cannot read through row-level security" in err
+    assert not (tmp_path / "x.dump").exists()
+
+
+# --- the drill: another cluster --------------------------------------------------------------
+@pytest.fixture
+def ahead_pg() -> Iterator[OwnedPostgres]:
+    """A private cluster whose transaction ids are 3 * 2^32 ahead of a new one's."""
+    if not owned_postgres_available():
+        pytest.skip("needs PostgreSQL server binaries to start a private server")
+    cluster = OwnedPostgres.create()
+    try:
+        cluster._run("pg_resetwal", "-e", "3", str(cluster.data_dir))
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+async def _setup_source(cluster: OwnedPostgres) -> str:
+    conn = await asyncpg.connect(cluster.dsn())
+    try:
+        await conn.execute("CREATE DATABASE keen")
+    finally:
+        await conn.close()
+    dsn = cluster.dsn("keen")
+    await upgrade_async(dsn)
+    return dsn
+
+
+async def test_drill_backup_restore_on_a_new_cluster_and_the_hub_serves_old_cursors(
+    ahead_pg: OwnedPostgres, owned_pg: OwnedPostgres, tmp_path: Path
+) -> None:
+    source = await _setup_source(ahead_pg)
+    settings = make_settings(source)
+    db = await KeenDatabase.connect(settings=settings, migrate=False)
+    try:
+        alice = await db.users.create(email="a@example.com", username="alice", password=PASSWORD)
+        bob = await db.users.create(email="b@example.com", username="bob", password=PASSWORD)
+        await _business(db, bob, "b")
+        await _business(db, alice)
+        # Retention ran: the watermark is set (restored with the rest).
+        assert await db.events.prune(timedelta(0)) > 0
+        old_cursor = str(await db.events.head())  # a client of the old cluster is here
+        await step(db, alice, "s", 1)
+        await db.credits.deduct_credits(alice.id, Decimal("0.01"), "s", "model call")
+        restored_head = await db.events.head()
+    finally:
+        await db.close()
+
+    path = tmp_path / "keen.dump"
+    assert await keen(settings, "backup", str(path)) == 0
+    target = owned_pg.dsn("keen")
+    assert await keen(settings, "restore", str(path), "--target", target) == 0
+
+    new_db = await KeenDatabase.connect(settings=make_settings(target), migrate=False)
+    try:
+        assert (await new_db.events.head()) == restored_head
+        token = await stream_token(new_db, alice.id)
+        async with running_hub(target) as hub:
+            c = await open_client(hub.url, token)
+            reply = await c.subscribe(since=old_cursor)
+            assert reply["recovered"] is True, reply
+            # What the old cluster wrote after the client's cursor, then live events.
+            replayed = await c.events(2)
+            assert [e["event_type"] for e in replayed] == ["session.progress", "credit.usage"]
+            await step(new_db, alice, "s", 1)
+            (live,) = await c.events(1)
+            assert live["data"]["iteration_count"] == 3
+            position = int(live["cursor"].split("-")[0])
+            assert position > restored_head.xid + 2**32 - 1
+            # A cursor the old cluster issued after the backup (in the skipped range).
+            lost = f"{restored_head.xid + 1000}-{restored_head.id + 5}"
+            c2 = await open_client(hub.url, token)
+            reply = await c2.subscribe(since=lost)
+            assert reply["recovered"] is False and reply["reason"] == "since_unknown", reply
+            await c.close()
+            await c2.close()
+    finally:
+        await new_db.close()
+
+
+async def test_a_plain_pg_restore_moves_positions_at_the_first_write(
+    ahead_pg: OwnedPostgres, owned_pg: OwnedPostgres, tmp_path: Path
+) -> None:
+    """An operator's own pg_dump / pg_restore, no keen-stream command and no hub: the first
+    business write on the new cluster claims it, and its event lands above the restored ones."""
+    source = await _setup_source(ahead_pg)
+    db = await KeenDatabase.connect(settings=make_settings(source), migrate=False)
+    try:
+        alice = await db.users.create(email="a@example.com", username="alice", password=PASSWORD)
+        await _business(db, alice)
+        old_head = await db.events.head()
+    finally:
+        await db.close()
+    restored = await plain_restore(source, owned_pg, tmp_path / "plain.dump")
+    new_db = await KeenDatabase.connect(settings=make_settings(restored), migrate=False)
+    try:
+        # Before any claim, the restored rows are all released (the reader's rule).
+        assert await new_db.events.head() == old_head
+        await step(new_db, alice, "s", 1)
+        head = await new_db.events.head()
+        assert head.xid >= old_head.xid + 2**32
+        (event,) = await new_db.events.replay(alice.id, old_head, head)
+        assert event.event_type == "session.progress"
+        token = await stream_token(new_db, alice.id)
+        async with running_hub(restored) as hub:
+            c = await open_client(hub.url, token)
+            reply = await c.subscribe(since=str(old_head))
+            assert reply["recovered"] is True, reply
+            (replayed,) = await c.events(1)
+            assert replayed["cursor"] == str(head)
+            await c.close()
+    finally:
+        await new_db.close()
+
+
+async def test_a_restart_of_the_same_cluster_keeps_the_offset(
+    owned_pg: OwnedPostgres,
+) -> None:
+    """After a restart the first writer claims again (a new server start) and finds its own
+    cluster: positions go on as transaction ids, nothing is skipped."""
+    source = await _setup_source(owned_pg)
+    db = await KeenDatabase.connect(settings=make_settings(source), migrate=False)
+    try:
+        alice = await db.users.create(email="a@example.com", username="alice", password=PASSWORD)
+        await _business(db, alice)
+        before = await db.events.head()
+    finally:
+        await db.close()
+    owned_pg.restart()
+    db = await KeenDatabase.connect(settings=make_settings(source), migrate=False)
+    try:
+        await step(db, alice, "s", 1)
+        (event,) = await db.events.replay(alice.id, before, await db.events.head())
+        xid = await db.system_call("SELECT pg_current_xact_id()::text::bigint AS x")
+        state = await db.system_call("SELECT * FROM stream_state")
+    finally:
+        await db.close()
+    assert before.xid < event.cursor.xid < xid[0]["x"]  # still plain transaction ids
+    assert state[0]["xid_offset"] == 0 and state[0]["gap_from"] is None
+    assert state[0]["system_identifier"] is not None
+
+
+# --- export-user -----------------------------------------------------------------------------
+async def test_export_user_gives_everything_the_user_owns_and_nothing_of_others(
+    db: KeenDatabase,
+    settings: Settings,
+    alice: User,
+    bob: User,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await _business(db, alice, "a1")
+    await _business(db, bob, "b1")
+    await stream_token(db, alice.id)
+    assert await keen(settings, "export-user", str(alice.id)) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    assert data["user"]["id"] == str(alice.id) and data["user"]["email"] == alice.email
+    assert "password_hash" not in data["user"]
+    tables = data["tables"]
+    assert [s["session_id"] for s in tables["agent_sessions"]] == ["a1"]
+    assert len(tables["auth_tokens"]) == 1 and "token_hash" not in tables["auth_tokens"][0]
+    (account,) = tables["credit_accounts"]
+    assert account["lifetime_purchased"] == "100.000001"  # exact, as a string
+    assert {t["transaction_type"] for t in tables["credit_transactions"]} == {"purchase", "usage"}
+    assert tables["stream_events"]
+    for rows in tables.values():
+        for row in rows:
+            assert row["user_id"] == str(alice.id)
+    assert str(bob.id) not in json.dumps(data)
+
+
+async def test_export_user_of_an_unknown_user_is_a_clear_error(
+    db: KeenDatabase, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert await keen(settings, "export-user", str(uuid.uuid4())) == 3  # NotFound
+    assert "no user" in capsys.readouterr().err
+    assert await keen(settings, "export-user", "not-a-uuid") == 2
