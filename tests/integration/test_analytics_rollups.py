@@ -21,6 +21,7 @@ import pytest
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import SessionCreate, User
 from keen_stream.errors import InsufficientPrivileges, InvalidInput, NotFound
+from tests.conftest import make_settings
 
 STATUSES = ("running", "completed", "failed", "cancelled", "timed_out")
 
@@ -359,3 +360,30 @@ async def test_user_usage_per_day_in_the_users_time_zone_under_rls(
         assert not await conn.fetchval(
             "SELECT count(*) FROM agent_sessions WHERE user_id = $1", alice.id
         )
+
+
+async def test_rollups_do_not_depend_on_the_connections_time_zone(
+    fresh_dsn: str, alice: User, owner_conn: asyncpg.Connection
+) -> None:
+    """Hours are UTC hours whatever TimeZone the connections run with (+05:30 here, where a
+    local hour starts at :30 UTC), and the figures stay the live ones."""
+    await owner_conn.execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET TimeZone = %L',"
+        " current_database(), 'Asia/Kolkata'); END $$"
+    )
+    db = await KeenDatabase.connect(settings=make_settings(fresh_dsn), migrate=False)
+    try:
+        async with db.system_transaction() as conn:
+            assert await conn.fetchval("SHOW TimeZone") == "Asia/Kolkata"
+        rng = random.Random(530)
+        now = await owner_conn.fetchval("SELECT now()")
+        await add_sessions(owner_conn, rng, [alice], list(random_instants(rng, now, 30)))
+        await add_ledger(owner_conn, rng, [alice], list(random_instants(rng, now, 30)))
+        await db.analytics.rollup()
+        assert not await owner_conn.fetchval(
+            "SELECT count(*) FROM analytics_hourly"
+            " WHERE hour_bucket <> date_trunc('hour', hour_bucket, 'UTC')"
+        )
+        await assert_same_as_live(db, windows_around(rng, now))
+    finally:
+        await db.close()
