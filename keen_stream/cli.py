@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from keen_stream import accounts_cli, demo, ledger_cli, logs
+from keen_stream import accounts_cli, analytics_cli, demo, ledger_cli, logs
 from keen_stream import backup as backup_cli
 from keen_stream.clikit import EXIT_ERROR, EXIT_NOT_FOUND, prompt_password
 from keen_stream.errors import KeenError, NotFound
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     accounts_cli.register(sub)
     demo.register(sub)
     backup_cli.register(sub)
+    analytics_cli.register(sub)
     return parser
 
 

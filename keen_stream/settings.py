@@ -87,6 +87,9 @@ class Settings(BaseSettings):
     session_sweep_interval: float = Field(default=60.0, gt=0)
     hold_sweep_interval: float = Field(default=15.0, gt=0)
     dashboard_refresh_interval: float = Field(default=300.0, gt=0)  # the seed's 5 minutes
+    # Rolls newly ended hours and hours written to after their roll (docs/performance.md).
+    # Analytics stay exact in between; a longer interval only leaves more to read live.
+    analytics_rollup_interval: float = Field(default=60.0, gt=0)
     # The DAL's after-commit wake-up: at most one NOTIFY per this many seconds per process.
     event_notify_interval: float = Field(default=0.002, ge=0)
     listener_fallback_poll: float = Field(default=1.0, gt=0)  # covers writes made outside the DAL

@@ -137,6 +137,7 @@ class HubService:
             self._every(
                 s.dashboard_refresh_interval, self.db.analytics.refresh_dashboard, "dashboard"
             ),
+            self._every(s.analytics_rollup_interval, self.db.analytics.rollup, "analytics rollup"),
         ]
 
     async def stop(self) -> None:

@@ -4,7 +4,10 @@ from keen_stream.dal.models.analytics import (
     AdminAnalytics,
     DailyAnalytics,
     DashboardHour,
+    RollupReport,
     TimeRange,
+    UsageDay,
+    UserUsage,
 )
 from keen_stream.dal.models.connections import (
     ConnectionBatch,
@@ -74,6 +77,7 @@ __all__ = [
     "LedgerReport",
     "Phase",
     "Role",
+    "RollupReport",
     "SessionCompletion",
     "SessionCreate",
     "SessionNode",
@@ -86,7 +90,9 @@ __all__ = [
     "TokenInfo",
     "TokenType",
     "TransactionType",
+    "UsageDay",
     "User",
     "UserCreate",
     "UserProfileUpdate",
+    "UserUsage",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Literal
+from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
@@ -113,3 +114,41 @@ class DailyAnalytics(_Out):
     admin_bypass_transactions: int
     created_at: datetime
     updated_at: datetime
+
+
+class RollupReport(_Out):
+    """What one ``db.analytics.rollup`` run (re)computed."""
+
+    #: UTC hours whose analytics_hourly row was written (new, re-rolled after a late write, or
+    #: forced by a backfill).
+    hours: int
+    #: UTC days whose daily_analytics row was rewritten (the days of those hours).
+    days: list[date]
+
+
+class UsageDay(_Out):
+    """One calendar day of a user's usage, in the user's own time zone."""
+
+    day: date
+    #: Sessions started that day.
+    sessions: int
+    tokens_used: int
+    context_tokens_used: int
+    #: From the user's ledger: usage charges (positive), refunds and purchases booked that day.
+    credits_used: Decimal
+    credits_refunded: Decimal
+    credits_purchased: Decimal
+
+
+class UserUsage(_Out):
+    """A user's own spend, sessions and tokens per day (``db.analytics.get_user_usage``)."""
+
+    user_id: UUID
+    time_range: TimeRange
+    #: The user's time zone (users.timezone): the days below are its calendar days.
+    timezone: str
+    #: The last 1, 7 or 30 days, oldest first, today (so far) last; days without use are zeros.
+    days: list[UsageDay]
+    total_sessions: int
+    total_tokens_used: int
+    total_credits_used: Decimal

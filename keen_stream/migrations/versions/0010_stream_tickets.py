@@ -1,6 +1,6 @@
 """Stream tickets: short-lived, single-use tickets and stream credentials for GET /events.
 
-Revision ID: 0011_stream_tickets
+Revision ID: 0010_stream_tickets
 Revises: 0009_stream_epoch
 Create Date: 2026-12-01
 
@@ -13,7 +13,7 @@ current text (docs/protocol.md, section 11).
 
 from alembic import op
 
-revision = "0011_stream_tickets"
+revision = "0010_stream_tickets"
 down_revision = "0009_stream_epoch"
 branch_labels = None
 depends_on = None
