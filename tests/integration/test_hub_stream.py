@@ -160,6 +160,9 @@ async def test_resume_with_since_gets_exactly_the_missed_events(db, fresh_dsn, a
     async with running_hub(fresh_dsn) as hub:
         await new_session(db, alice, "s")
         await new_session(db, bob, "bob-s")
+        # Subscribe after the node has read both creations: otherwise alice's can still arrive
+        # live (it follows the head the node had read) and be taken for a step below.
+        await wait_for(lambda: hub.service.stats.events_received >= 2, "creations read")
         token = await stream_token(db, alice.id)
         c1 = await open_client(hub.url, token)
         await c1.subscribe()
