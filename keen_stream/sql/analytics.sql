@@ -159,7 +159,8 @@ GRANT EXECUTE ON FUNCTION keen_analytics_window(timestamptz, timestamptz) TO kee
 -- over the same rows gives (numeric addition is exact; avg() is sum / count).
 --
 -- Late writes: a write to a session or ledger row marks its hour in analytics_dirty_hours when
--- that hour has already ended; a marked hour is read live until the next roll clears the mark.
+-- that hour has already ended and been rolled; a marked hour is read live until the next roll
+-- clears the mark.
 -- The roll and the writers agree through an advisory lock per hour: writers take it shared
 -- (after their change, before reading the clock), a roll takes it exclusively before it reads.
 -- So a writer either finishes before the roll reads (the roll sees its change) or reads the
@@ -223,16 +224,27 @@ REVOKE ALL ON FUNCTION keen_analytics_hour_key(timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_analytics_hour_key(timestamptz)
     TO keen_app, keen_system, keen_billing, keen_ledger;
 
--- Marks an hour written to after it ended. The writers' roles may call it (the trigger below
--- runs as them): a tenant calling it directly only makes that hour read live until the next
--- roll, which clears the mark. Figures stay exact either way.
+-- Marks a rolled hour written to after it ended. The writers' roles hold EXECUTE (the trigger
+-- below runs as them), so it refuses to run outside a trigger.
 CREATE FUNCTION keen_analytics_mark_hour(p_hour timestamptz) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
-    INSERT INTO public.analytics_dirty_hours (hour_bucket)
-    VALUES (date_trunc('hour', p_hour, 'UTC'))
-    ON CONFLICT (hour_bucket) DO NOTHING
-$$;
+DECLARE
+    v_hour timestamptz := date_trunc('hour', p_hour, 'UTC');
+BEGIN
+    -- The trigger's alone: called directly, any hour could be marked, and one in year 1,
+    -- stored at the next roll, would start every later roll's walk there.
+    IF pg_trigger_depth() = 0 THEN
+        RAISE EXCEPTION 'analytics hours are marked by the write triggers only'
+            USING ERRCODE = 'KS403';
+    END IF;
+    -- An hour never rolled is read live and rolled anyway: nothing to mark. (Under the hour's
+    -- lock, held by the calling trigger, no roll can store it meanwhile.)
+    IF EXISTS (SELECT FROM public.analytics_hourly a WHERE a.hour_bucket = v_hour) THEN
+        INSERT INTO public.analytics_dirty_hours (hour_bucket) VALUES (v_hour)
+        ON CONFLICT (hour_bucket) DO NOTHING;
+    END IF;
+END $$;
 ALTER FUNCTION keen_analytics_mark_hour(timestamptz) OWNER TO keen_system;
 REVOKE ALL ON FUNCTION keen_analytics_mark_hour(timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_analytics_mark_hour(timestamptz)

@@ -233,10 +233,9 @@ async def test_rolling_again_writes_the_same_rows(
     hours = figures(await owner_conn.fetch(hourly), "rolled_at")
     days = figures(await owner_conn.fetch(daily), "id", "created_at", "updated_at")
     second = await db.analytics.rollup(since=day)
-    # The first run also rolled the older hours the inserts had marked; the second only the
-    # forced ones, from `day` on.
+    # Both the forced ones, from `day` on (older hours are not marked: never rolled, read live).
     assert second.days == [day + timedelta(days=i) for i in range(len(second.days))]
-    assert 0 < second.hours < first.hours
+    assert 0 < second.hours == first.hours
     assert figures(await owner_conn.fetch(hourly), "rolled_at") == hours
     assert figures(await owner_conn.fetch(daily), "id", "created_at", "updated_at") == days
     assert [d.date_bucket for d in [await db.analytics.rollup_daily(day)]] == [day]
@@ -290,7 +289,8 @@ async def test_tenants_cannot_read_or_write_the_rollups(
     await add_ledger(
         owner_conn, random.Random(3), [alice], [datetime.now(UTC) - timedelta(hours=5)]
     )
-    await db.analytics.rollup()
+    # Older than alice: only a backfill rolls it.
+    await db.analytics.rollup(since=(datetime.now(UTC) - timedelta(days=1)).date())
     async with db.user_transaction(alice.id) as conn:
         assert await conn.fetch("SELECT * FROM analytics_hourly") == []
     async with db.user_transaction(admin.id) as conn:
@@ -387,3 +387,28 @@ async def test_rollups_do_not_depend_on_the_connections_time_zone(
         await assert_same_as_live(db, windows_around(rng, now))
     finally:
         await db.close()
+
+
+async def test_a_tenant_cannot_mark_hours_the_roll_would_then_walk_through(
+    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
+) -> None:
+    """Marking is for the triggers. Called directly, a mark on year 1 became a stored hour at the
+    next roll, and every roll after it started its never-rolled walk there: 17 million hours,
+    one transaction each, for ever."""
+    await add_ledger(
+        owner_conn, random.Random(4), [alice], [datetime.now(UTC) - timedelta(hours=5)]
+    )
+    await db.analytics.rollup(since=(datetime.now(UTC) - timedelta(days=1)).date())
+    rolled = await owner_conn.fetchval("SELECT min(hour_bucket) FROM analytics_hourly")
+    for hour in (datetime(1, 1, 1, tzinfo=UTC), rolled):
+        with pytest.raises(InsufficientPrivileges):
+            async with db.user_transaction(alice.id) as conn:
+                await conn.execute("SELECT keen_analytics_mark_hour($1)", hour)
+    assert await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours") == 0
+    # A write to an ended hour never rolled marks nothing: it is read live until rolled.
+    await add_ledger(owner_conn, random.Random(5), [alice], [datetime(2001, 1, 1, tzinfo=UTC)])
+    assert await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours") == 0
+    await assert_same_as_live(
+        db, [(datetime(2000, 12, 31, tzinfo=UTC), datetime.now(UTC) - timedelta(hours=1))]
+    )
+    assert (await db.analytics.rollup()).hours == 0

@@ -114,12 +114,24 @@ UPGRADE = [
     """,
     """
     CREATE FUNCTION keen_analytics_mark_hour(p_hour timestamptz) RETURNS void
-    LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
     AS $$
-        INSERT INTO public.analytics_dirty_hours (hour_bucket)
-        VALUES (date_trunc('hour', p_hour, 'UTC'))
-        ON CONFLICT (hour_bucket) DO NOTHING
-    $$
+    DECLARE
+        v_hour timestamptz := date_trunc('hour', p_hour, 'UTC');
+    BEGIN
+        -- The trigger's alone: called directly, any hour could be marked, and one in year 1,
+        -- stored at the next roll, would start every later roll's walk there.
+        IF pg_trigger_depth() = 0 THEN
+            RAISE EXCEPTION 'analytics hours are marked by the write triggers only'
+                USING ERRCODE = 'KS403';
+        END IF;
+        -- An hour never rolled is read live and rolled anyway: nothing to mark. (Under the hour's
+        -- lock, held by the calling trigger, no roll can store it meanwhile.)
+        IF EXISTS (SELECT FROM public.analytics_hourly a WHERE a.hour_bucket = v_hour) THEN
+            INSERT INTO public.analytics_dirty_hours (hour_bucket) VALUES (v_hour)
+            ON CONFLICT (hour_bucket) DO NOTHING;
+        END IF;
+    END $$
     """,
     """
     ALTER FUNCTION keen_analytics_mark_hour(timestamptz) OWNER TO keen_system
