@@ -245,23 +245,27 @@ async def test_rolling_again_writes_the_same_rows(
         await db.analytics.rollup(since="2026-01-01")  # type: ignore[arg-type]
 
 
-async def test_a_roll_waits_for_a_writer_to_its_hour_and_then_counts_its_row(
-    db: KeenDatabase, alice: User, fresh_dsn: str, owner_conn: asyncpg.Connection
+async def test_a_roll_waits_for_a_writer_to_its_hour_without_queueing_the_others(
+    db: KeenDatabase, alice: User, bob: User, fresh_dsn: str, owner_conn: asyncpg.Connection
 ) -> None:
     """The advisory lock: a writer that has touched an ended hour holds it shared until it
-    commits; the roll of that hour waits for it, then reads its row."""
+    commits; the roll of that hour waits for it, then reads its row. It waits by retrying, not
+    in the lock's queue: queued, its exclusive request made every later writer to that hour
+    (each progress report of a session started then) wait behind it, for as long as the first
+    writer's transaction stayed open (up to the roll's statement_timeout, every run)."""
     hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
-    await db.analytics.rollup()
-    writer = await asyncpg.connect(fresh_dsn)
+    await add_ledger(owner_conn, random.Random(2), [alice], [hour + timedelta(minutes=1)])
+    await db.analytics.rollup(since=hour.date())
+    writer, other = await asyncpg.connect(fresh_dsn), await asyncpg.connect(fresh_dsn)
     try:
         tx = writer.transaction()
         await tx.start()
         await add_ledger(writer, random.Random(1), [alice], [hour + timedelta(minutes=5)])
         roll = asyncio.create_task(db.analytics.rollup(day=hour.date()))
         waiting = (
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7246"
-            " AND NOT granted AND database = (SELECT oid FROM pg_database"
-            " WHERE datname = current_database())"
+            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+            " AND query = 'SELECT keen_analytics_roll_hour($1)'"
+            " AND wait_event IN ('advisory', 'PgSleep')"
         )
         for _ in range(500):
             if await owner_conn.fetchval(waiting):
@@ -269,11 +273,16 @@ async def test_a_roll_waits_for_a_writer_to_its_hour_and_then_counts_its_row(
             await asyncio.sleep(0.01)
         assert await owner_conn.fetchval(waiting) == 1
         assert not roll.done()
+        # Another writer to the same hour goes through meanwhile.
+        await other.execute("SET lock_timeout = '2s'")
+        await add_ledger(other, random.Random(6), [bob], [hour + timedelta(minutes=7)])
+        assert not roll.done()
         await tx.commit()
         await roll
     finally:
         await writer.close()
-    # Stored and not marked: so only equal to the live figures if the roll counted the row.
+        await other.close()
+    # Stored and not marked: so only equal to the live figures if the roll counted the rows.
     assert await owner_conn.fetchval(
         "SELECT count(*) FROM analytics_hourly WHERE hour_bucket = $1", hour
     )
@@ -281,6 +290,57 @@ async def test_a_roll_waits_for_a_writer_to_its_hour_and_then_counts_its_row(
         "SELECT count(*) FROM analytics_dirty_hours WHERE hour_bucket = $1", hour
     )
     await assert_same_as_live(db, [(hour - timedelta(hours=1), hour + timedelta(hours=2))])
+
+
+async def test_writers_to_a_rolled_hour_do_not_wait_for_each_others_marks(
+    db: KeenDatabase, alice: User, bob: User, fresh_dsn: str, owner_conn: asyncpg.Connection
+) -> None:
+    """The first write to a rolled hour marks it. With a unique mark and ON CONFLICT, every
+    other writer to that hour waited for the first one's commit (its uncommitted mark), however
+    long; and two writers marking two hours in opposite orders deadlocked."""
+    hours = [_hour(datetime.now(UTC)) - timedelta(hours=h) for h in (3, 4)]
+    await add_ledger(owner_conn, random.Random(2), [alice], hours)
+    await db.analytics.rollup(since=hours[1].date())
+    first, second = await asyncpg.connect(fresh_dsn), await asyncpg.connect(fresh_dsn)
+    try:
+        await second.execute("SET lock_timeout = '2s'")
+        async with first.transaction(), second.transaction():
+            await add_ledger(first, random.Random(1), [alice], [hours[0]])
+            await add_ledger(second, random.Random(1), [bob], [hours[1]])
+            await add_ledger(second, random.Random(1), [bob], [hours[0]])
+            await add_ledger(first, random.Random(1), [alice], [hours[1]])
+    finally:
+        await first.close()
+        await second.close()
+    marked = "SELECT DISTINCT hour_bucket FROM analytics_dirty_hours ORDER BY 1"
+    assert [r[0] for r in await owner_conn.fetch(marked)] == sorted(hours)
+    await assert_same_as_live(db, [(hours[1], hours[0] + timedelta(hours=1))])
+    assert (await db.analytics.rollup()).hours == 2
+    assert not await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours")
+    await assert_same_as_live(db, [(hours[1], hours[0] + timedelta(hours=1))])
+
+
+async def test_a_repeatable_read_writer_marks_an_hour_rolled_after_its_snapshot(
+    db: KeenDatabase, alice: User, bob: User, fresh_dsn: str, owner_conn: asyncpg.Connection
+) -> None:
+    """A writer whose snapshot predates the roll cannot see the roll's row or that it cleared
+    the old mark: it must mark the hour anyway, or its row is missing from the stored hour."""
+    hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
+    await add_ledger(owner_conn, random.Random(2), [alice], [hour])
+    await db.analytics.rollup(since=hour.date())
+    writer = await asyncpg.connect(fresh_dsn)
+    try:
+        await add_ledger(owner_conn, random.Random(3), [alice], [hour])  # marks the hour
+        async with writer.transaction(isolation="repeatable_read"):
+            await writer.fetchval("SELECT count(*) FROM analytics_dirty_hours")  # the snapshot
+            assert (await db.analytics.rollup()).hours == 1  # clears the mark
+            await add_ledger(writer, random.Random(4), [bob], [hour + timedelta(minutes=9)])
+    finally:
+        await writer.close()
+    assert await owner_conn.fetchval(
+        "SELECT count(*) FROM analytics_dirty_hours WHERE hour_bucket = $1", hour
+    )
+    await assert_same_as_live(db, [(hour, hour + timedelta(hours=1))])
 
 
 async def test_tenants_cannot_read_or_write_the_rollups(

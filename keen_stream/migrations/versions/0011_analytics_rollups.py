@@ -71,9 +71,14 @@ UPGRADE = [
     """,
     """
     CREATE TABLE analytics_dirty_hours (
-        hour_bucket TIMESTAMP WITH TIME ZONE PRIMARY KEY,
+        hour_bucket TIMESTAMP WITH TIME ZONE NOT NULL,
         marked_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT clock_timestamp()
     )
+    """,
+    # Not unique: a writer that finds no mark adds its own rather than wait, as ON CONFLICT
+    # would, for another writer's uncommitted one (held until that writer commits).
+    """
+    CREATE INDEX idx_analytics_dirty_hours_hour ON analytics_dirty_hours(hour_bucket)
     """,
     """
     ALTER TABLE analytics_hourly ENABLE ROW LEVEL SECURITY
@@ -125,12 +130,17 @@ UPGRADE = [
             RAISE EXCEPTION 'analytics hours are marked by the write triggers only'
                 USING ERRCODE = 'KS403';
         END IF;
-        -- An hour never rolled is read live and rolled anyway: nothing to mark. (Under the hour's
-        -- lock, held by the calling trigger, no roll can store it meanwhile.)
-        IF EXISTS (SELECT FROM public.analytics_hourly a WHERE a.hour_bucket = v_hour) THEN
-            INSERT INTO public.analytics_dirty_hours (hour_bucket) VALUES (v_hour)
-            ON CONFLICT (hour_bucket) DO NOTHING;
+        -- An hour never rolled is read live and rolled anyway: nothing to mark; a committed mark
+        -- is enough. (Under the hour's lock, held by the calling trigger, no roll can store the hour
+        -- or clear its marks meanwhile.) Another writer's uncommitted mark is not seen: a second mark.
+        -- Only a fresh snapshot can tell: in REPEATABLE READ or SERIALIZABLE, always mark.
+        IF current_setting('transaction_isolation') = 'read committed'
+           AND (NOT EXISTS (SELECT FROM public.analytics_hourly a WHERE a.hour_bucket = v_hour)
+                OR EXISTS (SELECT FROM public.analytics_dirty_hours d WHERE d.hour_bucket = v_hour))
+        THEN
+            RETURN;
         END IF;
+        INSERT INTO public.analytics_dirty_hours (hour_bucket) VALUES (v_hour);
     END $$
     """,
     """
@@ -330,7 +340,16 @@ UPGRADE = [
         IF p_hour + interval '1 hour' > clock_timestamp() THEN
             RETURN false;
         END IF;
-        PERFORM pg_advisory_xact_lock(7246, public.keen_analytics_hour_key(p_hour));
+        -- Wait for the hour's writers by retrying, not in the lock's queue: a queued exclusive
+        -- request makes every later writer to the hour wait behind it, for as long as one writer
+        -- keeps its transaction open. Still busy after 5 s: left to the next run (read live).
+        FOR i IN 1 .. 250 LOOP
+            EXIT WHEN pg_try_advisory_xact_lock(7246, public.keen_analytics_hour_key(p_hour));
+            IF i = 250 THEN
+                RETURN false;
+            END IF;
+            PERFORM pg_sleep(0.02);
+        END LOOP;
         -- A new snapshot per statement from here (READ COMMITTED, VOLATILE): every writer that held
         -- the lock has committed and is seen.
         DELETE FROM public.analytics_dirty_hours WHERE hour_bucket = p_hour;
