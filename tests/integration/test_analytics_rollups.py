@@ -472,3 +472,46 @@ async def test_a_tenant_cannot_mark_hours_the_roll_would_then_walk_through(
         db, [(datetime(2000, 12, 31, tzinfo=UTC), datetime.now(UTC) - timedelta(hours=1))]
     )
     assert (await db.analytics.rollup()).hours == 0
+
+
+async def test_a_roll_reads_after_its_lock_whatever_the_databases_default_isolation(
+    fresh_dsn: str, alice: User, bob: User, owner_conn: asyncpg.Connection
+) -> None:
+    """The roll reads the hour after taking its lock, in statements of their own: READ
+    COMMITTED. Under a database default of REPEATABLE READ its snapshot was the transaction's
+    first, taken before a writer it waited for committed: that writer's row (it had found the
+    hour already marked) was left out of the stored hour, and the mark cleared."""
+    await owner_conn.execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L',"
+        " current_database(), 'repeatable read'); END $$"
+    )
+    db = await KeenDatabase.connect(settings=make_settings(fresh_dsn), migrate=False)
+    writer = await asyncpg.connect(
+        fresh_dsn, server_settings={"default_transaction_isolation": "read committed"}
+    )
+    try:
+        hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
+        await add_ledger(owner_conn, random.Random(2), [alice], [hour])
+        await db.analytics.rollup(since=hour.date())
+        await add_ledger(owner_conn, random.Random(3), [alice], [hour])  # marks the hour
+        async with writer.transaction():
+            await add_ledger(writer, random.Random(4), [bob], [hour + timedelta(minutes=9)])
+            roll = asyncio.create_task(db.analytics.rollup(day=hour.date()))
+            waiting = (
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                " AND query = 'SELECT keen_analytics_roll_hour($1)' AND wait_event = 'PgSleep'"
+            )
+            for _ in range(500):
+                if await owner_conn.fetchval(waiting):
+                    break
+                await asyncio.sleep(0.01)
+            assert await owner_conn.fetchval(waiting) == 1
+        await roll
+        await assert_same_as_live(db, [(hour, hour + timedelta(hours=1))])
+        # Called in a transaction of another level, the roll refuses.
+        with pytest.raises(asyncpg.ActiveSQLTransactionError):
+            async with owner_conn.transaction(isolation="repeatable_read"):
+                await owner_conn.execute("SELECT keen_analytics_roll_hour($1)", hour)
+    finally:
+        await writer.close()
+        await db.close()

@@ -340,6 +340,12 @@ UPGRADE = [
         IF p_hour + interval '1 hour' > clock_timestamp() THEN
             RETURN false;
         END IF;
+        -- Its reads must come after the lock: a transaction snapshot (REPEATABLE READ) taken before
+        -- would leave out a writer it waited for.
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION 'an analytics roll runs in READ COMMITTED, not %',
+                current_setting('transaction_isolation') USING ERRCODE = '25001';
+        END IF;
         -- Wait for the hour's writers by retrying, not in the lock's queue: a queued exclusive
         -- request makes every later writer to the hour wait behind it, for as long as one writer
         -- keeps its transaction open. Still busy after 5 s: left to the next run (read live).
