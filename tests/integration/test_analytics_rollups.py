@@ -515,3 +515,20 @@ async def test_a_roll_reads_after_its_lock_whatever_the_databases_default_isolat
     finally:
         await writer.close()
         await db.close()
+
+
+async def test_the_roll_clears_marks_in_a_logically_replicated_database(
+    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
+) -> None:
+    """A table published for deletes needs a replica identity: without a key, clearing the marks
+    failed every roll once the database was published (FOR ALL TABLES)."""
+    await owner_conn.execute("CREATE PUBLICATION keen_everything FOR ALL TABLES")
+    try:
+        hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
+        await add_ledger(owner_conn, random.Random(2), [alice], [hour])
+        await db.analytics.rollup(since=hour.date())
+        await add_ledger(owner_conn, random.Random(3), [alice], [hour])  # marks the hour
+        assert (await db.analytics.rollup()).hours == 1
+        assert not await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours")
+    finally:
+        await owner_conn.execute("DROP PUBLICATION keen_everything")

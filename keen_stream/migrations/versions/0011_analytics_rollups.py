@@ -71,6 +71,8 @@ UPGRADE = [
     """,
     """
     CREATE TABLE analytics_dirty_hours (
+        -- A key of its own (a logically replicated table needs one to publish the roll's deletes).
+        id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
         hour_bucket TIMESTAMP WITH TIME ZONE NOT NULL,
         marked_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT clock_timestamp()
     )
