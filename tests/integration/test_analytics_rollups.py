@@ -128,6 +128,21 @@ async def add_ledger(
         )
 
 
+async def roll_retrying(conn: asyncpg.Connection) -> None:
+    """Until a roll is waiting for an hour's lock: retrying it (or queued for it, as the rolls
+    did before they retried)."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+        " AND query = 'SELECT keen_analytics_roll_hour($1)'"
+        " AND wait_event IN ('advisory', 'PgSleep')"
+    )
+    for _ in range(500):
+        if await conn.fetchval(waiting):
+            break
+        await asyncio.sleep(0.01)
+    assert await conn.fetchval(waiting) == 1
+
+
 async def assert_same_as_live(db: KeenDatabase, windows: list[tuple[datetime, datetime]]) -> None:
     async with db.system_transaction() as conn:
         for start, end in windows:
@@ -262,16 +277,7 @@ async def test_a_roll_waits_for_a_writer_to_its_hour_without_queueing_the_others
         await tx.start()
         await add_ledger(writer, random.Random(1), [alice], [hour + timedelta(minutes=5)])
         roll = asyncio.create_task(db.analytics.rollup(day=hour.date()))
-        waiting = (
-            "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
-            " AND query = 'SELECT keen_analytics_roll_hour($1)'"
-            " AND wait_event IN ('advisory', 'PgSleep')"
-        )
-        for _ in range(500):
-            if await owner_conn.fetchval(waiting):
-                break
-            await asyncio.sleep(0.01)
-        assert await owner_conn.fetchval(waiting) == 1
+        await roll_retrying(owner_conn)
         assert not roll.done()
         # Another writer to the same hour goes through meanwhile.
         await other.execute("SET lock_timeout = '2s'")
@@ -497,15 +503,7 @@ async def test_a_roll_reads_after_its_lock_whatever_the_databases_default_isolat
         async with writer.transaction():
             await add_ledger(writer, random.Random(4), [bob], [hour + timedelta(minutes=9)])
             roll = asyncio.create_task(db.analytics.rollup(day=hour.date()))
-            waiting = (
-                "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
-                " AND query = 'SELECT keen_analytics_roll_hour($1)' AND wait_event = 'PgSleep'"
-            )
-            for _ in range(500):
-                if await owner_conn.fetchval(waiting):
-                    break
-                await asyncio.sleep(0.01)
-            assert await owner_conn.fetchval(waiting) == 1
+            await roll_retrying(owner_conn)
         await roll
         await assert_same_as_live(db, [(hour, hour + timedelta(hours=1))])
         # Called in a transaction of another level, the roll refuses.
