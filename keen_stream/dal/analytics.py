@@ -68,7 +68,8 @@ SQL: Final = {
     # The hours a rollup run computes: every ended hour since $1 (a backfill), or (NULL) those
     # never rolled and those written to after their roll.
     "hours_to_roll": "SELECT h FROM keen_analytics_hours_to_roll($1) h",
-    # One hour per transaction (see keen_analytics_roll_hour); false if it has not ended.
+    # One hour per transaction (see keen_analytics_roll_hour); false if it has not ended, or
+    # if its writers kept it busy (it is then left to the next run, read live meanwhile).
     "roll_hour": "SELECT keen_analytics_roll_hour($1)",
     # Two rolls of one day take turns, and the second reads after the first committed: a day row
     # computed from an older snapshot cannot overwrite a newer one.

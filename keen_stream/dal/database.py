@@ -257,6 +257,10 @@ class KeenDatabase:
                 reset=session_reset.on_release,
                 server_settings={
                     "statement_timeout": str(settings.statement_timeout_ms),
+                    # Whatever the database's default: code that waits for a lock and then reads
+                    # (the analytics roll, the ledger's idempotency replay) needs each
+                    # statement's own snapshot.
+                    "default_transaction_isolation": "read committed",
                     "application_name": "keen_stream",
                     **SIGNAL_SETTING,
                 },

@@ -159,7 +159,8 @@ GRANT EXECUTE ON FUNCTION keen_analytics_window(timestamptz, timestamptz) TO kee
 -- over the same rows gives (numeric addition is exact; avg() is sum / count).
 --
 -- Late writes: a write to a session or ledger row marks its hour in analytics_dirty_hours when
--- that hour has already ended; a marked hour is read live until the next roll clears the mark.
+-- that hour has already ended and been rolled; a marked hour is read live until the next roll
+-- clears the mark.
 -- The roll and the writers agree through an advisory lock per hour: writers take it shared
 -- (after their change, before reading the clock), a roll takes it exclusively before it reads.
 -- So a writer either finishes before the roll reads (the roll sees its change) or reads the
@@ -199,9 +200,14 @@ CREATE TABLE analytics_hourly (
 -- Hours changed after they ended, until their next roll. Written by the triggers below (as
 -- keen_system), read and cleared by the roll.
 CREATE TABLE analytics_dirty_hours (
-    hour_bucket TIMESTAMP WITH TIME ZONE PRIMARY KEY,
+    -- A key of its own (a logically replicated table needs one to publish the roll's deletes).
+    id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    hour_bucket TIMESTAMP WITH TIME ZONE NOT NULL,
     marked_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT clock_timestamp()
 );
+-- Not unique: a writer that finds no mark adds its own rather than wait, as ON CONFLICT would,
+-- for another writer's uncommitted one (held until that writer commits, however long).
+CREATE INDEX idx_analytics_dirty_hours_hour ON analytics_dirty_hours(hour_bucket);
 
 ALTER TABLE analytics_hourly ENABLE ROW LEVEL SECURITY;
 ALTER TABLE analytics_hourly FORCE ROW LEVEL SECURITY;
@@ -223,16 +229,32 @@ REVOKE ALL ON FUNCTION keen_analytics_hour_key(timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_analytics_hour_key(timestamptz)
     TO keen_app, keen_system, keen_billing, keen_ledger;
 
--- Marks an hour written to after it ended. The writers' roles may call it (the trigger below
--- runs as them): a tenant calling it directly only makes that hour read live until the next
--- roll, which clears the mark. Figures stay exact either way.
+-- Marks a rolled hour written to after it ended. The writers' roles hold EXECUTE (the trigger
+-- below runs as them), so it refuses to run outside a trigger.
 CREATE FUNCTION keen_analytics_mark_hour(p_hour timestamptz) RETURNS void
-LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, public, pg_temp
 AS $$
-    INSERT INTO public.analytics_dirty_hours (hour_bucket)
-    VALUES (date_trunc('hour', p_hour, 'UTC'))
-    ON CONFLICT (hour_bucket) DO NOTHING
-$$;
+DECLARE
+    v_hour timestamptz := date_trunc('hour', p_hour, 'UTC');
+BEGIN
+    -- The trigger's alone: called directly, any hour could be marked, and one in year 1,
+    -- stored at the next roll, would start every later roll's walk there.
+    IF pg_trigger_depth() = 0 THEN
+        RAISE EXCEPTION 'analytics hours are marked by the write triggers only'
+            USING ERRCODE = 'KS403';
+    END IF;
+    -- An hour never rolled is read live and rolled anyway: nothing to mark; a committed mark
+    -- is enough. (Under the hour's lock, held by the calling trigger, no roll can store the hour
+    -- or clear its marks meanwhile.) Another writer's uncommitted mark is not seen: a second mark.
+    -- Only a fresh snapshot can tell: in REPEATABLE READ or SERIALIZABLE, always mark.
+    IF current_setting('transaction_isolation') = 'read committed'
+       AND (NOT EXISTS (SELECT FROM public.analytics_hourly a WHERE a.hour_bucket = v_hour)
+            OR EXISTS (SELECT FROM public.analytics_dirty_hours d WHERE d.hour_bucket = v_hour))
+    THEN
+        RETURN;
+    END IF;
+    INSERT INTO public.analytics_dirty_hours (hour_bucket) VALUES (v_hour);
+END $$;
 ALTER FUNCTION keen_analytics_mark_hour(timestamptz) OWNER TO keen_system;
 REVOKE ALL ON FUNCTION keen_analytics_mark_hour(timestamptz) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION keen_analytics_mark_hour(timestamptz)
@@ -414,7 +436,8 @@ GRANT EXECUTE ON FUNCTION keen_analytics_rolled(timestamptz, timestamptz) TO kee
 
 -- Roll one ended hour (or roll it again): its row is replaced by what its rows say now, and its
 -- mark is cleared. Call it in a transaction of its own (a roll holding two hours' locks could
--- deadlock with a writer holding the other one). Returns false for an hour not ended yet.
+-- deadlock with a writer holding the other one). Returns false for an hour not ended yet,
+-- or one its writers kept busy.
 CREATE FUNCTION keen_analytics_roll_hour(p_hour timestamptz) RETURNS boolean
 LANGUAGE plpgsql SET search_path = pg_catalog, public, pg_temp
 AS $$
@@ -425,7 +448,22 @@ BEGIN
     IF p_hour + interval '1 hour' > clock_timestamp() THEN
         RETURN false;
     END IF;
-    PERFORM pg_advisory_xact_lock(7246, public.keen_analytics_hour_key(p_hour));
+    -- Its reads must come after the lock: a transaction snapshot (REPEATABLE READ) taken before
+    -- would leave out a writer it waited for.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'an analytics roll runs in READ COMMITTED, not %',
+            current_setting('transaction_isolation') USING ERRCODE = '25001';
+    END IF;
+    -- Wait for the hour's writers by retrying, not in the lock's queue: a queued exclusive
+    -- request makes every later writer to the hour wait behind it, for as long as one writer
+    -- keeps its transaction open. Still busy after 5 s: left to the next run (read live).
+    FOR i IN 1 .. 250 LOOP
+        EXIT WHEN pg_try_advisory_xact_lock(7246, public.keen_analytics_hour_key(p_hour));
+        IF i = 250 THEN
+            RETURN false;
+        END IF;
+        PERFORM pg_sleep(0.02);
+    END LOOP;
     -- A new snapshot per statement from here (READ COMMITTED, VOLATILE): every writer that held
     -- the lock has committed and is seen.
     DELETE FROM public.analytics_dirty_hours WHERE hour_bucket = p_hour;

@@ -128,6 +128,21 @@ async def add_ledger(
         )
 
 
+async def roll_retrying(conn: asyncpg.Connection) -> None:
+    """Until a roll is waiting for an hour's lock: retrying it (or queued for it, as the rolls
+    did before they retried)."""
+    waiting = (
+        "SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+        " AND query = 'SELECT keen_analytics_roll_hour($1)'"
+        " AND wait_event IN ('advisory', 'PgSleep')"
+    )
+    for _ in range(500):
+        if await conn.fetchval(waiting):
+            break
+        await asyncio.sleep(0.01)
+    assert await conn.fetchval(waiting) == 1
+
+
 async def assert_same_as_live(db: KeenDatabase, windows: list[tuple[datetime, datetime]]) -> None:
     async with db.system_transaction() as conn:
         for start, end in windows:
@@ -233,10 +248,9 @@ async def test_rolling_again_writes_the_same_rows(
     hours = figures(await owner_conn.fetch(hourly), "rolled_at")
     days = figures(await owner_conn.fetch(daily), "id", "created_at", "updated_at")
     second = await db.analytics.rollup(since=day)
-    # The first run also rolled the older hours the inserts had marked; the second only the
-    # forced ones, from `day` on.
+    # Both the forced ones, from `day` on (older hours are not marked: never rolled, read live).
     assert second.days == [day + timedelta(days=i) for i in range(len(second.days))]
-    assert 0 < second.hours < first.hours
+    assert 0 < second.hours == first.hours
     assert figures(await owner_conn.fetch(hourly), "rolled_at") == hours
     assert figures(await owner_conn.fetch(daily), "id", "created_at", "updated_at") == days
     assert [d.date_bucket for d in [await db.analytics.rollup_daily(day)]] == [day]
@@ -246,35 +260,35 @@ async def test_rolling_again_writes_the_same_rows(
         await db.analytics.rollup(since="2026-01-01")  # type: ignore[arg-type]
 
 
-async def test_a_roll_waits_for_a_writer_to_its_hour_and_then_counts_its_row(
-    db: KeenDatabase, alice: User, fresh_dsn: str, owner_conn: asyncpg.Connection
+async def test_a_roll_waits_for_a_writer_to_its_hour_without_queueing_the_others(
+    db: KeenDatabase, alice: User, bob: User, fresh_dsn: str, owner_conn: asyncpg.Connection
 ) -> None:
     """The advisory lock: a writer that has touched an ended hour holds it shared until it
-    commits; the roll of that hour waits for it, then reads its row."""
+    commits; the roll of that hour waits for it, then reads its row. It waits by retrying, not
+    in the lock's queue: queued, its exclusive request made every later writer to that hour
+    (each progress report of a session started then) wait behind it, for as long as the first
+    writer's transaction stayed open (up to the roll's statement_timeout, every run)."""
     hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
-    await db.analytics.rollup()
-    writer = await asyncpg.connect(fresh_dsn)
+    await add_ledger(owner_conn, random.Random(2), [alice], [hour + timedelta(minutes=1)])
+    await db.analytics.rollup(since=hour.date())
+    writer, other = await asyncpg.connect(fresh_dsn), await asyncpg.connect(fresh_dsn)
     try:
         tx = writer.transaction()
         await tx.start()
         await add_ledger(writer, random.Random(1), [alice], [hour + timedelta(minutes=5)])
         roll = asyncio.create_task(db.analytics.rollup(day=hour.date()))
-        waiting = (
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 7246"
-            " AND NOT granted AND database = (SELECT oid FROM pg_database"
-            " WHERE datname = current_database())"
-        )
-        for _ in range(500):
-            if await owner_conn.fetchval(waiting):
-                break
-            await asyncio.sleep(0.01)
-        assert await owner_conn.fetchval(waiting) == 1
+        await roll_retrying(owner_conn)
+        assert not roll.done()
+        # Another writer to the same hour goes through meanwhile.
+        await other.execute("SET lock_timeout = '2s'")
+        await add_ledger(other, random.Random(6), [bob], [hour + timedelta(minutes=7)])
         assert not roll.done()
         await tx.commit()
         await roll
     finally:
         await writer.close()
-    # Stored and not marked: so only equal to the live figures if the roll counted the row.
+        await other.close()
+    # Stored and not marked: so only equal to the live figures if the roll counted the rows.
     assert await owner_conn.fetchval(
         "SELECT count(*) FROM analytics_hourly WHERE hour_bucket = $1", hour
     )
@@ -284,13 +298,65 @@ async def test_a_roll_waits_for_a_writer_to_its_hour_and_then_counts_its_row(
     await assert_same_as_live(db, [(hour - timedelta(hours=1), hour + timedelta(hours=2))])
 
 
+async def test_writers_to_a_rolled_hour_do_not_wait_for_each_others_marks(
+    db: KeenDatabase, alice: User, bob: User, fresh_dsn: str, owner_conn: asyncpg.Connection
+) -> None:
+    """The first write to a rolled hour marks it. With a unique mark and ON CONFLICT, every
+    other writer to that hour waited for the first one's commit (its uncommitted mark), however
+    long; and two writers marking two hours in opposite orders deadlocked."""
+    hours = [_hour(datetime.now(UTC)) - timedelta(hours=h) for h in (3, 4)]
+    await add_ledger(owner_conn, random.Random(2), [alice], hours)
+    await db.analytics.rollup(since=hours[1].date())
+    first, second = await asyncpg.connect(fresh_dsn), await asyncpg.connect(fresh_dsn)
+    try:
+        await second.execute("SET lock_timeout = '2s'")
+        async with first.transaction(), second.transaction():
+            await add_ledger(first, random.Random(1), [alice], [hours[0]])
+            await add_ledger(second, random.Random(1), [bob], [hours[1]])
+            await add_ledger(second, random.Random(1), [bob], [hours[0]])
+            await add_ledger(first, random.Random(1), [alice], [hours[1]])
+    finally:
+        await first.close()
+        await second.close()
+    marked = "SELECT DISTINCT hour_bucket FROM analytics_dirty_hours ORDER BY 1"
+    assert [r[0] for r in await owner_conn.fetch(marked)] == sorted(hours)
+    await assert_same_as_live(db, [(hours[1], hours[0] + timedelta(hours=1))])
+    assert (await db.analytics.rollup()).hours == 2
+    assert not await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours")
+    await assert_same_as_live(db, [(hours[1], hours[0] + timedelta(hours=1))])
+
+
+async def test_a_repeatable_read_writer_marks_an_hour_rolled_after_its_snapshot(
+    db: KeenDatabase, alice: User, bob: User, fresh_dsn: str, owner_conn: asyncpg.Connection
+) -> None:
+    """A writer whose snapshot predates the roll cannot see the roll's row or that it cleared
+    the old mark: it must mark the hour anyway, or its row is missing from the stored hour."""
+    hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
+    await add_ledger(owner_conn, random.Random(2), [alice], [hour])
+    await db.analytics.rollup(since=hour.date())
+    writer = await asyncpg.connect(fresh_dsn)
+    try:
+        await add_ledger(owner_conn, random.Random(3), [alice], [hour])  # marks the hour
+        async with writer.transaction(isolation="repeatable_read"):
+            await writer.fetchval("SELECT count(*) FROM analytics_dirty_hours")  # the snapshot
+            assert (await db.analytics.rollup()).hours == 1  # clears the mark
+            await add_ledger(writer, random.Random(4), [bob], [hour + timedelta(minutes=9)])
+    finally:
+        await writer.close()
+    assert await owner_conn.fetchval(
+        "SELECT count(*) FROM analytics_dirty_hours WHERE hour_bucket = $1", hour
+    )
+    await assert_same_as_live(db, [(hour, hour + timedelta(hours=1))])
+
+
 async def test_tenants_cannot_read_or_write_the_rollups(
     db: KeenDatabase, admin: User, alice: User, owner_conn: asyncpg.Connection
 ) -> None:
     await add_ledger(
         owner_conn, random.Random(3), [alice], [datetime.now(UTC) - timedelta(hours=5)]
     )
-    await db.analytics.rollup()
+    # Older than alice: only a backfill rolls it.
+    await db.analytics.rollup(since=(datetime.now(UTC) - timedelta(days=1)).date())
     async with db.user_transaction(alice.id) as conn:
         assert await conn.fetch("SELECT * FROM analytics_hourly") == []
     async with db.user_transaction(admin.id) as conn:
@@ -387,3 +453,80 @@ async def test_rollups_do_not_depend_on_the_connections_time_zone(
         await assert_same_as_live(db, windows_around(rng, now))
     finally:
         await db.close()
+
+
+async def test_a_tenant_cannot_mark_hours_the_roll_would_then_walk_through(
+    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
+) -> None:
+    """Marking is for the triggers. Called directly, a mark on year 1 became a stored hour at the
+    next roll, and every roll after it started its never-rolled walk there: 17 million hours,
+    one transaction each, for ever."""
+    await add_ledger(
+        owner_conn, random.Random(4), [alice], [datetime.now(UTC) - timedelta(hours=5)]
+    )
+    await db.analytics.rollup(since=(datetime.now(UTC) - timedelta(days=1)).date())
+    rolled = await owner_conn.fetchval("SELECT min(hour_bucket) FROM analytics_hourly")
+    for hour in (datetime(1, 1, 1, tzinfo=UTC), rolled):
+        with pytest.raises(InsufficientPrivileges):
+            async with db.user_transaction(alice.id) as conn:
+                await conn.execute("SELECT keen_analytics_mark_hour($1)", hour)
+    assert await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours") == 0
+    # A write to an ended hour never rolled marks nothing: it is read live until rolled.
+    await add_ledger(owner_conn, random.Random(5), [alice], [datetime(2001, 1, 1, tzinfo=UTC)])
+    assert await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours") == 0
+    await assert_same_as_live(
+        db, [(datetime(2000, 12, 31, tzinfo=UTC), datetime.now(UTC) - timedelta(hours=1))]
+    )
+    assert (await db.analytics.rollup()).hours == 0
+
+
+async def test_a_roll_reads_after_its_lock_whatever_the_databases_default_isolation(
+    fresh_dsn: str, alice: User, bob: User, owner_conn: asyncpg.Connection
+) -> None:
+    """The roll reads the hour after taking its lock, in statements of their own: READ
+    COMMITTED. Under a database default of REPEATABLE READ its snapshot was the transaction's
+    first, taken before a writer it waited for committed: that writer's row (it had found the
+    hour already marked) was left out of the stored hour, and the mark cleared."""
+    await owner_conn.execute(
+        "DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation = %L',"
+        " current_database(), 'repeatable read'); END $$"
+    )
+    db = await KeenDatabase.connect(settings=make_settings(fresh_dsn), migrate=False)
+    writer = await asyncpg.connect(
+        fresh_dsn, server_settings={"default_transaction_isolation": "read committed"}
+    )
+    try:
+        hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
+        await add_ledger(owner_conn, random.Random(2), [alice], [hour])
+        await db.analytics.rollup(since=hour.date())
+        await add_ledger(owner_conn, random.Random(3), [alice], [hour])  # marks the hour
+        async with writer.transaction():
+            await add_ledger(writer, random.Random(4), [bob], [hour + timedelta(minutes=9)])
+            roll = asyncio.create_task(db.analytics.rollup(day=hour.date()))
+            await roll_retrying(owner_conn)
+        await roll
+        await assert_same_as_live(db, [(hour, hour + timedelta(hours=1))])
+        # Called in a transaction of another level, the roll refuses.
+        with pytest.raises(asyncpg.ActiveSQLTransactionError):
+            async with owner_conn.transaction(isolation="repeatable_read"):
+                await owner_conn.execute("SELECT keen_analytics_roll_hour($1)", hour)
+    finally:
+        await writer.close()
+        await db.close()
+
+
+async def test_the_roll_clears_marks_in_a_logically_replicated_database(
+    db: KeenDatabase, alice: User, owner_conn: asyncpg.Connection
+) -> None:
+    """A table published for deletes needs a replica identity: without a key, clearing the marks
+    failed every roll once the database was published (FOR ALL TABLES)."""
+    await owner_conn.execute("CREATE PUBLICATION keen_everything FOR ALL TABLES")
+    try:
+        hour = _hour(datetime.now(UTC)) - timedelta(hours=3)
+        await add_ledger(owner_conn, random.Random(2), [alice], [hour])
+        await db.analytics.rollup(since=hour.date())
+        await add_ledger(owner_conn, random.Random(3), [alice], [hour])  # marks the hour
+        assert (await db.analytics.rollup()).hours == 1
+        assert not await owner_conn.fetchval("SELECT count(*) FROM analytics_dirty_hours")
+    finally:
+        await owner_conn.execute("DROP PUBLICATION keen_everything")
