@@ -44,10 +44,21 @@ from keen_stream.schema import sql_text
 from keen_stream.settings import Settings, with_database
 
 MANIFEST_FORMAT: Final = 1
-#: Columns a data-access export leaves out: credentials, never data about the person.
+#: Columns a data-access export leaves out: credentials, never data about the person. Any
+#: column named ``*_hash`` or ``*_secret`` is left out too: a hash stored for a lookup (a
+#: token's, a stream ticket's) is as good as the secret to whoever can query by it, and a
+#: table added later with such a column must not leak through this list's omission.
 SECRET_COLUMNS: Final = frozenset(
-    {"password_hash", "token_hash", "mfa_secret", "recovery_codes", "email_verification_token"}
+    {
+        "password_hash",
+        "token_hash",
+        "secret_hash",
+        "mfa_secret",
+        "recovery_codes",
+        "email_verification_token",
+    }
 )
+_SECRET_SUFFIXES: Final = ("_hash", "_secret")
 _CHUNK: Final = 1 << 20
 
 SQL: Final = {
@@ -447,8 +458,12 @@ def _plain(value: Any) -> Any:
     return str(value)  # inet, intervals and other server types: their text form
 
 
+def is_secret_column(name: str) -> bool:
+    return name in SECRET_COLUMNS or name.endswith(_SECRET_SUFFIXES)
+
+
 def _row(record: asyncpg.Record) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in record.items() if k not in SECRET_COLUMNS}
+    return {k: _plain(v) for k, v in record.items() if not is_secret_column(k)}
 
 
 async def export_user(settings: Settings, user_id: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import pytest
 from keen_stream import cli
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
+from keen_stream.dal.tokens import hash_token
 from keen_stream.migrate import upgrade_async
 from keen_stream.settings import Settings, with_database
 from tests.conftest import PASSWORD, make_settings
@@ -355,3 +356,20 @@ async def test_export_user_of_an_unknown_user_is_a_clear_error(
     assert await keen(settings, "export-user", str(uuid.uuid4())) == 3  # NotFound
     assert "no user" in capsys.readouterr().err
     assert await keen(settings, "export-user", "not-a-uuid") == 2
+
+
+async def test_export_user_leaves_out_stream_ticket_and_credential_hashes(
+    db: KeenDatabase, settings: Settings, alice: User, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data-access export holds the user's rows, never a secret's hash: a ticket's or a
+    stream credential's hash is as good as the secret for a lookup by hash."""
+    token = await stream_token(db, alice.id)
+    issued = await db.tickets.issue(token, timedelta(seconds=30))
+    await db.tickets.redeem(issued.ticket.get_secret_value(), timedelta(hours=1))
+    assert await keen(settings, "export-user", str(alice.id)) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    rows = data["tables"]["stream_tickets"]
+    assert {r["kind"] for r in rows} == {"ticket", "credential"}
+    for row in rows:
+        assert "secret_hash" not in row
+    assert hash_token(issued.ticket.get_secret_value()) not in json.dumps(data)
