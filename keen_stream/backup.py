@@ -11,10 +11,12 @@ A backup is three files (docs/operations.md):
   account (NUMERIC as strings), the sha256 of the other two files, the tools' and server's
   versions.
 
-``restore`` checks the checksums before touching the target, refuses a non-empty target unless
-``--force``, restores, then compares the target with the manifest and runs the ledger
-verification. Exit codes: 0 ok, 1 the restored database disagrees with the manifest or the
-ledger, 2 anything refused before or during the restore (a KeenError: one line).
+``restore`` checks the checksums before touching the target (they catch damage, not a hand
+that can rewrite the manifest too: docs/operations.md), refuses a non-empty target unless
+``--force``, restores (the roles from the installed package, never the backup's roles file),
+then compares the target with the manifest and runs the ledger verification. Exit codes: 0
+ok, 1 the restored database disagrees with the manifest or the ledger, 2 anything refused
+before or during the restore (a KeenError: one line).
 """
 
 from __future__ import annotations
@@ -318,19 +320,27 @@ def load_verified(path: Path) -> dict[str, Any]:
             raise KeenError(f"{file} is missing")
         if sha256_of(file) != entry["sha256"]:
             raise KeenError(
-                f"{file} does not match its manifest (sha256 differs: tampered or truncated);"
-                " nothing was restored"
+                f"{file} does not match its manifest (sha256 differs: damaged, truncated or"
+                " altered); nothing was restored"
             )
     return manifest
 
 
-async def _prepare_target(target: str, force: bool) -> None:
-    """Create the target database if missing; refuse it if it holds anything (unless force)."""
+async def _prepare_target(target: str, force: bool, owner: str) -> str:
+    """Create the target database if missing; refuse it if it holds anything (unless force).
+    Everything that can refuse the restore is checked before ``--force`` empties the target:
+    the backup's schema owner, a new enough pg_restore (returned), the target role's rights."""
     name = urlsplit(target).path.lstrip("/")
     if not name:
         raise KeenError("--target must name a database")
     admin = await _connect(with_database(target, "postgres"))
     try:
+        if not await admin.fetchval(SQL["role_exists"], owner):
+            raise KeenError(
+                f"role {owner} (the schema's owner in the backup) does not exist on the target:"
+                f" create it first (CREATE ROLE {owner} LOGIN ...)"
+            )
+        pg_restore, _version = find_tool("pg_restore", _server_major(admin))
         if not await admin.fetchval(SQL["database_exists"], name):
             _progress(f"restore: creating database {name}")
             await admin.execute(f'CREATE DATABASE "{name}"')
@@ -353,6 +363,7 @@ async def _prepare_target(target: str, force: bool) -> None:
             )
     finally:
         await conn.close()
+    return pg_restore
 
 
 def compare(manifest: dict[str, Any], found: dict[str, Any]) -> list[str]:
@@ -386,25 +397,22 @@ def compare(manifest: dict[str, Any], found: dict[str, Any]) -> list[str]:
 
 
 def restore(path: Path, target: str, *, force: bool) -> list[str]:
-    """Restore a verified backup into ``target``; returns how it disagrees with the manifest."""
+    """Restore a verified backup into ``target``; returns how it disagrees with the manifest.
+
+    The roles file's checksum is checked (a damaged backup is refused whole), but the roles
+    that run are the installed package's: restore runs as a superuser or BYPASSRLS role, and
+    SQL read from the backup's directory would run with those rights for whoever can write
+    there (the manifest's checksums can be rewritten by the same hand)."""
     manifest = load_verified(path)
-    roles = _paths(path)[0].read_text(encoding="utf-8")
-    return asyncio.run(_restore(path, manifest, roles, target, force=force))
+    return asyncio.run(_restore(path, manifest, roles_sql(), target, force=force))
 
 
 async def _restore(
     path: Path, manifest: dict[str, Any], roles: str, target: str, *, force: bool
 ) -> list[str]:
-    await _prepare_target(target, force)
+    pg_restore = await _prepare_target(target, force, manifest["owner"])
     conn = await _connect(target)
     try:
-        pg_restore, _version = find_tool("pg_restore", _server_major(conn))
-        owner = manifest["owner"]
-        if not await conn.fetchval(SQL["role_exists"], owner):
-            raise KeenError(
-                f"role {owner} (the schema's owner in the backup) does not exist on the target:"
-                f" create it first (CREATE ROLE {owner} LOGIN ...)"
-            )
         _progress("restore: roles and database grants")
         await conn.execute(roles)
     finally:

@@ -23,6 +23,7 @@ import asyncpg
 import pytest
 
 from keen_stream import cli
+from keen_stream.backup import sha256_of
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.dal.tokens import hash_token
@@ -146,6 +147,51 @@ async def test_a_damaged_archive_is_refused_before_the_target_is_touched(
     err = capsys.readouterr().err
     assert "does not match its manifest" in err and err.count("\n") == 1
     assert not await _exists(pg_admin_dsn, target)
+
+
+async def test_restore_runs_the_packaged_roles_not_an_edited_roles_file(
+    backed_up: Path,
+    settings: Settings,
+    target: str,
+    pg_admin_dsn: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The checksums sit in the manifest beside the files: whoever can edit the roles file can
+    fix its checksum too. Restore runs as a superuser or BYPASSRLS role, so it must not execute
+    SQL read from the backup's directory; the roles are the installed package's."""
+    role = f"keen_edited_{os.getpid()}"
+    roles_path = backed_up.with_name("keen.dump.roles.sql")
+    roles_path.write_text(roles_path.read_text() + f"\nCREATE ROLE {role};\n")
+    manifest_path = backed_up.with_name("keen.dump.manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["roles"]["sha256"] = sha256_of(roles_path)
+    manifest_path.write_text(json.dumps(manifest))
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        assert await keen(settings, "restore", str(backed_up), "--target", target) == 0
+        assert not await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
+    finally:
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.close()
+
+
+async def test_a_forced_restore_that_is_refused_leaves_the_target_as_it_was(
+    backed_up: Path, settings: Settings, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--force replaces the target's contents only once nothing stands in the way: a refusal
+    (here, the backup's schema owner missing on the target) must not leave it emptied."""
+    assert await keen(settings, "restore", str(backed_up), "--target", target) == 0
+    manifest_path = backed_up.with_name("keen.dump.manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["owner"] = "keen_no_such_owner"
+    manifest_path.write_text(json.dumps(manifest))
+    assert await keen(settings, "restore", str(backed_up), "--target", target, "--force") == 2
+    assert "keen_no_such_owner" in capsys.readouterr().err
+    conn = await asyncpg.connect(target)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 2
+    finally:
+        await conn.close()
 
 
 async def test_a_restore_that_disagrees_with_the_manifest_fails(
