@@ -419,3 +419,39 @@ async def test_export_user_leaves_out_stream_ticket_and_credential_hashes(
     for row in rows:
         assert "secret_hash" not in row
     assert hash_token(issued.ticket.get_secret_value()) not in json.dumps(data)
+
+
+# --- the claim on a new cluster ------------------------------------------------------------
+async def test_a_transaction_that_began_before_the_claim_writes_a_resumable_position(
+    db: KeenDatabase, owner_conn: asyncpg.Connection, fresh_dsn: str, alice: User
+) -> None:
+    """On a new cluster the claim races writers: a transaction can hold its xid from before the
+    claim and write its event after it. Its position is xid + the new offset; it must not fall
+    inside the skipped range, or the cursor the hub hands out for it is refused on resume as
+    "not issued by this database" (since_unknown) although this database issued it."""
+    await _business(db, alice, "a")
+    # As after a pg_restore on another cluster: the state names a cluster that is not this one.
+    await owner_conn.execute(
+        "UPDATE stream_state SET system_identifier = 42, postmaster_start = NULL"
+    )
+    early = await asyncpg.connect(fresh_dsn)
+    try:
+        async with early.transaction():
+            await early.fetchval("SELECT pg_current_xact_id()")  # its xid, before the claim
+            await owner_conn.execute("SELECT keen_stream_claim()")  # say, the hub's listener
+            await early.execute(
+                "INSERT INTO stream_events (user_id, event_type, payload)"
+                " VALUES ($1, 'test.early', '{}')",
+                alice.id,
+            )
+    finally:
+        await early.close()
+    head = await db.events.head()
+    assert (
+        await owner_conn.fetchval(
+            "SELECT event_type FROM stream_events ORDER BY xid DESC, id DESC LIMIT 1"
+        )
+        == "test.early"
+    )
+    await db.events.bounds(since=head)  # no CursorUnknown
+    assert await db.events.replay(alice.id, head, head) == []
