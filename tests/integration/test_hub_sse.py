@@ -407,6 +407,24 @@ async def test_expired_tickets_and_credentials_are_pruned(db, owner_conn, alice)
         await db.tickets.authenticate(grant.credential.get_secret_value())
 
 
+async def test_pruning_a_spent_ticket_keeps_the_credential_it_minted(db, owner_conn, alice):
+    """The credential lives KEEN_HUB_STREAM_CREDENTIAL_TTL (12 h), its ticket 30 s: pruning
+    the ticket an hour later must not take the credential with it (ON DELETE CASCADE), nor
+    stop EventSource's reconnects, which still carry the spent ticket in their URL."""
+    token = await stream_token(db, alice.id)
+    spent = (await db.tickets.issue(token, timedelta(seconds=30))).ticket.get_secret_value()
+    grant = await db.tickets.redeem(spent, timedelta(hours=12))
+    assert grant.credential is not None
+    # Two hours on: the ticket is long expired, the credential has ten hours left.
+    await owner_conn.execute(
+        "UPDATE stream_tickets SET expires_at = now() - interval '2 hours' WHERE kind = 'ticket'"
+    )
+    await db.tickets.prune()
+    credential = grant.credential.get_secret_value()
+    assert (await db.tickets.authenticate(credential)).info.user_id == alice.id
+    assert (await db.tickets.authenticate(credential, spent)).info.user_id == alice.id
+
+
 async def test_a_reader_that_takes_nothing_for_a_ping_interval_is_closed_under_the_limit(
     db, fresh_dsn, owner_conn, alice
 ):
