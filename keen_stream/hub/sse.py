@@ -39,6 +39,8 @@ from keen_stream.errors import (
     CursorExpired,
     KeenError,
     StreamCredentialRejected,
+    TicketExpired,
+    TicketUsed,
 )
 from keen_stream.hub.connection import (
     Receive,
@@ -251,13 +253,20 @@ class EventStream(StreamConnection):
             return StreamGrant(info, hash_token(token), None, expires)
         credential = _cookie(self.headers, COOKIE)
         if ticket is not None:
-            if credential is not None:
+            # The ticket first, even with a cookie: a ticket in a URL (which proxies may log)
+            # must be spent by the request that carries it, never left redeemable. Only a
+            # ticket nobody can use any more (EventSource's reconnect names the spent one)
+            # falls back to the cookie its redemption left.
+            ttl = timedelta(seconds=self.settings.hub_stream_credential_ttl)
+            try:
+                return await db.tickets.redeem(ticket, ttl)
+            except (TicketUsed, TicketExpired) as spent:
+                if credential is None:
+                    raise
                 try:
                     return await db.tickets.authenticate(credential, ticket)
                 except StreamCredentialRejected:
-                    pass  # a cookie of another token or an old one: the ticket decides
-            ttl = timedelta(seconds=self.settings.hub_stream_credential_ttl)
-            return await db.tickets.redeem(ticket, ttl)
+                    raise spent from None  # a cookie of another token or an old one
         if credential is not None:
             return await db.tickets.authenticate(credential)
         raise HttpError(

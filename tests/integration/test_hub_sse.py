@@ -165,6 +165,25 @@ async def test_a_ticket_opens_one_stream_and_its_cookie_lets_the_browser_reconne
     assert first not in logged and token not in logged and "ks_sse_" not in logged
 
 
+async def test_a_ticket_used_with_a_cookie_is_spent_all_the_same(db, fresh_dsn, alice):
+    """A page that already holds the stream cookie opens a new EventSource with a new ticket:
+    the ticket in that URL (which a proxy may log) must be spent by the request, not left
+    redeemable by whoever reads the URL for the rest of its lifetime."""
+    async with running_hub(fresh_dsn) as hub, http_client(hub) as client:
+        token = await stream_token(db, alice.id)
+        async with open_stream(client, params={"ticket": await ticket(client, token)}) as stream:
+            await stream.expect("subscribed")
+        assert client.cookies.get("keen_stream_sse")
+        second = await ticket(client, token)
+        async with open_stream(client, params={"ticket": second}) as stream:
+            await stream.expect("subscribed")
+        client.cookies.clear()  # someone else, with the URL only
+        # A stream request: if the ticket still worked, its body would never end.
+        async with client.stream("GET", "/events", params={"ticket": second}) as response:
+            assert response.status_code == 401
+            assert (await response.aread()).decode().count("ticket_used") == 1
+
+
 async def test_an_expired_ticket_is_refused(db, fresh_dsn, alice):
     async with running_hub(fresh_dsn, hub_ticket_ttl=0.2) as hub, http_client(hub) as client:
         issued = await ticket(client, await stream_token(db, alice.id))
