@@ -286,13 +286,27 @@ class EventStream(StreamConnection):
         ]
         if grant.credential is not None:
             seconds = (grant.credential_expires_at - datetime.now(UTC)).total_seconds()
-            secure = "; Secure" if self.scope.get("scheme") == "https" else ""
+            secure = "; Secure" if self._over_tls() else ""
             value = (
                 f"{COOKIE}={grant.credential.get_secret_value()}; Path={COOKIE_PATH}; "
                 f"Max-Age={max(0, int(seconds))}; HttpOnly; SameSite=Strict{secure}"
             )
             headers.append((b"set-cookie", value.encode("latin-1")))
         return headers
+
+    def _over_tls(self) -> bool:
+        """Whether the browser reached us over HTTPS: directly, or through a proxy that ended
+        TLS and says so (X-Forwarded-Proto, Forwarded). Trusting the header without knowing the
+        proxy is safe here: it can only add ``Secure`` to the cookie, never take it away."""
+        if self.scope.get("scheme") == "https":
+            return True
+        forwarded_proto = self.headers.get("x-forwarded-proto", "").split(",")[0]
+        if forwarded_proto.strip().lower() == "https":
+            return True
+        first = self.headers.get("forwarded", "").split(",")[0]
+        return any(
+            part.strip().lower().replace('"', "") == "proto=https" for part in first.split(";")
+        )
 
     async def _stream(
         self, grant: StreamGrant, ref: Any, subscription: Subscription, since: Cursor | None

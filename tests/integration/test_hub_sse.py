@@ -184,6 +184,20 @@ async def test_a_ticket_used_with_a_cookie_is_spent_all_the_same(db, fresh_dsn, 
             assert (await response.aread()).decode().count("ticket_used") == 1
 
 
+async def test_the_cookie_is_secure_behind_a_proxy_that_terminates_tls(db, fresh_dsn, alice):
+    """Behind a TLS-terminating proxy the hub sees plain HTTP (serve runs uvicorn without
+    proxy headers): the proxy's X-Forwarded-Proto / Forwarded must still make the cookie
+    Secure, or a browser sends it over any plain-HTTP request to that host."""
+    async with running_hub(fresh_dsn) as hub, http_client(hub) as client:
+        token = await stream_token(db, alice.id)
+        for header in ({"X-Forwarded-Proto": "https"}, {"Forwarded": "for=1.2.3.4;proto=https"}):
+            params = {"ticket": await ticket(client, token)}
+            async with open_stream(client, params=params, headers=header) as stream:
+                assert "; Secure" in stream.response.headers["set-cookie"], header
+        async with open_stream(client, params={"ticket": await ticket(client, token)}) as stream:
+            assert "Secure" not in stream.response.headers["set-cookie"]  # plain HTTP, direct
+
+
 async def test_an_expired_ticket_is_refused(db, fresh_dsn, alice):
     async with running_hub(fresh_dsn, hub_ticket_ttl=0.2) as hub, http_client(hub) as client:
         issued = await ticket(client, await stream_token(db, alice.id))
