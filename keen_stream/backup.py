@@ -80,6 +80,16 @@ SQL: Final = {
          GROUP BY a.id ORDER BY a.id""",
     "owner": "SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'users'",
     "claim": "SELECT keen_stream_claim()",
+    # The stream's horizon in the backup's snapshot: every event below it is in the archive;
+    # one at or above it may have committed after the snapshot (docs/architecture.md).
+    "horizon": "SELECT keen_stream_horizon()::text",
+    # A restore moves the positions on whatever cluster it runs (0 is no cluster's system
+    # identifier, so the claim moves them as for a new one), and the skipped range starts at
+    # the backup's horizon: a cursor at or above it may have seen an event the backup lacks.
+    "forget_cluster": "UPDATE stream_state SET system_identifier = 0, postmaster_start = NULL",
+    "gap_from_horizon": """
+        UPDATE stream_state SET gap_from = least(gap_from, ($1::text::numeric - 1)::text::xid8)
+         WHERE gap_from IS NOT NULL""",
     "role_exists": "SELECT true FROM pg_roles WHERE rolname = $1",
     "database_exists": "SELECT true FROM pg_database WHERE datname = $1",
     "user_tables": """
@@ -267,6 +277,7 @@ async def _dump(dsn: str, path: Path) -> dict[str, Any]:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             figures = await _figures(conn)
+            figures["stream_horizon"] = await conn.fetchval(SQL["horizon"])
             figures["owner"] = await conn.fetchval(SQL["owner"])
             figures["server_version"] = await conn.fetchval("SHOW server_version")
             figures["pg_dump_version"] = dump_version
@@ -295,6 +306,7 @@ def backup(dsn: str, path: Path) -> dict[str, Any]:
         "owner": figures.pop("owner"),
         "server_version": figures.pop("server_version"),
         "pg_dump_version": figures.pop("pg_dump_version"),
+        "stream_horizon": figures.pop("stream_horizon"),
         "archive": {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)},
         "roles": {"file": roles_path.name, "sha256": sha256_of(roles_path)},
         **figures,
@@ -424,9 +436,15 @@ async def _restore(
     )
     conn = await _connect(target)
     try:
-        # Move the stream's positions above the restored ones now if this is another cluster
-        # (0009), rather than in the first business transaction.
-        await conn.execute(SQL["claim"])
+        # Move the stream's positions above the restored ones now (0009), rather than in the
+        # first business transaction, and on the same cluster too: the database the backup
+        # came from may still be issuing cursors there, and a client of it that resumed here
+        # would continue silently, holding events this database never had.
+        async with conn.transaction():
+            await conn.execute(SQL["forget_cluster"])
+            await conn.execute(SQL["claim"])
+            if manifest.get("stream_horizon") is not None:
+                await conn.execute(SQL["gap_from_horizon"], manifest["stream_horizon"])
         _progress("restore: comparing with the manifest")
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             found = await _figures(conn)

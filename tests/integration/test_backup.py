@@ -27,6 +27,7 @@ from keen_stream.backup import sha256_of
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
 from keen_stream.dal.tokens import hash_token
+from keen_stream.errors import CursorUnknown
 from keen_stream.migrate import upgrade_async
 from keen_stream.settings import Settings, with_database
 from tests.conftest import PASSWORD, make_settings
@@ -455,3 +456,50 @@ async def test_a_transaction_that_began_before_the_claim_writes_a_resumable_posi
     )
     await db.events.bounds(since=head)  # no CursorUnknown
     assert await db.events.replay(alice.id, head, head) == []
+
+
+async def test_a_restore_refuses_cursors_that_may_have_seen_what_the_backup_lacks(
+    db: KeenDatabase,
+    settings: Settings,
+    alice: User,
+    owner_conn: asyncpg.Connection,
+    fresh_dsn: str,
+    tmp_path: Path,
+    target: str,
+) -> None:
+    """Two ways an old cursor at or below the restored head can hide a loss, even on the
+    same cluster: a transaction running across the backup's snapshot commits afterwards with
+    a position below later events that are in the backup, and the old database keeps issuing
+    cursors after the backup. A client that saw either resumes as if nothing were missing,
+    holding state the restored database never had. Only cursors below the backup's horizon
+    (everything at or before them is in the archive) may resume."""
+    await _business(db, alice, "a")
+    safe = await db.events.head()  # issued before the backup: everything up to it is kept
+    running = await asyncpg.connect(fresh_dsn)
+    try:
+        async with running.transaction():
+            await running.execute(
+                "INSERT INTO stream_events (user_id, event_type, payload)"
+                " VALUES ($1, 'test.straddles', '{}')",
+                alice.id,
+            )
+            await step(db, alice, "a", 2)  # committed, in the backup, after the running one
+            path = tmp_path / "keen.dump"
+            assert await keen(settings, "backup", str(path)) == 0
+        # Committed after the snapshot: the old hub now hands out both, then later ones.
+    finally:
+        await running.close()
+    seen = await db.events.head()  # a client of the old database saw the straddling event
+    await step(db, alice, "a", 3)
+    late = await db.events.head()
+
+    assert await keen(settings, "restore", str(path), "--target", target) == 0
+    restored = await KeenDatabase.connect(settings=make_settings(target), migrate=False)
+    try:
+        await step(restored, alice, "a", 4)  # the restored database moves on
+        await restored.events.bounds(since=safe)
+        for cursor in (seen, late):
+            with pytest.raises(CursorUnknown):
+                await restored.events.bounds(since=cursor)
+    finally:
+        await restored.close()
