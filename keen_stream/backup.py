@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -33,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -80,6 +82,12 @@ SQL: Final = {
          GROUP BY a.id ORDER BY a.id""",
     "owner": "SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'users'",
     "claim": "SELECT keen_stream_claim()",
+    # The claim is a write, and only keen_system's (a dedicated BYPASSRLS backup role with
+    # pg_read_all_data may not call it); likewise the horizon.
+    "can_claim": """
+        SELECT NOT pg_is_in_recovery() AND NOT current_setting('transaction_read_only')::bool
+           AND has_function_privilege('public.keen_stream_claim()', 'EXECUTE')""",
+    "can_read_horizon": "SELECT has_function_privilege('public.keen_stream_horizon()', 'EXECUTE')",
     # The stream's horizon in the backup's snapshot: every event below it is in the archive;
     # one at or above it may have committed after the snapshot (docs/architecture.md).
     "horizon": "SELECT keen_stream_horizon()::text",
@@ -259,6 +267,16 @@ def _safe(dsn: str) -> str:
     return dsn.replace(f":{parts.password}@", ":***@", 1)
 
 
+@contextlib.contextmanager
+def _one_line(what: str) -> Iterator[None]:
+    """A database's refusal (a missing privilege, a read-only server) as a KeenError: one line
+    and exit 2, not a traceback."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        raise KeenError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 def _server_major(conn: asyncpg.Connection) -> int:
     return int(conn.get_server_version().major)
 
@@ -271,13 +289,21 @@ async def _dump(dsn: str, path: Path) -> dict[str, Any]:
         await _require_bypass(conn, "backup")
         pg_dump, dump_version = find_tool("pg_dump", _server_major(conn))
         # Record which cluster the stream's positions belong to before the snapshot (0009):
-        # a restore on another cluster then knows to move them.
-        await conn.execute(SQL["claim"])
+        # a restore on another cluster then knows to move them. Not on a hot standby (or a
+        # read-only database), where a backup is often taken, nor by a role that may not
+        # call it: the restore moves the positions whatever the backup says.
+        if await conn.fetchval(SQL["can_claim"]):
+            await conn.execute(SQL["claim"])
+        can_read_horizon = await conn.fetchval(SQL["can_read_horizon"])
         _progress("backup: reading row counts and ledger totals")
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             figures = await _figures(conn)
-            figures["stream_horizon"] = await conn.fetchval(SQL["horizon"])
+            # None without the right: the restore's skipped range then starts at the newest
+            # restored event, as after a plain pg_restore.
+            figures["stream_horizon"] = (
+                await conn.fetchval(SQL["horizon"]) if can_read_horizon else None
+            )
             figures["owner"] = await conn.fetchval(SQL["owner"])
             figures["server_version"] = await conn.fetchval("SHOW server_version")
             figures["pg_dump_version"] = dump_version
@@ -297,7 +323,8 @@ def backup(dsn: str, path: Path) -> dict[str, Any]:
     """Write the archive, the roles file and the manifest; returns the manifest."""
     roles_path, manifest_path = _paths(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figures = asyncio.run(_dump(dsn, path))
+    with _one_line("backup"):
+        figures = asyncio.run(_dump(dsn, path))
     roles_path.write_text(roles_sql(), encoding="utf-8")
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -416,7 +443,8 @@ def restore(path: Path, target: str, *, force: bool) -> list[str]:
     SQL read from the backup's directory would run with those rights for whoever can write
     there (the manifest's checksums can be rewritten by the same hand)."""
     manifest = load_verified(path)
-    return asyncio.run(_restore(path, manifest, roles_sql(), target, force=force))
+    with _one_line("restore"):
+        return asyncio.run(_restore(path, manifest, roles_sql(), target, force=force))
 
 
 async def _restore(

@@ -229,6 +229,42 @@ async def test_a_role_that_cannot_bypass_rls_is_told_so(
     assert not (tmp_path / "x.dump").exists()
 
 
+async def test_a_dedicated_bypassrls_backup_role_can_back_up(
+    db: KeenDatabase,
+    alice: User,
+    fresh_dsn: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The documented alternative to a superuser: a LOGIN BYPASSRLS role that can read every
+    table (pg_read_all_data). It is no member of keen_system, so the stream's functions are
+    not its to call: the backup goes on without the claim and the horizon (the restore moves
+    the positions anyway), and a failure would be one line, never a traceback."""
+    await _business(db, alice, "a")
+    role = f"keen_backup_{os.getpid()}_{next(_names)}"
+    admin = await asyncpg.connect(fresh_dsn)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER BYPASSRLS")
+        await admin.execute(f"GRANT pg_read_all_data TO {role}")
+        parts = urlsplit(fresh_dsn)
+        dsn = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+        path = tmp_path / "keen.dump"
+        rc = await keen(make_settings(dsn), "backup", str(path))
+        err = capsys.readouterr().err
+        # Without the right to read the tables: one line, exit 2.
+        await admin.execute(f"REVOKE pg_read_all_data FROM {role}")
+        rc_denied = await keen(make_settings(dsn), "backup", str(tmp_path / "denied.dump"))
+        err_denied = capsys.readouterr().err
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+    assert rc == 0, err
+    manifest = json.loads(path.with_name("keen.dump.manifest.json").read_text())
+    assert manifest["row_counts"]["users"] == 1 and manifest["stream_horizon"] is None
+    assert rc_denied == 2 and err_denied.count("\n") == 1 and "permission denied" in err_denied
+
+
 # --- the drill: another cluster --------------------------------------------------------------
 @pytest.fixture
 def ahead_pg() -> Iterator[OwnedPostgres]:
@@ -503,3 +539,23 @@ async def test_a_restore_refuses_cursors_that_may_have_seen_what_the_backup_lack
                 await restored.events.bounds(since=cursor)
     finally:
         await restored.close()
+
+
+async def test_a_backup_reads_a_database_that_takes_no_writes(
+    db: KeenDatabase,
+    settings: Settings,
+    alice: User,
+    owner_conn: asyncpg.Connection,
+    fresh_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """Backups are often taken from a hot standby, where nothing can be written (pg_dump and
+    snapshot export work there). The claim that names the cluster is a write: it is skipped
+    there, not the backup. A database set read-only stands in for the standby."""
+    await _business(db, alice, "a")
+    name = urlsplit(fresh_dsn).path.lstrip("/")
+    await owner_conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    try:
+        assert await keen(settings, "backup", str(tmp_path / "keen.dump")) == 0
+    finally:
+        await owner_conn.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')
