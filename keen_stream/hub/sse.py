@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, Final
 from urllib.parse import parse_qsl
+from weakref import WeakKeyDictionary
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -43,6 +45,7 @@ from keen_stream.errors import (
     TicketUsed,
 )
 from keen_stream.hub.connection import (
+    RateLimiter,
     Receive,
     Scope,
     Send,
@@ -90,7 +93,7 @@ class HttpError(Exception):
         headers = {"cache-control": "no-store"}
         if self.status == 401:
             headers["www-authenticate"] = "Bearer"
-        if self.status == 503:
+        if self.status in (429, 503):
             headers["retry-after"] = "1"
         return Response(
             error_frame(self.code, self.message),
@@ -376,6 +379,41 @@ class EventStream(StreamConnection):
         self.service.recorder.ping(self.connection_id, datetime.now(UTC))
 
 
+class TicketLimits:
+    """Per token, a token bucket on ``POST /events/tickets``: the frame rate of a WebSocket
+    (``hub_rate_limit`` a second, bursts of ``hub_rate_burst``). Each ticket is a row in the
+    shared database, kept an hour past its expiry; a loop must not fill the table. The
+    least recently used buckets are forgotten past ``size`` tokens (memory stays bounded; a
+    forgotten token starts with a full burst again)."""
+
+    def __init__(self, rate: float, burst: int, size: int = 10_000) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._size = size
+        self._buckets: OrderedDict[str, RateLimiter] = OrderedDict()
+
+    def allow(self, key: str) -> bool:
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = RateLimiter(self._rate, self._burst)
+            if len(self._buckets) >= self._size:
+                self._buckets.popitem(last=False)
+        self._buckets[key] = bucket
+        return bucket.allow()
+
+
+_TICKET_LIMITS: WeakKeyDictionary[HubService, TicketLimits] = WeakKeyDictionary()
+
+
+def _ticket_limits(service: HubService) -> TicketLimits:
+    limits = _TICKET_LIMITS.get(service)
+    if limits is None:
+        settings = service.settings
+        limits = TicketLimits(settings.hub_rate_limit, settings.hub_rate_burst)
+        _TICKET_LIMITS[service] = limits
+    return limits
+
+
 async def issue_ticket(request: Request) -> Response:
     """``POST /events/tickets`` with ``Authorization: Bearer <token>``: a ticket for one
     ``GET /events?ticket=...``. Only a header authenticates it: a cross-site form or image
@@ -390,6 +428,8 @@ async def issue_ticket(request: Request) -> Response:
             raise HttpError(401, "token_in_url", _URL_REFUSAL)
         if token is None:
             raise HttpError(401, "authentication_required", "send Authorization: Bearer <token>")
+        if not _ticket_limits(service).allow(hash_token(token)):
+            raise HttpError(429, "rate_limited", "too many tickets for this token; slow down")
         client = request.client
         try:
             await service.db.tokens.validate(

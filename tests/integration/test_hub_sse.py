@@ -198,6 +198,25 @@ async def test_the_cookie_is_secure_behind_a_proxy_that_terminates_tls(db, fresh
             assert "Secure" not in stream.response.headers["set-cookie"]  # plain HTTP, direct
 
 
+async def test_ticket_requests_are_rate_limited_per_token(db, fresh_dsn, alice, bob):
+    """Each ticket is a row in the shared database, kept an hour past its expiry: a token
+    that asks in a loop must be slowed down (429), like a WebSocket's frames, not fill the
+    table. Another token is not affected."""
+    async with (
+        running_hub(fresh_dsn, hub_rate_limit=0.5, hub_rate_burst=2) as hub,
+        http_client(hub) as client,
+    ):
+        token = await stream_token(db, alice.id)
+        headers = {"Authorization": f"Bearer {token}"}
+        codes = [(await client.post("/events/tickets", headers=headers)) for _ in range(3)]
+        assert [r.status_code for r in codes] == [201, 201, 429]
+        assert codes[2].json()["code"] == "rate_limited"
+        assert int(codes[2].headers["retry-after"]) >= 1
+        assert await ticket(client, await stream_token(db, bob.id))
+    rows = await db.system_call("SELECT count(*) AS n FROM stream_tickets")
+    assert rows[0]["n"] == 3
+
+
 async def test_an_expired_ticket_is_refused(db, fresh_dsn, alice):
     async with running_hub(fresh_dsn, hub_ticket_ttl=0.2) as hub, http_client(hub) as client:
         issued = await ticket(client, await stream_token(db, alice.id))
