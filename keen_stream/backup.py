@@ -11,16 +11,19 @@ A backup is three files (docs/operations.md):
   account (NUMERIC as strings), the sha256 of the other two files, the tools' and server's
   versions.
 
-``restore`` checks the checksums before touching the target, refuses a non-empty target unless
-``--force``, restores, then compares the target with the manifest and runs the ledger
-verification. Exit codes: 0 ok, 1 the restored database disagrees with the manifest or the
-ledger, 2 anything refused before or during the restore (a KeenError: one line).
+``restore`` checks the checksums before touching the target (they catch damage, not a hand
+that can rewrite the manifest too: docs/operations.md), refuses a non-empty target unless
+``--force``, restores (the roles from the installed package, never the backup's roles file),
+then compares the target with the manifest and runs the ledger verification. Exit codes: 0
+ok, 1 the restored database disagrees with the manifest or the ledger, 2 anything refused
+before or during the restore (a KeenError: one line).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -44,10 +48,21 @@ from keen_stream.schema import sql_text
 from keen_stream.settings import Settings, with_database
 
 MANIFEST_FORMAT: Final = 1
-#: Columns a data-access export leaves out: credentials, never data about the person.
+#: Columns a data-access export leaves out: credentials, never data about the person. Any
+#: column named ``*_hash`` or ``*_secret`` is left out too: a hash stored for a lookup (a
+#: token's, a stream ticket's) is as good as the secret to whoever can query by it, and a
+#: table added later with such a column must not leak through this list's omission.
 SECRET_COLUMNS: Final = frozenset(
-    {"password_hash", "token_hash", "mfa_secret", "recovery_codes", "email_verification_token"}
+    {
+        "password_hash",
+        "token_hash",
+        "secret_hash",
+        "mfa_secret",
+        "recovery_codes",
+        "email_verification_token",
+    }
 )
+_SECRET_SUFFIXES: Final = ("_hash", "_secret")
 _CHUNK: Final = 1 << 20
 
 SQL: Final = {
@@ -67,6 +82,22 @@ SQL: Final = {
          GROUP BY a.id ORDER BY a.id""",
     "owner": "SELECT tableowner FROM pg_tables WHERE schemaname = 'public' AND tablename = 'users'",
     "claim": "SELECT keen_stream_claim()",
+    # The claim is a write, and only keen_system's (a dedicated BYPASSRLS backup role with
+    # pg_read_all_data may not call it); likewise the horizon.
+    "can_claim": """
+        SELECT NOT pg_is_in_recovery() AND NOT current_setting('transaction_read_only')::bool
+           AND has_function_privilege('public.keen_stream_claim()', 'EXECUTE')""",
+    "can_read_horizon": "SELECT has_function_privilege('public.keen_stream_horizon()', 'EXECUTE')",
+    # The stream's horizon in the backup's snapshot: every event below it is in the archive;
+    # one at or above it may have committed after the snapshot (docs/architecture.md).
+    "horizon": "SELECT keen_stream_horizon()::text",
+    # A restore moves the positions on whatever cluster it runs (0 is no cluster's system
+    # identifier, so the claim moves them as for a new one), and the skipped range starts at
+    # the backup's horizon: a cursor at or above it may have seen an event the backup lacks.
+    "forget_cluster": "UPDATE stream_state SET system_identifier = 0, postmaster_start = NULL",
+    "gap_from_horizon": """
+        UPDATE stream_state SET gap_from = least(gap_from, ($1::text::numeric - 1)::text::xid8)
+         WHERE gap_from IS NOT NULL""",
     "role_exists": "SELECT true FROM pg_roles WHERE rolname = $1",
     "database_exists": "SELECT true FROM pg_database WHERE datname = $1",
     "user_tables": """
@@ -236,6 +267,16 @@ def _safe(dsn: str) -> str:
     return dsn.replace(f":{parts.password}@", ":***@", 1)
 
 
+@contextlib.contextmanager
+def _one_line(what: str) -> Iterator[None]:
+    """A database's refusal (a missing privilege, a read-only server) as a KeenError: one line
+    and exit 2, not a traceback."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        raise KeenError(f"{what}: {type(exc).__name__}: {exc}") from exc
+
+
 def _server_major(conn: asyncpg.Connection) -> int:
     return int(conn.get_server_version().major)
 
@@ -248,12 +289,21 @@ async def _dump(dsn: str, path: Path) -> dict[str, Any]:
         await _require_bypass(conn, "backup")
         pg_dump, dump_version = find_tool("pg_dump", _server_major(conn))
         # Record which cluster the stream's positions belong to before the snapshot (0009):
-        # a restore on another cluster then knows to move them.
-        await conn.execute(SQL["claim"])
+        # a restore on another cluster then knows to move them. Not on a hot standby (or a
+        # read-only database), where a backup is often taken, nor by a role that may not
+        # call it: the restore moves the positions whatever the backup says.
+        if await conn.fetchval(SQL["can_claim"]):
+            await conn.execute(SQL["claim"])
+        can_read_horizon = await conn.fetchval(SQL["can_read_horizon"])
         _progress("backup: reading row counts and ledger totals")
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             snapshot = await conn.fetchval("SELECT pg_export_snapshot()")
             figures = await _figures(conn)
+            # None without the right: the restore's skipped range then starts at the newest
+            # restored event, as after a plain pg_restore.
+            figures["stream_horizon"] = (
+                await conn.fetchval(SQL["horizon"]) if can_read_horizon else None
+            )
             figures["owner"] = await conn.fetchval(SQL["owner"])
             figures["server_version"] = await conn.fetchval("SHOW server_version")
             figures["pg_dump_version"] = dump_version
@@ -273,7 +323,8 @@ def backup(dsn: str, path: Path) -> dict[str, Any]:
     """Write the archive, the roles file and the manifest; returns the manifest."""
     roles_path, manifest_path = _paths(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figures = asyncio.run(_dump(dsn, path))
+    with _one_line("backup"):
+        figures = asyncio.run(_dump(dsn, path))
     roles_path.write_text(roles_sql(), encoding="utf-8")
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -282,6 +333,7 @@ def backup(dsn: str, path: Path) -> dict[str, Any]:
         "owner": figures.pop("owner"),
         "server_version": figures.pop("server_version"),
         "pg_dump_version": figures.pop("pg_dump_version"),
+        "stream_horizon": figures.pop("stream_horizon"),
         "archive": {"file": path.name, "bytes": path.stat().st_size, "sha256": sha256_of(path)},
         "roles": {"file": roles_path.name, "sha256": sha256_of(roles_path)},
         **figures,
@@ -307,19 +359,27 @@ def load_verified(path: Path) -> dict[str, Any]:
             raise KeenError(f"{file} is missing")
         if sha256_of(file) != entry["sha256"]:
             raise KeenError(
-                f"{file} does not match its manifest (sha256 differs: tampered or truncated);"
-                " nothing was restored"
+                f"{file} does not match its manifest (sha256 differs: damaged, truncated or"
+                " altered); nothing was restored"
             )
     return manifest
 
 
-async def _prepare_target(target: str, force: bool) -> None:
-    """Create the target database if missing; refuse it if it holds anything (unless force)."""
+async def _prepare_target(target: str, force: bool, owner: str) -> str:
+    """Create the target database if missing; refuse it if it holds anything (unless force).
+    Everything that can refuse the restore is checked before ``--force`` empties the target:
+    the backup's schema owner, a new enough pg_restore (returned), the target role's rights."""
     name = urlsplit(target).path.lstrip("/")
     if not name:
         raise KeenError("--target must name a database")
     admin = await _connect(with_database(target, "postgres"))
     try:
+        if not await admin.fetchval(SQL["role_exists"], owner):
+            raise KeenError(
+                f"role {owner} (the schema's owner in the backup) does not exist on the target:"
+                f" create it first (CREATE ROLE {owner} LOGIN ...)"
+            )
+        pg_restore, _version = find_tool("pg_restore", _server_major(admin))
         if not await admin.fetchval(SQL["database_exists"], name):
             _progress(f"restore: creating database {name}")
             await admin.execute(f'CREATE DATABASE "{name}"')
@@ -342,6 +402,7 @@ async def _prepare_target(target: str, force: bool) -> None:
             )
     finally:
         await conn.close()
+    return pg_restore
 
 
 def compare(manifest: dict[str, Any], found: dict[str, Any]) -> list[str]:
@@ -375,25 +436,23 @@ def compare(manifest: dict[str, Any], found: dict[str, Any]) -> list[str]:
 
 
 def restore(path: Path, target: str, *, force: bool) -> list[str]:
-    """Restore a verified backup into ``target``; returns how it disagrees with the manifest."""
+    """Restore a verified backup into ``target``; returns how it disagrees with the manifest.
+
+    The roles file's checksum is checked (a damaged backup is refused whole), but the roles
+    that run are the installed package's: restore runs as a superuser or BYPASSRLS role, and
+    SQL read from the backup's directory would run with those rights for whoever can write
+    there (the manifest's checksums can be rewritten by the same hand)."""
     manifest = load_verified(path)
-    roles = _paths(path)[0].read_text(encoding="utf-8")
-    return asyncio.run(_restore(path, manifest, roles, target, force=force))
+    with _one_line("restore"):
+        return asyncio.run(_restore(path, manifest, roles_sql(), target, force=force))
 
 
 async def _restore(
     path: Path, manifest: dict[str, Any], roles: str, target: str, *, force: bool
 ) -> list[str]:
-    await _prepare_target(target, force)
+    pg_restore = await _prepare_target(target, force, manifest["owner"])
     conn = await _connect(target)
     try:
-        pg_restore, _version = find_tool("pg_restore", _server_major(conn))
-        owner = manifest["owner"]
-        if not await conn.fetchval(SQL["role_exists"], owner):
-            raise KeenError(
-                f"role {owner} (the schema's owner in the backup) does not exist on the target:"
-                f" create it first (CREATE ROLE {owner} LOGIN ...)"
-            )
         _progress("restore: roles and database grants")
         await conn.execute(roles)
     finally:
@@ -405,9 +464,15 @@ async def _restore(
     )
     conn = await _connect(target)
     try:
-        # Move the stream's positions above the restored ones now if this is another cluster
-        # (0009), rather than in the first business transaction.
-        await conn.execute(SQL["claim"])
+        # Move the stream's positions above the restored ones now (0009), rather than in the
+        # first business transaction, and on the same cluster too: the database the backup
+        # came from may still be issuing cursors there, and a client of it that resumed here
+        # would continue silently, holding events this database never had.
+        async with conn.transaction():
+            await conn.execute(SQL["forget_cluster"])
+            await conn.execute(SQL["claim"])
+            if manifest.get("stream_horizon") is not None:
+                await conn.execute(SQL["gap_from_horizon"], manifest["stream_horizon"])
         _progress("restore: comparing with the manifest")
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             found = await _figures(conn)
@@ -447,8 +512,12 @@ def _plain(value: Any) -> Any:
     return str(value)  # inet, intervals and other server types: their text form
 
 
+def is_secret_column(name: str) -> bool:
+    return name in SECRET_COLUMNS or name.endswith(_SECRET_SUFFIXES)
+
+
 def _row(record: asyncpg.Record) -> dict[str, Any]:
-    return {k: _plain(v) for k, v in record.items() if k not in SECRET_COLUMNS}
+    return {k: _plain(v) for k, v in record.items() if not is_secret_column(k)}
 
 
 async def export_user(settings: Settings, user_id: str) -> dict[str, Any]:

@@ -41,8 +41,15 @@ SQL: Final = {
     "redeem": "SELECT * FROM keen_stream_ticket_redeem($1, $2, $3)",
     "authenticate": "SELECT * FROM keen_stream_credential_authenticate($1, $2)",
     # Past their expiry tickets and credentials are useless; an hour's grace keeps "used" and
-    # "expired" told apart for a while.
-    "prune": "DELETE FROM stream_tickets WHERE expires_at < now() - interval '1 hour'",
+    # "expired" told apart for a while. A spent ticket stays while a credential minted from it
+    # lives: deleting it would cascade to the credential (12 h against the ticket's seconds),
+    # and EventSource's reconnects name it in their URL.
+    "prune": """
+        DELETE FROM stream_tickets t
+         WHERE t.expires_at < now() - interval '1 hour'
+           AND NOT EXISTS (SELECT 1 FROM stream_tickets c
+                            WHERE c.ticket_id = t.id
+                              AND c.expires_at >= now() - interval '1 hour')""",
 }
 
 _TICKET_ERRORS: Final[dict[str, type[TicketRejected]]] = {

@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from datetime import UTC, datetime, timedelta
 from http.cookies import CookieError, SimpleCookie
 from typing import Any, Final
 from urllib.parse import parse_qsl
+from weakref import WeakKeyDictionary
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -39,8 +41,11 @@ from keen_stream.errors import (
     CursorExpired,
     KeenError,
     StreamCredentialRejected,
+    TicketExpired,
+    TicketUsed,
 )
 from keen_stream.hub.connection import (
+    RateLimiter,
     Receive,
     Scope,
     Send,
@@ -88,7 +93,7 @@ class HttpError(Exception):
         headers = {"cache-control": "no-store"}
         if self.status == 401:
             headers["www-authenticate"] = "Bearer"
-        if self.status == 503:
+        if self.status in (429, 503):
             headers["retry-after"] = "1"
         return Response(
             error_frame(self.code, self.message),
@@ -251,13 +256,20 @@ class EventStream(StreamConnection):
             return StreamGrant(info, hash_token(token), None, expires)
         credential = _cookie(self.headers, COOKIE)
         if ticket is not None:
-            if credential is not None:
+            # The ticket first, even with a cookie: a ticket in a URL (which proxies may log)
+            # must be spent by the request that carries it, never left redeemable. Only a
+            # ticket nobody can use any more (EventSource's reconnect names the spent one)
+            # falls back to the cookie its redemption left.
+            ttl = timedelta(seconds=self.settings.hub_stream_credential_ttl)
+            try:
+                return await db.tickets.redeem(ticket, ttl)
+            except (TicketUsed, TicketExpired) as spent:
+                if credential is None:
+                    raise
                 try:
                     return await db.tickets.authenticate(credential, ticket)
                 except StreamCredentialRejected:
-                    pass  # a cookie of another token or an old one: the ticket decides
-            ttl = timedelta(seconds=self.settings.hub_stream_credential_ttl)
-            return await db.tickets.redeem(ticket, ttl)
+                    raise spent from None  # a cookie of another token or an old one
         if credential is not None:
             return await db.tickets.authenticate(credential)
         raise HttpError(
@@ -277,13 +289,27 @@ class EventStream(StreamConnection):
         ]
         if grant.credential is not None:
             seconds = (grant.credential_expires_at - datetime.now(UTC)).total_seconds()
-            secure = "; Secure" if self.scope.get("scheme") == "https" else ""
+            secure = "; Secure" if self._over_tls() else ""
             value = (
                 f"{COOKIE}={grant.credential.get_secret_value()}; Path={COOKIE_PATH}; "
                 f"Max-Age={max(0, int(seconds))}; HttpOnly; SameSite=Strict{secure}"
             )
             headers.append((b"set-cookie", value.encode("latin-1")))
         return headers
+
+    def _over_tls(self) -> bool:
+        """Whether the browser reached us over HTTPS: directly, or through a proxy that ended
+        TLS and says so (X-Forwarded-Proto, Forwarded). Trusting the header without knowing the
+        proxy is safe here: it can only add ``Secure`` to the cookie, never take it away."""
+        if self.scope.get("scheme") == "https":
+            return True
+        forwarded_proto = self.headers.get("x-forwarded-proto", "").split(",")[0]
+        if forwarded_proto.strip().lower() == "https":
+            return True
+        first = self.headers.get("forwarded", "").split(",")[0]
+        return any(
+            part.strip().lower().replace('"', "") == "proto=https" for part in first.split(";")
+        )
 
     async def _stream(
         self, grant: StreamGrant, ref: Any, subscription: Subscription, since: Cursor | None
@@ -353,6 +379,41 @@ class EventStream(StreamConnection):
         self.service.recorder.ping(self.connection_id, datetime.now(UTC))
 
 
+class TicketLimits:
+    """Per token, a token bucket on ``POST /events/tickets``: the frame rate of a WebSocket
+    (``hub_rate_limit`` a second, bursts of ``hub_rate_burst``). Each ticket is a row in the
+    shared database, kept an hour past its expiry; a loop must not fill the table. The
+    least recently used buckets are forgotten past ``size`` tokens (memory stays bounded; a
+    forgotten token starts with a full burst again)."""
+
+    def __init__(self, rate: float, burst: int, size: int = 10_000) -> None:
+        self._rate = rate
+        self._burst = burst
+        self._size = size
+        self._buckets: OrderedDict[str, RateLimiter] = OrderedDict()
+
+    def allow(self, key: str) -> bool:
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = RateLimiter(self._rate, self._burst)
+            if len(self._buckets) >= self._size:
+                self._buckets.popitem(last=False)
+        self._buckets[key] = bucket
+        return bucket.allow()
+
+
+_TICKET_LIMITS: WeakKeyDictionary[HubService, TicketLimits] = WeakKeyDictionary()
+
+
+def _ticket_limits(service: HubService) -> TicketLimits:
+    limits = _TICKET_LIMITS.get(service)
+    if limits is None:
+        settings = service.settings
+        limits = TicketLimits(settings.hub_rate_limit, settings.hub_rate_burst)
+        _TICKET_LIMITS[service] = limits
+    return limits
+
+
 async def issue_ticket(request: Request) -> Response:
     """``POST /events/tickets`` with ``Authorization: Bearer <token>``: a ticket for one
     ``GET /events?ticket=...``. Only a header authenticates it: a cross-site form or image
@@ -367,6 +428,8 @@ async def issue_ticket(request: Request) -> Response:
             raise HttpError(401, "token_in_url", _URL_REFUSAL)
         if token is None:
             raise HttpError(401, "authentication_required", "send Authorization: Bearer <token>")
+        if not _ticket_limits(service).allow(hash_token(token)):
+            raise HttpError(429, "rate_limited", "too many tickets for this token; slow down")
         client = request.client
         try:
             await service.db.tokens.validate(

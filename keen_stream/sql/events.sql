@@ -92,7 +92,12 @@ BEGIN
     IF state.system_identifier IS DISTINCT FROM here AND (state.system_identifier IS NOT NULL
             OR top::text::numeric >= pg_current_xact_id()::text::numeric) THEN
         base := top::text::numeric + 4294967296;
-        state.xid_offset := greatest(base - pg_current_xact_id()::text::numeric, 0);
+        -- Relative to the oldest transaction still running, not to this one: a writer may
+        -- hold an xid from before this claim and write its event after it. Every running
+        -- and later transaction has an xid >= the snapshot's xmin, so every new position
+        -- is >= base, outside the skipped range (a cursor there is refused as never issued).
+        state.xid_offset := greatest(
+            base - pg_snapshot_xmin(pg_current_snapshot())::text::numeric, 0);
         state.gap_from := top;
         state.gap_to := base::text::xid8;
         state.moved_at := now();

@@ -23,8 +23,11 @@ import asyncpg
 import pytest
 
 from keen_stream import cli
+from keen_stream.backup import sha256_of
 from keen_stream.dal.database import KeenDatabase
 from keen_stream.dal.models import User
+from keen_stream.dal.tokens import hash_token
+from keen_stream.errors import CursorUnknown
 from keen_stream.migrate import upgrade_async
 from keen_stream.settings import Settings, with_database
 from tests.conftest import PASSWORD, make_settings
@@ -147,6 +150,51 @@ async def test_a_damaged_archive_is_refused_before_the_target_is_touched(
     assert not await _exists(pg_admin_dsn, target)
 
 
+async def test_restore_runs_the_packaged_roles_not_an_edited_roles_file(
+    backed_up: Path,
+    settings: Settings,
+    target: str,
+    pg_admin_dsn: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The checksums sit in the manifest beside the files: whoever can edit the roles file can
+    fix its checksum too. Restore runs as a superuser or BYPASSRLS role, so it must not execute
+    SQL read from the backup's directory; the roles are the installed package's."""
+    role = f"keen_edited_{os.getpid()}"
+    roles_path = backed_up.with_name("keen.dump.roles.sql")
+    roles_path.write_text(roles_path.read_text() + f"\nCREATE ROLE {role};\n")
+    manifest_path = backed_up.with_name("keen.dump.manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["roles"]["sha256"] = sha256_of(roles_path)
+    manifest_path.write_text(json.dumps(manifest))
+    conn = await asyncpg.connect(pg_admin_dsn)
+    try:
+        assert await keen(settings, "restore", str(backed_up), "--target", target) == 0
+        assert not await conn.fetchval("SELECT true FROM pg_roles WHERE rolname = $1", role)
+    finally:
+        await conn.execute(f"DROP ROLE IF EXISTS {role}")
+        await conn.close()
+
+
+async def test_a_forced_restore_that_is_refused_leaves_the_target_as_it_was(
+    backed_up: Path, settings: Settings, target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--force replaces the target's contents only once nothing stands in the way: a refusal
+    (here, the backup's schema owner missing on the target) must not leave it emptied."""
+    assert await keen(settings, "restore", str(backed_up), "--target", target) == 0
+    manifest_path = backed_up.with_name("keen.dump.manifest.json")
+    manifest = json.loads(manifest_path.read_text())
+    manifest["owner"] = "keen_no_such_owner"
+    manifest_path.write_text(json.dumps(manifest))
+    assert await keen(settings, "restore", str(backed_up), "--target", target, "--force") == 2
+    assert "keen_no_such_owner" in capsys.readouterr().err
+    conn = await asyncpg.connect(target)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM users") == 2
+    finally:
+        await conn.close()
+
+
 async def test_a_restore_that_disagrees_with_the_manifest_fails(
     backed_up: Path, settings: Settings, target: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -179,6 +227,42 @@ async def test_a_role_that_cannot_bypass_rls_is_told_so(
     assert rc == 2
     assert err.count("\n") == 1 and "cannot read through row-level security" in err
     assert not (tmp_path / "x.dump").exists()
+
+
+async def test_a_dedicated_bypassrls_backup_role_can_back_up(
+    db: KeenDatabase,
+    alice: User,
+    fresh_dsn: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The documented alternative to a superuser: a LOGIN BYPASSRLS role that can read every
+    table (pg_read_all_data). It is no member of keen_system, so the stream's functions are
+    not its to call: the backup goes on without the claim and the horizon (the restore moves
+    the positions anyway), and a failure would be one line, never a traceback."""
+    await _business(db, alice, "a")
+    role = f"keen_backup_{os.getpid()}_{next(_names)}"
+    admin = await asyncpg.connect(fresh_dsn)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN NOSUPERUSER BYPASSRLS")
+        await admin.execute(f"GRANT pg_read_all_data TO {role}")
+        parts = urlsplit(fresh_dsn)
+        dsn = urlunsplit(parts._replace(netloc=f"{role}@{parts.netloc.rpartition('@')[2]}"))
+        path = tmp_path / "keen.dump"
+        rc = await keen(make_settings(dsn), "backup", str(path))
+        err = capsys.readouterr().err
+        # Without the right to read the tables: one line, exit 2.
+        await admin.execute(f"REVOKE pg_read_all_data FROM {role}")
+        rc_denied = await keen(make_settings(dsn), "backup", str(tmp_path / "denied.dump"))
+        err_denied = capsys.readouterr().err
+    finally:
+        await admin.execute(f"DROP OWNED BY {role}")
+        await admin.execute(f"DROP ROLE {role}")
+        await admin.close()
+    assert rc == 0, err
+    manifest = json.loads(path.with_name("keen.dump.manifest.json").read_text())
+    assert manifest["row_counts"]["users"] == 1 and manifest["stream_horizon"] is None
+    assert rc_denied == 2 and err_denied.count("\n") == 1 and "permission denied" in err_denied
 
 
 # --- the drill: another cluster --------------------------------------------------------------
@@ -355,3 +439,123 @@ async def test_export_user_of_an_unknown_user_is_a_clear_error(
     assert await keen(settings, "export-user", str(uuid.uuid4())) == 3  # NotFound
     assert "no user" in capsys.readouterr().err
     assert await keen(settings, "export-user", "not-a-uuid") == 2
+
+
+async def test_export_user_leaves_out_stream_ticket_and_credential_hashes(
+    db: KeenDatabase, settings: Settings, alice: User, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A data-access export holds the user's rows, never a secret's hash: a ticket's or a
+    stream credential's hash is as good as the secret for a lookup by hash."""
+    token = await stream_token(db, alice.id)
+    issued = await db.tickets.issue(token, timedelta(seconds=30))
+    await db.tickets.redeem(issued.ticket.get_secret_value(), timedelta(hours=1))
+    assert await keen(settings, "export-user", str(alice.id)) == 0
+    data: dict[str, Any] = json.loads(capsys.readouterr().out)
+    rows = data["tables"]["stream_tickets"]
+    assert {r["kind"] for r in rows} == {"ticket", "credential"}
+    for row in rows:
+        assert "secret_hash" not in row
+    assert hash_token(issued.ticket.get_secret_value()) not in json.dumps(data)
+
+
+# --- the claim on a new cluster ------------------------------------------------------------
+async def test_a_transaction_that_began_before_the_claim_writes_a_resumable_position(
+    db: KeenDatabase, owner_conn: asyncpg.Connection, fresh_dsn: str, alice: User
+) -> None:
+    """On a new cluster the claim races writers: a transaction can hold its xid from before the
+    claim and write its event after it. Its position is xid + the new offset; it must not fall
+    inside the skipped range, or the cursor the hub hands out for it is refused on resume as
+    "not issued by this database" (since_unknown) although this database issued it."""
+    await _business(db, alice, "a")
+    # As after a pg_restore on another cluster: the state names a cluster that is not this one.
+    await owner_conn.execute(
+        "UPDATE stream_state SET system_identifier = 42, postmaster_start = NULL"
+    )
+    early = await asyncpg.connect(fresh_dsn)
+    try:
+        async with early.transaction():
+            await early.fetchval("SELECT pg_current_xact_id()")  # its xid, before the claim
+            await owner_conn.execute("SELECT keen_stream_claim()")  # say, the hub's listener
+            await early.execute(
+                "INSERT INTO stream_events (user_id, event_type, payload)"
+                " VALUES ($1, 'test.early', '{}')",
+                alice.id,
+            )
+    finally:
+        await early.close()
+    head = await db.events.head()
+    assert (
+        await owner_conn.fetchval(
+            "SELECT event_type FROM stream_events ORDER BY xid DESC, id DESC LIMIT 1"
+        )
+        == "test.early"
+    )
+    await db.events.bounds(since=head)  # no CursorUnknown
+    assert await db.events.replay(alice.id, head, head) == []
+
+
+async def test_a_restore_refuses_cursors_that_may_have_seen_what_the_backup_lacks(
+    db: KeenDatabase,
+    settings: Settings,
+    alice: User,
+    owner_conn: asyncpg.Connection,
+    fresh_dsn: str,
+    tmp_path: Path,
+    target: str,
+) -> None:
+    """Two ways an old cursor at or below the restored head can hide a loss, even on the
+    same cluster: a transaction running across the backup's snapshot commits afterwards with
+    a position below later events that are in the backup, and the old database keeps issuing
+    cursors after the backup. A client that saw either resumes as if nothing were missing,
+    holding state the restored database never had. Only cursors below the backup's horizon
+    (everything at or before them is in the archive) may resume."""
+    await _business(db, alice, "a")
+    safe = await db.events.head()  # issued before the backup: everything up to it is kept
+    running = await asyncpg.connect(fresh_dsn)
+    try:
+        async with running.transaction():
+            await running.execute(
+                "INSERT INTO stream_events (user_id, event_type, payload)"
+                " VALUES ($1, 'test.straddles', '{}')",
+                alice.id,
+            )
+            await step(db, alice, "a", 2)  # committed, in the backup, after the running one
+            path = tmp_path / "keen.dump"
+            assert await keen(settings, "backup", str(path)) == 0
+        # Committed after the snapshot: the old hub now hands out both, then later ones.
+    finally:
+        await running.close()
+    seen = await db.events.head()  # a client of the old database saw the straddling event
+    await step(db, alice, "a", 3)
+    late = await db.events.head()
+
+    assert await keen(settings, "restore", str(path), "--target", target) == 0
+    restored = await KeenDatabase.connect(settings=make_settings(target), migrate=False)
+    try:
+        await step(restored, alice, "a", 4)  # the restored database moves on
+        await restored.events.bounds(since=safe)
+        for cursor in (seen, late):
+            with pytest.raises(CursorUnknown):
+                await restored.events.bounds(since=cursor)
+    finally:
+        await restored.close()
+
+
+async def test_a_backup_reads_a_database_that_takes_no_writes(
+    db: KeenDatabase,
+    settings: Settings,
+    alice: User,
+    owner_conn: asyncpg.Connection,
+    fresh_dsn: str,
+    tmp_path: Path,
+) -> None:
+    """Backups are often taken from a hot standby, where nothing can be written (pg_dump and
+    snapshot export work there). The claim that names the cluster is a write: it is skipped
+    there, not the backup. A database set read-only stands in for the standby."""
+    await _business(db, alice, "a")
+    name = urlsplit(fresh_dsn).path.lstrip("/")
+    await owner_conn.execute(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+    try:
+        assert await keen(settings, "backup", str(tmp_path / "keen.dump")) == 0
+    finally:
+        await owner_conn.execute(f'ALTER DATABASE "{name}" RESET default_transaction_read_only')

@@ -165,6 +165,58 @@ async def test_a_ticket_opens_one_stream_and_its_cookie_lets_the_browser_reconne
     assert first not in logged and token not in logged and "ks_sse_" not in logged
 
 
+async def test_a_ticket_used_with_a_cookie_is_spent_all_the_same(db, fresh_dsn, alice):
+    """A page that already holds the stream cookie opens a new EventSource with a new ticket:
+    the ticket in that URL (which a proxy may log) must be spent by the request, not left
+    redeemable by whoever reads the URL for the rest of its lifetime."""
+    async with running_hub(fresh_dsn) as hub, http_client(hub) as client:
+        token = await stream_token(db, alice.id)
+        async with open_stream(client, params={"ticket": await ticket(client, token)}) as stream:
+            await stream.expect("subscribed")
+        assert client.cookies.get("keen_stream_sse")
+        second = await ticket(client, token)
+        async with open_stream(client, params={"ticket": second}) as stream:
+            await stream.expect("subscribed")
+        client.cookies.clear()  # someone else, with the URL only
+        # A stream request: if the ticket still worked, its body would never end.
+        async with client.stream("GET", "/events", params={"ticket": second}) as response:
+            assert response.status_code == 401
+            assert (await response.aread()).decode().count("ticket_used") == 1
+
+
+async def test_the_cookie_is_secure_behind_a_proxy_that_terminates_tls(db, fresh_dsn, alice):
+    """Behind a TLS-terminating proxy the hub sees plain HTTP (serve runs uvicorn without
+    proxy headers): the proxy's X-Forwarded-Proto / Forwarded must still make the cookie
+    Secure, or a browser sends it over any plain-HTTP request to that host."""
+    async with running_hub(fresh_dsn) as hub, http_client(hub) as client:
+        token = await stream_token(db, alice.id)
+        for header in ({"X-Forwarded-Proto": "https"}, {"Forwarded": "for=1.2.3.4;proto=https"}):
+            params = {"ticket": await ticket(client, token)}
+            async with open_stream(client, params=params, headers=header) as stream:
+                assert "; Secure" in stream.response.headers["set-cookie"], header
+        async with open_stream(client, params={"ticket": await ticket(client, token)}) as stream:
+            assert "Secure" not in stream.response.headers["set-cookie"]  # plain HTTP, direct
+
+
+async def test_ticket_requests_are_rate_limited_per_token(db, fresh_dsn, alice, bob):
+    """Each ticket is a row in the shared database, kept an hour past its expiry: a token
+    that asks in a loop must be slowed down (429), like a WebSocket's frames, not fill the
+    table. Another token is not affected."""
+    async with (
+        running_hub(fresh_dsn, hub_rate_limit=0.5, hub_rate_burst=2) as hub,
+        http_client(hub) as client,
+    ):
+        token = await stream_token(db, alice.id)
+        headers = {"Authorization": f"Bearer {token}"}
+        codes = [(await client.post("/events/tickets", headers=headers)) for _ in range(3)]
+        assert [r.status_code for r in codes] == [201, 201, 429]
+        assert codes[2].json()["code"] == "rate_limited"
+        assert int(codes[2].headers["retry-after"]) >= 1
+        assert await ticket(client, await stream_token(db, bob.id))
+    rows = await db.system_call("SELECT count(*) AS n FROM stream_tickets")
+    assert rows[0]["n"] == 3
+
+
 async def test_an_expired_ticket_is_refused(db, fresh_dsn, alice):
     async with running_hub(fresh_dsn, hub_ticket_ttl=0.2) as hub, http_client(hub) as client:
         issued = await ticket(client, await stream_token(db, alice.id))
@@ -405,6 +457,24 @@ async def test_expired_tickets_and_credentials_are_pruned(db, owner_conn, alice)
     # Pruned means gone: the credential no longer authenticates.
     with pytest.raises(StreamCredentialRejected):
         await db.tickets.authenticate(grant.credential.get_secret_value())
+
+
+async def test_pruning_a_spent_ticket_keeps_the_credential_it_minted(db, owner_conn, alice):
+    """The credential lives KEEN_HUB_STREAM_CREDENTIAL_TTL (12 h), its ticket 30 s: pruning
+    the ticket an hour later must not take the credential with it (ON DELETE CASCADE), nor
+    stop EventSource's reconnects, which still carry the spent ticket in their URL."""
+    token = await stream_token(db, alice.id)
+    spent = (await db.tickets.issue(token, timedelta(seconds=30))).ticket.get_secret_value()
+    grant = await db.tickets.redeem(spent, timedelta(hours=12))
+    assert grant.credential is not None
+    # Two hours on: the ticket is long expired, the credential has ten hours left.
+    await owner_conn.execute(
+        "UPDATE stream_tickets SET expires_at = now() - interval '2 hours' WHERE kind = 'ticket'"
+    )
+    await db.tickets.prune()
+    credential = grant.credential.get_secret_value()
+    assert (await db.tickets.authenticate(credential)).info.user_id == alice.id
+    assert (await db.tickets.authenticate(credential, spent)).info.user_id == alice.id
 
 
 async def test_a_reader_that_takes_nothing_for_a_ping_interval_is_closed_under_the_limit(

@@ -118,3 +118,29 @@ async def test_roles_are_safe_after_migration(empty_dsn: str) -> None:
         assert public_definers == []
     finally:
         await conn.close()
+
+
+async def test_a_downgrade_below_0009_refuses_moved_stream_positions(empty_dsn: str) -> None:
+    """After a restore on another cluster the positions carry an offset; 0009's downgrade puts
+    the column's default back to plain transaction ids, far below them, and the stream would
+    deliver nothing new, silently. The downgrade refuses instead, and changes nothing."""
+    await migrate.upgrade_async(empty_dsn)
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await conn.execute("UPDATE stream_state SET xid_offset = 4294967296")
+        try:
+            await asyncio.to_thread(migrate.downgrade, empty_dsn, "0008_session_handle")
+        except Exception as exc:  # alembic passes the database's error through
+            assert "stream positions" in str(exc)
+        else:
+            raise AssertionError("the downgrade went through")
+        # Each migration commits on its own: the later ones went down, 0009 stayed whole.
+        assert await conn.fetchval("SELECT version_num FROM alembic_version") == (
+            "0009_stream_epoch"
+        )
+        assert await conn.fetchval(
+            "SELECT column_default FROM information_schema.columns"
+            " WHERE table_name = 'stream_events' AND column_name = 'xid'"
+        ) == ("keen_stream_next_position()")
+    finally:
+        await conn.close()

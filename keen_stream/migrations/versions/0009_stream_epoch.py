@@ -92,7 +92,12 @@ CLAIM = """
         IF state.system_identifier IS DISTINCT FROM here AND (state.system_identifier IS NOT NULL
                 OR top::text::numeric >= pg_current_xact_id()::text::numeric) THEN
             base := top::text::numeric + 4294967296;
-            state.xid_offset := greatest(base - pg_current_xact_id()::text::numeric, 0);
+            -- Relative to the oldest transaction still running, not to this one: a writer may
+            -- hold an xid from before this claim and write its event after it. Every running
+            -- and later transaction has an xid >= the snapshot's xmin, so every new position
+            -- is >= base, outside the skipped range (a cursor there is refused as never issued).
+            state.xid_offset := greatest(
+                base - pg_snapshot_xmin(pg_current_snapshot())::text::numeric, 0);
             state.gap_from := top;
             state.gap_to := base::text::xid8;
             state.moved_at := now();
@@ -232,7 +237,21 @@ POSITION_DOWN = """
     END $$
     """
 
+# Moved positions (a restore on another cluster) sit far above the plain transaction ids the
+# old default writes: the stream would deliver nothing new, silently. Refuse instead.
+REFUSE_MOVED = """
+    DO $$
+    BEGIN
+        IF EXISTS (SELECT 1 FROM stream_state WHERE xid_offset <> 0) THEN
+            RAISE EXCEPTION 'stream positions were moved (stream_state.xid_offset <> 0, a '
+                'restore on another cluster): below 0009 new events would sort before them '
+                'and never be delivered; downgrade refused';
+        END IF;
+    END $$
+    """
+
 DOWNGRADE = [
+    REFUSE_MOVED,
     POSITION_DOWN,
     HORIZON_DOWN,
     "ALTER TABLE stream_events ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
@@ -250,8 +269,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    # Positions written with a non-zero offset stay as they are: above every xid this cluster
-    # will issue for a long time, so the stream would wait for them; a downgrade after a
-    # restore on another cluster is not supported.
+    # Positions written with a non-zero offset would stay above every xid this cluster will
+    # issue for a long time: a downgrade after a restore on another cluster is refused.
     for statement in DOWNGRADE:
         op.execute(statement)
