@@ -43,9 +43,10 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from keen_stream.clikit import print_json
 from keen_stream.errors import KeenError, NotFound
 from keen_stream.schema import sql_text
-from keen_stream.settings import Settings, with_database
+from keen_stream.settings import Settings, redact_dsn, with_database
 
 MANIFEST_FORMAT: Final = 1
 #: Columns a data-access export leaves out: credentials, never data about the person. Any
@@ -256,15 +257,7 @@ async def _connect(dsn: str) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(dsn, timeout=30)
     except (OSError, asyncpg.PostgresError) as exc:
-        raise KeenError(f"cannot connect to {_safe(dsn)}: {exc}") from exc
-
-
-def _safe(dsn: str) -> str:
-    """The DSN without its password."""
-    parts = urlsplit(dsn)
-    if parts.password is None:
-        return dsn
-    return dsn.replace(f":{parts.password}@", ":***@", 1)
+        raise KeenError(f"cannot connect to {redact_dsn(dsn)}: {exc}") from exc
 
 
 @contextlib.contextmanager
@@ -579,14 +572,12 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     if problems or not ok:
         print("restore: FAILED verification")
         return 1
-    print(f"restore: {args.path} restored into {_safe(args.target)} and verified")
+    print(f"restore: {args.path} restored into {redact_dsn(args.target)} and verified")
     return 0
 
 
 def cmd_export_user(args: argparse.Namespace, settings: Settings) -> int:
-    data = asyncio.run(export_user(settings, args.user_id))
-    json.dump(data, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    print_json(asyncio.run(export_user(settings, args.user_id)))
     return 0
 
 
