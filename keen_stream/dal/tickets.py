@@ -17,9 +17,8 @@ import asyncpg
 from pydantic import SecretStr
 
 from keen_stream.dal.models.users import TokenInfo
-from keen_stream.dal.tokens import STATUS_ERRORS, hash_token, token_info
+from keen_stream.dal.tokens import check_status, hash_token, token_info
 from keen_stream.errors import (
-    InvalidToken,
     StreamCredentialRejected,
     TicketExpired,
     TicketRejected,
@@ -98,8 +97,7 @@ class TicketDAO:
         ticket = TICKET_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         async with self._db.anonymous_transaction() as conn:
             row = await conn.fetchrow(SQL["issue"], hash_token(token), hash_token(ticket), ttl)
-        if row["status"] != "ok":
-            raise STATUS_ERRORS.get(row["status"], InvalidToken)()
+        check_status(row["status"])
         return IssuedTicket(SecretStr(ticket), row["expires_at"])
 
     async def redeem(self, ticket: str, credential_ttl: timedelta) -> StreamGrant:

@@ -70,7 +70,7 @@ SQL: Final = {
         ORDER BY created_at DESC, id""",
 }
 
-STATUS_ERRORS: Final = {
+_STATUS_ERRORS: Final = {
     "unknown": InvalidToken,
     "revoked": TokenRevoked,
     "expired": TokenExpired,
@@ -209,9 +209,7 @@ class TokenDAO:
 def token_info(row: asyncpg.Record) -> TokenInfo:
     """What a row of keen_token_authenticate (or a function answering like it) proves, or the
     error its status means."""
-    status = row["status"]
-    if status != "ok":
-        raise STATUS_ERRORS.get(status, InvalidToken)()
+    check_status(row["status"])
     return TokenInfo(
         token_id=row["token_id"],
         user_id=row["user_id"],
@@ -221,6 +219,12 @@ def token_info(row: asyncpg.Record) -> TokenInfo:
         is_admin=row["is_admin"],
         bypass_limits=row["bypass_limits"],
     )
+
+
+def check_status(status: str) -> None:
+    """The error a keen_token_authenticate-style ``status`` means; nothing for ``ok``."""
+    if status != "ok":
+        raise _STATUS_ERRORS.get(status, InvalidToken)()
 
 
 def require_scopes(granted: Iterable[str], required: Iterable[str]) -> None:
