@@ -20,7 +20,7 @@ from keen_stream.dal.models.users import (
     UserProfileFields,
     UserProfileUpdate,
 )
-from keen_stream.dal.validation import build, parse_ip, parse_uuid
+from keen_stream.dal.validation import build, parse_count, parse_ip, parse_uuid
 from keen_stream.errors import (
     AccountInactive,
     InsufficientPrivileges,
@@ -239,8 +239,7 @@ class UserDAO:
         first; ``status`` keeps only accounts in that state."""
         if status is not None and status not in _STATUSES:
             raise InvalidInput(f"unknown account status {status!r}", field="status")
-        if not isinstance(limit, int) or isinstance(limit, bool) or not 0 < limit <= MAX_LIST:
-            raise InvalidInput(f"limit must be an integer from 1 to {MAX_LIST}", field="limit")
+        limit = parse_count(limit, "limit", MAX_LIST, minimum=1)
         async with self._db.user_transaction(actor_id) as conn:
             rows = await conn.fetch(SQL["list"], status, limit)
         return [user_from_row(r) for r in rows]
