@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from keen_stream.clikit import print_json
+from keen_stream.clikit import database_dsn, print_json
 from keen_stream.errors import KeenError, NotFound
 from keen_stream.schema import sql_text
 from keen_stream.settings import Settings, redact_dsn, with_database
@@ -545,14 +545,8 @@ async def export_user(settings: Settings, user_id: str) -> dict[str, Any]:
 
 # --- commands --------------------------------------------------------------------------------
 def cmd_backup(args: argparse.Namespace, settings: Settings) -> int:
-    from keen_stream.cli import _dsn_or_embedded
-
-    dsn, embedded = _dsn_or_embedded(settings)  # KEEN_DATABASE_URL, else the embedded server
-    try:
+    with database_dsn(settings) as dsn:  # KEEN_DATABASE_URL, else the embedded server
         manifest = backup(dsn, args.path)
-    finally:
-        if embedded is not None:
-            embedded.stop()  # type: ignore[attr-defined]
     rows = sum(manifest["row_counts"].values())
     print(
         f"backup: {args.path} ({manifest['archive']['bytes']} bytes, sha256"

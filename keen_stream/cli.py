@@ -13,39 +13,26 @@ from pydantic import ValidationError
 
 from keen_stream import accounts_cli, analytics_cli, demo, ledger_cli, logs
 from keen_stream import backup as backup_cli
-from keen_stream.clikit import EXIT_ERROR, EXIT_NOT_FOUND, prompt_password
+from keen_stream.clikit import EXIT_ERROR, EXIT_NOT_FOUND, database_dsn, prompt_password
 from keen_stream.errors import KeenError, NotFound
 from keen_stream.hub import cli as hub_cli
 from keen_stream.settings import Settings, get_settings
-
-
-def _dsn_or_embedded(settings: Settings) -> tuple[str, object | None]:
-    """The configured DSN, or the embedded server's (started now, with its handle)."""
-    if settings.database_url:
-        return settings.database_url, None
-    from keen_stream.embedded import EmbeddedPostgres
-
-    embedded = EmbeddedPostgres(settings.embedded_dir, settings.embedded_database)
-    return embedded.start(), embedded
 
 
 def cmd_migrate(args: argparse.Namespace, settings: Settings) -> int:
     from keen_stream import migrate
     from keen_stream.dal.pgerrors import connect_error
 
-    dsn, embedded = _dsn_or_embedded(settings)
-    try:
-        migrate.upgrade(dsn, args.revision, credit_markup=args.markup)
-    except Exception as exc:
-        # The database unreachable or refusing: one line and exit 2 like every command (the
-        # driver's error, found inside SQLAlchemy's), not the migration tool's traceback.
-        error = connect_error(exc)
-        if error is None:
-            raise
-        raise error from exc
-    finally:
-        if embedded is not None:
-            embedded.stop()  # type: ignore[attr-defined]
+    with database_dsn(settings) as dsn:
+        try:
+            migrate.upgrade(dsn, args.revision, credit_markup=args.markup)
+        except Exception as exc:
+            # The database unreachable or refusing: one line and exit 2 like every command (the
+            # driver's error, found inside SQLAlchemy's), not the migration tool's traceback.
+            error = connect_error(exc)
+            if error is None:
+                raise
+            raise error from exc
     print(f"database is at {args.revision}")
     return 0
 

@@ -11,7 +11,8 @@ import asyncio
 import getpass
 import json
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from keen_stream.errors import KeenError
@@ -40,6 +41,23 @@ def run_with_database(settings: Settings, action: Callable[[KeenDatabase], Await
             await db.close()
 
     return asyncio.run(run())
+
+
+@contextmanager
+def database_dsn(settings: Settings) -> Iterator[str]:
+    """The configured DSN, or the embedded server's: started now, stopped when the block ends
+    (for tools that connect by DSN rather than through the DAL: migrations, pg_dump)."""
+    if settings.database_url:
+        yield settings.database_url
+        return
+    from keen_stream.embedded import EmbeddedPostgres
+
+    embedded = EmbeddedPostgres(settings.embedded_dir, settings.embedded_database)
+    dsn = embedded.start()
+    try:
+        yield dsn
+    finally:
+        embedded.stop()
 
 
 def print_json(value: Any) -> None:
