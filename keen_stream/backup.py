@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
-from keen_stream.clikit import database_dsn, print_json
+from keen_stream.clikit import database_dsn, print_json, run_with_database
 from keen_stream.errors import KeenError, NotFound
 from keen_stream.schema import sql_text
 from keen_stream.settings import Settings, redact_dsn, with_database
@@ -474,16 +474,11 @@ async def _restore(
     return compare(manifest, found)
 
 
-async def _verify_ledger(settings: Settings, target: str) -> tuple[bool, str]:
-    from keen_stream.dal.database import KeenDatabase
+def _verify_ledger(settings: Settings, target: str) -> tuple[bool, str]:
     from keen_stream.ledger_cli import format_report
 
     settings = settings.model_copy(update={"database_url": target})
-    db = await KeenDatabase.connect(settings=settings, migrate=False)
-    try:
-        report = await db.credits.verify_ledger()
-    finally:
-        await db.close()
+    report = run_with_database(settings, lambda db: db.credits.verify_ledger(), migrate=False)
     return report.ok, format_report(report)
 
 
@@ -561,7 +556,7 @@ def cmd_restore(args: argparse.Namespace, settings: Settings) -> int:
     problems = restore(args.path, args.target, force=args.force)
     for problem in problems:
         print(f"restore: MISMATCH {problem}")
-    ok, report = asyncio.run(_verify_ledger(settings, args.target))
+    ok, report = _verify_ledger(settings, args.target)
     print(report)
     if problems or not ok:
         print("restore: FAILED verification")

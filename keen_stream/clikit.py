@@ -29,12 +29,18 @@ EXIT_NOT_FOUND = 3
 T = TypeVar("T")
 
 
-def run_with_database(settings: Settings, action: Callable[[KeenDatabase], Awaitable[T]]) -> T:
-    """Connect, run ``action``, close: one command's whole life, in its own event loop."""
+def run_with_database(
+    settings: Settings,
+    action: Callable[[KeenDatabase], Awaitable[T]],
+    *,
+    migrate: bool | None = None,
+) -> T:
+    """Connect, run ``action``, close: one command's whole life, in its own event loop.
+    ``migrate``: as :meth:`KeenDatabase.connect`'s."""
     from keen_stream.dal.database import KeenDatabase
 
     async def run() -> T:
-        db = await KeenDatabase.connect(settings=settings)
+        db = await KeenDatabase.connect(settings=settings, migrate=migrate)
         try:
             return await action(db)
         finally:
