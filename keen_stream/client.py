@@ -42,6 +42,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from keen_stream.errors import KeenError
 from keen_stream.protocol import (
+    CloseCode,
     CreditTransaction,
     ErrorFrame,
     EventFrame,
@@ -157,12 +158,12 @@ class StreamUnavailable(StreamError):
 #: Close codes after which a new attempt cannot succeed: the typed exception to raise.
 #: Every other close (1000, 1001, 1006, 1011, 1012, 4007, 4008, 4029, ...) is retried.
 _FATAL_CLOSES: Final[dict[int, type[StreamClosed]]] = {
-    1009: StreamClosed,  # a frame over 64 KB: a client bug
-    4001: AuthenticationFailed,
-    4003: TokenRejected,
-    4004: TokenExpired,
-    4005: TokenRevoked,
-    4006: AccountInactive,  # a suspended or deactivated user
+    CloseCode.MESSAGE_TOO_BIG: StreamClosed,  # a frame over 64 KB: a client bug
+    CloseCode.AUTH_REQUIRED: AuthenticationFailed,
+    CloseCode.INVALID_TOKEN: TokenRejected,
+    CloseCode.TOKEN_EXPIRED: TokenExpired,
+    CloseCode.TOKEN_REVOKED: TokenRevoked,
+    CloseCode.ACCOUNT_INACTIVE: AccountInactive,  # a suspended or deactivated user
 }
 #: The code recorded for a connection that ended without a close frame.
 _NO_CLOSE_FRAME: Final = 1006

@@ -1,4 +1,5 @@
-"""What the hub sends, as pydantic models: the frames and the events' payloads.
+"""What the hub sends: the frames and the events' payloads as pydantic models, and its close
+codes.
 
 ``keen_stream.client`` parses with these models; the hub builds its frames as text
 (``keen_stream.hub.protocol``: fast, and exact on the wire) and a unit test holds every frame it
@@ -13,12 +14,33 @@ against a newer hub that adds one.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import datetime
 from decimal import Decimal
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, SerializerFunctionWrapHandler, model_serializer
+
+
+class CloseCode(enum.IntEnum):
+    """WebSocket close codes the hub uses (4000-4999 are ours; docs/protocol.md); an event
+    stream's ``close`` frame carries the same."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the hub node is shutting down: reconnect (to any node) and resume
+    MESSAGE_TOO_BIG = 1009  # a frame over the limit (64 KB)
+    INTERNAL_ERROR = 1011
+    SERVICE_RESTART = 1012  # uvicorn's shutdown (an event stream's close says it too)
+    AUTH_REQUIRED = 4001  # no token in time, a frame before auth, or a token in the URL
+    INVALID_TOKEN = 4003  # unknown/malformed token or missing scope
+    TOKEN_EXPIRED = 4004
+    TOKEN_REVOKED = 4005
+    ACCOUNT_INACTIVE = 4006
+    PRIVILEGES_CHANGED = 4007  # the user's admin status changed: reconnect
+    TOO_SLOW = 4008  # the client fell too far behind: reconnect and resume with `since`
+    FLOOD = 4029  # kept sending over the rate limit
+
 
 #: A frame's ``id``: whatever the client's frame carried (a short string or an integer).
 Ref = str | int | None

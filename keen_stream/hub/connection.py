@@ -111,10 +111,12 @@ class StreamConnection:
     #: The connection id's prefix: ``ws`` or ``sse``.
     kind = "ws"
 
-    def __init__(self, service: HubService, scope: Scope) -> None:
+    def __init__(self, service: HubService, scope: Scope, receive: Receive, send: Send) -> None:
         self.service = service
         self.settings = service.settings
         self.scope = scope
+        self.receive = receive
+        self.send = send
         self.connection_id = f"{self.kind}-{uuid.uuid4().hex}"
         self.headers = {
             k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
@@ -189,6 +191,15 @@ class StreamConnection:
         return client
 
     # --- lifecycle ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            await self._run()
+        finally:
+            self._finish()
+
+    async def _run(self) -> None:
+        raise NotImplementedError
+
     def _finish(self) -> None:
         if self._expiry is not None:
             self._expiry.cancel()
@@ -478,22 +489,17 @@ class Connection(StreamConnection):
     def __init__(
         self, service: HubService, scope: Scope, receive: Receive, send: Send, sender: Sender
     ) -> None:
-        super().__init__(service, scope)
-        self.receive = receive
-        self.send = send
+        super().__init__(service, scope, receive, send)
         self.sender = sender
         self.limiter: RateLimiter | None = None
         self.refused_in_row = 0
 
-    async def run(self) -> None:
-        try:
-            authenticated = await self._authenticate()
-            if authenticated is None:
-                return
-            info, token, client_type, bypass = authenticated
-            await self._serve(info, token, client_type, bypass)
-        finally:
-            self._finish()
+    async def _run(self) -> None:
+        authenticated = await self._authenticate()
+        if authenticated is None:
+            return
+        info, token, client_type, bypass = authenticated
+        await self._serve(info, token, client_type, bypass)
 
     async def _close_unauthenticated(self, code: int, reason: str) -> None:
         self.service.stats.auth_failures += 1

@@ -9,7 +9,6 @@ with). keen_stream/protocol.schema.json, the JSON Schema of every frame, is gene
 
 from __future__ import annotations
 
-import enum
 import json
 import struct
 import uuid
@@ -27,29 +26,12 @@ from keen_stream.errors import (
     TokenExpired,
     TokenRevoked,
 )
+from keen_stream.protocol import CloseCode as CloseCode
 
 #: Patterns a subscription may name besides exact event types.
 WILDCARDS: Final = {"*": "", "session.*": "session.", "credit.*": "credit."}
 MAX_EVENT_PATTERNS: Final = 32
 _REF = Annotated[str, Field(max_length=64)] | int | None
-
-
-class CloseCode(enum.IntEnum):
-    """WebSocket close codes the hub uses (4000-4999 are ours; docs/protocol.md)."""
-
-    NORMAL = 1000
-    GOING_AWAY = 1001  # the hub node is shutting down: reconnect (to any node) and resume
-    MESSAGE_TOO_BIG = 1009  # a frame over the limit (64 KB)
-    INTERNAL_ERROR = 1011
-    SERVICE_RESTART = 1012  # uvicorn's shutdown (an event stream's close says it too)
-    AUTH_REQUIRED = 4001  # no token in time, a frame before auth, or a token in the URL
-    INVALID_TOKEN = 4003  # unknown/malformed token or missing scope
-    TOKEN_EXPIRED = 4004
-    TOKEN_REVOKED = 4005
-    ACCOUNT_INACTIVE = 4006
-    PRIVILEGES_CHANGED = 4007  # the user's admin status changed: reconnect
-    TOO_SLOW = 4008  # the client fell too far behind: reconnect and resume with `since`
-    FLOOD = 4029  # kept sending over the rate limit
 
 
 def close_code_for(exc: KeenError) -> CloseCode:

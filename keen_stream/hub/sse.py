@@ -186,17 +186,6 @@ class EventStream(StreamConnection):
 
     kind = "sse"
 
-    def __init__(self, service: HubService, scope: Scope, receive: Receive, send: Send) -> None:
-        super().__init__(service, scope)
-        self.receive = receive
-        self.send = send
-
-    async def run(self) -> None:
-        try:
-            await self._run()
-        finally:
-            self._finish()
-
     async def _respond(self, response: Response) -> None:
         await response(self.scope, self.receive, self.send)
 

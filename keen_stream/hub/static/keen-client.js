@@ -254,7 +254,7 @@ export class Subscription {
       this._retry(String(error), true);
       return;
     }
-    const conn = { ws, authenticated: false, subscribed: false, pongTimer: null };
+    const conn = { ws, authenticated: false, pongTimer: null };
     this._ws = conn;
     const opened = this._later(() => this._drop(conn, "no ready frame in time", true), client.openTimeout);
     ws.onopen = () => {
@@ -343,7 +343,6 @@ export class Subscription {
   async _subscribed(conn, frame) {
     this._failures = 0;
     this._refreshed = false; // the connection works: its token's expiry is a new one to refresh
-    conn.subscribed = true;
     const cursor = String(frame.cursor);
     if (frame.recovered !== false) {
       if (this.cursor === null) this.cursor = cursor; // a fresh subscription starts here

@@ -19,7 +19,7 @@ const MAX_CREDITS = 300;
 const $ = (id) => document.getElementById(id);
 const state = {
   sessions: new Map(), // id -> {id, userId, rootId, parentId, data, version, stale}
-  credits: new Map(), // transaction_id -> {cursor, userId, sessionId, data}
+  credits: new Map(), // transaction_id -> {userId, sessionId, rootId, data}
   users: new Set(),
   admin: false,
   fresh: new Set(), // credit rows to flash once
@@ -196,7 +196,6 @@ function onEvent(event) {
     const id = String(event.data.transaction_id);
     if (!state.credits.has(id)) state.fresh.add(id);
     state.credits.set(id, {
-      cursor: event.cursor,
       userId: event.user_id,
       sessionId: event.session_id,
       rootId: event.root_session_id,
